@@ -1,0 +1,53 @@
+# One way in for people and CI. Every target installs and starts what it needs itself.
+SHELL := /usr/bin/env bash
+.DEFAULT_GOAL := help
+export PATH := $(CURDIR)/.data/bin:$(PATH)
+
+NODES ?= 3
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+.PHONY: deps
+deps: ## Install what is missing (PostgreSQL, Redis, helm, schemathesis, kubernetes-validate)
+	@scripts/deps.sh
+
+.PHONY: stack-up stack-down
+stack-up: ## Start the local PostgreSQL and Redis (data in .data/)
+	@scripts/stack.sh up
+stack-down: ## Stop the local PostgreSQL and Redis
+	@scripts/stack.sh down
+
+.PHONY: build
+build:
+	cargo build --workspace --bins
+
+.PHONY: dev
+dev: ## Run a local cluster of $(NODES) nodes in the foreground (Ctrl-C stops everything)
+	@scripts/cluster.sh dev $(NODES)
+
+.PHONY: up
+up: ## Start the local cluster in the background; returns once the API answers
+	@scripts/cluster.sh up $(NODES)
+
+.PHONY: down
+down: ## Stop the local cluster, PostgreSQL and Redis (data kept)
+	@scripts/cluster.sh down
+
+.PHONY: clean
+clean: down ## Stop everything and remove the data folder
+	rm -rf .data
+
+.PHONY: fmt
+fmt:
+	cargo fmt --all
+
+.PHONY: lint
+lint: ## Formatting and clippy checks
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+.PHONY: test
+test: ## Everything CI checks: lint, the whole test suite against real PostgreSQL and Redis, chart checks
+	@scripts/test.sh

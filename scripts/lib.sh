@@ -1,0 +1,25 @@
+# Shared settings for the scripts: where local state lives and which ports it uses.
+# Sourced, not run. Ports are chosen not to clash with a system PostgreSQL (5432) or Redis (6379).
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DATA_DIR="${WALLET_DATA_DIR:-$REPO_ROOT/.data}"
+PG_PORT="${WALLET_PG_PORT:-55432}"
+REDIS_PORT="${WALLET_REDIS_PORT:-56379}"
+export DATABASE_URL="${DATABASE_URL:-postgres://wallet:wallet@127.0.0.1:$PG_PORT/wallet}"
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}"
+# Admin URL used by tests to create one database per test.
+export DATABASE_ADMIN_URL="${DATABASE_ADMIN_URL:-postgres://wallet:wallet@127.0.0.1:$PG_PORT/postgres}"
+
+log() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
+
+pg_bin_dir() {
+  local dir
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+  [ -n "$dir" ] || { echo "PostgreSQL server binaries not found; run scripts/deps.sh" >&2; return 1; }
+  echo "$dir"
+}
+
+# PostgreSQL refuses to run as root: run its tools as the 'postgres' system user then.
+as_pg_user() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
