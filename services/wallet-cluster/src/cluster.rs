@@ -1,0 +1,415 @@
+//! The running cluster layer: membership view, shard ownership loop, graceful handoff.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::fence::{claim_fence, current_fence};
+use crate::lease::{Leases, Renewal};
+use crate::{
+    ClusterConfig, ClusterError, ClusterMetrics, Member, Membership, ShardHost, rendezvous_owner,
+};
+
+/// How many shards are claimed, activated or handed off at once: enough to take
+/// 1024 shards in a few round trips, few enough not to drain the database pool.
+const CONCURRENCY: usize = 32;
+
+/// Claim attempts after Redis handed out a token at or below the PostgreSQL fence.
+const RESEED_ATTEMPTS: usize = 3;
+
+/// What `GET /cluster` shows.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSnapshot {
+    pub node_id: String,
+    pub members: Vec<Member>,
+    pub owned_shards: Vec<u32>,
+    pub shards: u32,
+}
+
+/// Handle to the running cluster layer. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClusterConfig,
+    view: watch::Receiver<Vec<Member>>,
+    membership: Arc<dyn Membership>,
+    owned: Arc<Mutex<Vec<u32>>>,
+    shutting_down: AtomicBool,
+    membership_stop: CancellationToken,
+    ownership_stop: CancellationToken,
+    tasks: tokio::sync::Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
+}
+
+impl Drop for Inner {
+    // Without `shutdown` the loops would outlive every handle; stopping them still
+    // deregisters and releases, only without waiting for it.
+    fn drop(&mut self) {
+        self.membership_stop.cancel();
+        self.ownership_stop.cancel();
+    }
+}
+
+impl Cluster {
+    /// Spawns the membership and ownership loops (needs a Tokio runtime).
+    ///
+    /// `fence_lost` carries shards whose PostgreSQL fence the executor found moved
+    /// on: they are deactivated and dropped at once.
+    pub fn start(
+        config: ClusterConfig,
+        redis: deadpool_redis::Pool,
+        db: PgPool,
+        membership: Arc<dyn Membership>,
+        host: Arc<dyn ShardHost>,
+        fence_lost: mpsc::UnboundedReceiver<u32>,
+        metrics: ClusterMetrics,
+    ) -> Result<Cluster, ClusterError> {
+        config.validate()?;
+        let (tx, view) = watch::channel(Vec::new());
+        let membership_stop = CancellationToken::new();
+        let ownership_stop = CancellationToken::new();
+        let owned = Arc::new(Mutex::new(Vec::new()));
+
+        let source = membership.clone();
+        let stop = membership_stop.clone();
+        let membership_task = tokio::spawn(async move {
+            if let Err(error) = source.run(tx, stop).await {
+                tracing::error!(%error, "membership stopped");
+            }
+        });
+
+        let owner = Owner {
+            leases: Leases::new(
+                redis,
+                &config.redis_prefix,
+                &config.node_id,
+                config.lease_ttl.as_millis() as u64,
+            ),
+            config: config.clone(),
+            db,
+            host,
+            metrics,
+            view: view.clone(),
+            fence_lost,
+            held: BTreeMap::new(),
+            owned: owned.clone(),
+            redis_healthy: true,
+        };
+        let ownership_task = tokio::spawn(owner.run(ownership_stop.clone()));
+
+        Ok(Cluster {
+            inner: Arc::new(Inner {
+                config,
+                view,
+                membership,
+                owned,
+                shutting_down: AtomicBool::new(false),
+                membership_stop,
+                ownership_stop,
+                tasks: tokio::sync::Mutex::new(Some((membership_task, ownership_task))),
+            }),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.config.node_id
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.inner.config.shards
+    }
+
+    /// The shard of a wallet in this installation.
+    pub fn shard_of(&self, wallet_id: &uuid::Uuid) -> u32 {
+        crate::shard_of(wallet_id, self.inner.config.shards)
+    }
+
+    /// The member that should own `shard` according to the current view. Called on
+    /// every request: a read lock on the view and one hash per member.
+    pub fn owner_of(&self, shard: u32) -> Option<Member> {
+        rendezvous_owner(shard, &self.inner.view.borrow()).cloned()
+    }
+
+    /// Registered in the membership and not shutting down.
+    pub fn is_ready(&self) -> bool {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return false;
+        }
+        let view = self.inner.view.borrow();
+        self.inner
+            .membership
+            .is_registered(&view, &self.inner.config.node_id)
+    }
+
+    /// Re-read the membership now (after a peer answered 421).
+    pub fn refresh(&self) {
+        self.inner.membership.refresh();
+    }
+
+    /// The current view of members and the shards this node serves.
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        ClusterSnapshot {
+            node_id: self.inner.config.node_id.clone(),
+            members: self.inner.view.borrow().clone(),
+            owned_shards: self.owned_shards(),
+            shards: self.inner.config.shards,
+        }
+    }
+
+    /// Shards activated on this node, ascending.
+    pub fn owned_shards(&self) -> Vec<u32> {
+        self.inner
+            .owned
+            .lock()
+            .map(|o| o.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Graceful handoff: leave the membership first (others stop routing here and
+    /// start acquiring), then deactivate every owned shard and release its lease.
+    /// Idempotent; returns once nothing of this node can commit any more.
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        let Some((membership_task, ownership_task)) = self.inner.tasks.lock().await.take() else {
+            return;
+        };
+        self.inner.membership_stop.cancel();
+        if let Err(error) = membership_task.await {
+            tracing::error!(%error, "membership task failed");
+        }
+        self.inner.ownership_stop.cancel();
+        if let Err(error) = ownership_task.await {
+            tracing::error!(%error, "ownership task failed");
+        }
+        tracing::info!("cluster layer stopped; all shards handed off");
+    }
+}
+
+/// State of the ownership loop; only the loop touches `held`.
+struct Owner {
+    config: ClusterConfig,
+    leases: Leases,
+    db: PgPool,
+    host: Arc<dyn ShardHost>,
+    metrics: ClusterMetrics,
+    view: watch::Receiver<Vec<Member>>,
+    fence_lost: mpsc::UnboundedReceiver<u32>,
+    /// Activated shards and their fencing tokens.
+    held: BTreeMap<u32, i64>,
+    owned: Arc<Mutex<Vec<u32>>>,
+    redis_healthy: bool,
+}
+
+impl Owner {
+    async fn run(mut self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut view_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                Some(shard) = self.fence_lost.recv() => {
+                    self.on_fence_lost(shard).await;
+                    continue;
+                }
+                changed = self.view.changed(), if view_open => {
+                    if changed.is_err() {
+                        // The membership task ended; keep the last view and the ticks.
+                        view_open = false;
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            self.reconcile().await;
+        }
+        let all: Vec<u32> = self.held.keys().copied().collect();
+        self.hand_off(all).await;
+    }
+
+    async fn on_fence_lost(&mut self, shard: u32) {
+        if self.held.remove(&shard).is_none() {
+            return;
+        }
+        tracing::warn!(shard, "fence moved on in PostgreSQL; dropping the shard");
+        self.metrics.lease_lost();
+        self.host.deactivate(shard).await;
+        self.publish();
+    }
+
+    async fn reconcile(&mut self) {
+        let members = self.view.borrow_and_update().clone();
+        self.metrics.set_members(members.len());
+        self.renew().await;
+
+        let me = self.config.node_id.clone();
+        let is_mine = |shard: u32| rendezvous_owner(shard, &members).is_some_and(|m| m.id == me);
+        let moved: Vec<u32> = self.held.keys().copied().filter(|&s| !is_mine(s)).collect();
+        if !moved.is_empty() {
+            tracing::info!(count = moved.len(), "handing off shards to other members");
+            self.hand_off(moved).await;
+        }
+
+        let wanted: Vec<u32> = (0..self.config.shards)
+            .filter(|s| !self.held.contains_key(s) && is_mine(*s))
+            .collect();
+        if !wanted.is_empty() {
+            self.acquire(wanted).await;
+        }
+    }
+
+    /// Renews every held lease. A Redis outage keeps the shards: PostgreSQL's fence,
+    /// not the lease, is what stops a stale owner from committing.
+    async fn renew(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let shards: Vec<u32> = self.held.keys().copied().collect();
+        let renewals = match self.leases.renew_many(&shards).await {
+            Ok(renewals) => {
+                self.redis_ok();
+                renewals
+            }
+            Err(error) => return self.redis_failed("renew", &error),
+        };
+        for (shard, renewal) in shards.into_iter().zip(renewals) {
+            match renewal {
+                Renewal::Renewed => {}
+                Renewal::Restored => tracing::info!(shard, "lease key had vanished; set it again"),
+                Renewal::Lost => {
+                    tracing::warn!(shard, "lease taken by another node; deactivating");
+                    self.metrics.lease_lost();
+                    self.held.remove(&shard);
+                    self.host.deactivate(shard).await;
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Deactivates the shards, then releases their leases.
+    async fn hand_off(&mut self, shards: Vec<u32>) {
+        for shard in &shards {
+            self.held.remove(shard);
+        }
+        let this = &*self;
+        futures::stream::iter(shards)
+            .for_each_concurrent(CONCURRENCY, |shard| async move {
+                this.host.deactivate(shard).await;
+                if let Err(error) = this.leases.release(shard).await {
+                    // The lease then expires by itself; the next owner only waits longer.
+                    this.metrics.redis_error("lease");
+                    tracing::warn!(shard, %error, "could not release lease");
+                }
+            })
+            .await;
+        self.publish();
+    }
+
+    async fn acquire(&mut self, wanted: Vec<u32>) {
+        let tokens = match self.leases.acquire_many(&wanted).await {
+            Ok(tokens) => {
+                self.redis_ok();
+                tokens
+            }
+            Err(error) => return self.redis_failed("acquire", &error),
+        };
+        let acquired: Vec<(u32, i64)> = wanted
+            .into_iter()
+            .zip(tokens)
+            .filter_map(|(shard, token)| token.map(|t| (shard, t)))
+            .collect();
+        let this = &*self;
+        let claimed: Vec<(u32, Option<i64>)> = futures::stream::iter(acquired)
+            .map(|(shard, token)| async move {
+                match this.claim_and_activate(shard, token).await {
+                    Ok(fence) => (shard, fence),
+                    Err(error) => {
+                        tracing::warn!(shard, %error, "could not claim shard; releasing its lease");
+                        if let Err(error) = this.leases.release(shard).await {
+                            this.metrics.redis_error("lease");
+                            tracing::warn!(shard, %error, "could not release lease");
+                        }
+                        (shard, None)
+                    }
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        for (shard, fence) in claimed {
+            if let Some(fence) = fence {
+                self.held.insert(shard, fence);
+            }
+        }
+        self.publish();
+    }
+
+    /// Claims `shard` in PostgreSQL with `token` and activates it. If PostgreSQL
+    /// already has this fence or a higher one, Redis lost its counter: re-seed it from
+    /// PostgreSQL and claim with a new token. `None` if the lease went meanwhile.
+    async fn claim_and_activate(
+        &self,
+        shard: u32,
+        token: i64,
+    ) -> Result<Option<i64>, ClusterError> {
+        let mut token = token;
+        for _ in 0..RESEED_ATTEMPTS {
+            if claim_fence(&self.db, shard, token, &self.config.node_id).await? {
+                self.host.activate(shard, token).await;
+                self.metrics.lease_acquired();
+                tracing::debug!(shard, fence = token, "shard claimed and activated");
+                return Ok(Some(token));
+            }
+            let stored = current_fence(&self.db, shard).await?.unwrap_or(0);
+            tracing::warn!(
+                shard,
+                token,
+                stored,
+                "fencing token not above PostgreSQL's fence; re-seeding Redis"
+            );
+            self.leases.reseed(shard, stored).await?;
+            match self.leases.next_token(shard).await? {
+                Some(next) => token = next,
+                None => return Ok(None),
+            }
+        }
+        Err(ClusterError::FenceNotAdvancing { shard })
+    }
+
+    fn publish(&self) {
+        let owned: Vec<u32> = self.held.keys().copied().collect();
+        self.metrics.set_owned_shards(owned.len());
+        match self.owned.lock() {
+            Ok(mut o) => *o = owned,
+            Err(poisoned) => *poisoned.into_inner() = owned,
+        }
+    }
+
+    fn redis_ok(&mut self) {
+        if !self.redis_healthy {
+            tracing::info!("lease operations recovered");
+            self.redis_healthy = true;
+        }
+    }
+
+    fn redis_failed(&mut self, operation: &str, error: &ClusterError) {
+        self.metrics.redis_error("lease");
+        if self.redis_healthy {
+            tracing::warn!(operation, %error, "lease operation failed; keeping held shards and retrying");
+            self.redis_healthy = false;
+        } else {
+            tracing::debug!(operation, %error, "lease operation still failing");
+        }
+    }
+}
