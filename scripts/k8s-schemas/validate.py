@@ -60,8 +60,12 @@ def load_crds(paths):
                 spec = doc["spec"]
                 for version in spec["versions"]:
                     schema = strict_schema(version["schema"]["openAPIV3Schema"])
-                    # ObjectMeta is validated by the API server, not by the CRD schema.
-                    schema.setdefault("properties", {})["metadata"] = {"type": "object"}
+                    # The API server handles the type fields and ObjectMeta itself; generated
+                    # CRD schemas (kube-derive) do not list them.
+                    props = schema.setdefault("properties", {})
+                    props["apiVersion"] = {"type": "string"}
+                    props["kind"] = {"type": "string"}
+                    props["metadata"] = {"type": "object"}
                     key = (f'{spec["group"]}/{version["name"]}', spec["names"]["kind"])
                     schemas[key] = (schema, spec.get("scope", "Namespaced"))
     return schemas
