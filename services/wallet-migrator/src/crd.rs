@@ -1,0 +1,120 @@
+//! The `WalletMigration` custom resource: the chart renders one per release with the
+//! schema version that release needs; the operator turns it into a migration Job.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired state: the schema at `targetVersion`, applied by a Job running `image`.
+// kube-derive takes one `printcolumn(...)` per column, which clippy sees as repeats.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "wallet.dev",
+    version = "v1alpha1",
+    kind = "WalletMigration",
+    namespaced,
+    status = "WalletMigrationStatus",
+    shortname = "wm",
+    printcolumn(name = "Target", type_ = "integer", json_path = ".spec.targetVersion"),
+    printcolumn(
+        name = "Applied",
+        type_ = "integer",
+        json_path = ".status.appliedVersion"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Job",
+        type_ = "string",
+        json_path = ".status.jobName",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WalletMigrationSpec {
+    /// Schema version (the highest migration number) this release needs.
+    pub target_version: i64,
+    /// Image holding the `wallet-migrator` binary with the migrations embedded.
+    pub image: String,
+    /// Pull policy for the migration Job's container (Always, IfNotPresent, Never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// Secret holding the PostgreSQL URL the Job migrates.
+    pub database_secret_ref: SecretKeyRef,
+    /// Settings of the migration Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobSettings>,
+}
+
+/// A key in a Secret of the resource's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    pub name: String,
+    #[serde(default = "default_secret_key")]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    "DATABASE_URL".to_owned()
+}
+
+/// Job knobs; every field has a default suited to a schema migration.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobSettings {
+    /// Pod retries before the Job is Failed (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_limit: Option<i32>,
+    /// Seconds a finished Job is kept (default 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds_after_finished: Option<i32>,
+    /// Wall-clock limit for the whole Job (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline_seconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+}
+
+pub const DEFAULT_BACKOFF_LIMIT: i32 = 2;
+pub const DEFAULT_TTL_SECONDS_AFTER_FINISHED: i32 = 86_400;
+pub const DEFAULT_ACTIVE_DEADLINE_SECONDS: i64 = 600;
+
+/// Where the migration stands, as last observed by the operator.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WalletMigrationStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// `Ready` (schema at the target) and, after a failed Job, `Failed`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_version: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The CRD as YAML, exactly as checked in under charts/ and k8s/.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&WalletMigration::crd())
+}

@@ -1,0 +1,204 @@
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+use wallet_migrator::migrate::{self, State, WaitOptions};
+use wallet_migrator::operator::{self, Metrics, OperatorConfig, admin::AdminServer};
+
+/// Schema migrations for the wallet service, and the operator that runs them in Kubernetes.
+#[derive(Parser)]
+#[command(name = "wallet-migrator", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply every pending migration (DATABASE_URL); safe to run concurrently.
+    Apply,
+    /// Show applied and pending migrations (DATABASE_URL).
+    Status,
+    /// Block until the schema is at least --version (the API pods' init container).
+    Wait {
+        /// Schema version to wait for [default: the highest embedded migration]
+        #[arg(long)]
+        version: Option<i64>,
+        /// Give up after this long (e.g. 300s, 5m)
+        #[arg(long, default_value = "300s", value_parser = migrate::parse_duration)]
+        timeout: Duration,
+    },
+    /// Run the WalletMigration controller (in Kubernetes, with leader election).
+    Operator {
+        /// Admin listener with /healthz and /metrics
+        #[arg(
+            long,
+            env = "WALLET_MIGRATOR_ADMIN_ADDR",
+            default_value = "0.0.0.0:9090"
+        )]
+        admin_addr: SocketAddr,
+        /// Lease used for leader election among operator replicas
+        #[arg(
+            long,
+            env = "WALLET_MIGRATOR_LEASE_NAME",
+            default_value = "wallet-migrator-leader"
+        )]
+        lease_name: String,
+    },
+    /// Print the WalletMigration CustomResourceDefinition as YAML.
+    Crd,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("WALLET_LOG_FORMAT").as_deref() == Ok("pretty") {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+fn database_url() -> anyhow::Result<SecretString> {
+    let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+    Ok(SecretString::from(url))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Apply => {
+            let report = migrate::apply(&database_url()?).await?;
+            if report.applied.is_empty() {
+                println!("schema up to date at version {}", report.version);
+            }
+            for version in &report.applied {
+                println!("applied version {version}");
+            }
+            Ok(())
+        }
+        Command::Status => {
+            let report = migrate::status(&database_url()?).await?;
+            for m in &report.migrations {
+                println!(
+                    "{:>6}  {:<10}  {}",
+                    m.version,
+                    m.state.to_string(),
+                    m.description
+                );
+            }
+            for version in &report.unknown {
+                println!("{version:>6}  applied, not in this build (a newer release ran)");
+            }
+            let pending: Vec<String> = report.pending().map(|m| m.version.to_string()).collect();
+            if pending.is_empty() {
+                println!("pending: none");
+            } else {
+                println!("pending: {}", pending.join(", "));
+            }
+            let broken = report
+                .migrations
+                .iter()
+                .any(|m| matches!(m.state, State::Dirty | State::ChecksumMismatch));
+            anyhow::ensure!(
+                !broken,
+                "the database disagrees with the embedded migrations"
+            );
+            Ok(())
+        }
+        Command::Wait { version, timeout } => {
+            let wanted = version.unwrap_or_else(migrate::latest_version);
+            let reached =
+                migrate::wait(&database_url()?, WaitOptions::new(wanted, timeout)).await?;
+            println!("schema at version {reached} (wanted {wanted})");
+            Ok(())
+        }
+        Command::Operator {
+            admin_addr,
+            lease_name,
+        } => run_operator(admin_addr, lease_name).await,
+        Command::Crd => {
+            print!("{}", wallet_migrator::crd::crd_yaml()?);
+            Ok(())
+        }
+    }
+}
+
+async fn run_operator(admin_addr: SocketAddr, lease_name: String) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::register(&registry)?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
+    let namespace =
+        std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_owned());
+    let pod_name = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .context("POD_NAME (or HOSTNAME) is required as the leader identity")?;
+    let config = OperatorConfig {
+        namespace,
+        pod_name,
+        lease_name,
+    };
+
+    let shutdown = CancellationToken::new();
+    let admin = AdminServer::bind(admin_addr, registry)
+        .await
+        .with_context(|| format!("cannot listen on {admin_addr}"))?;
+    let admin_task = tokio::spawn(admin.serve(shutdown.clone()));
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+
+    tracing::info!(namespace = %config.namespace, identity = %config.pod_name, "operator starting");
+    let result = operator::run(client, config, metrics, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = admin_task.await;
+    result.map_err(Into::into)
+}
+
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
