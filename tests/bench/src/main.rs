@@ -1,1 +1,352 @@
-fn main() {}
+//! `wallet-bench`: load and correctness bench for the wallet service.
+//!
+//! `wallet-bench run constant saturate-one ...` drives the public API of a running
+//! cluster and checks the result against PostgreSQL; `wallet-bench fake-server`
+//! serves an in-memory imitation of the API to measure the generator alone.
+
+mod check;
+mod client;
+mod cluster;
+mod engine;
+mod fake;
+mod money;
+mod report;
+mod rng;
+mod scenarios;
+mod schedule;
+mod setup;
+mod stats;
+mod workload;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use client::Target;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "wallet-bench",
+    about = "Load and correctness bench for the wallet service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run scenarios against a running cluster: constant, saturate-one, spike,
+    /// multi (= multi-uniform multi-zipf), failover, soak, or all (everything but soak).
+    Run(Box<RunArgs>),
+    /// Serve an in-memory imitation of the public API (for measuring the generator).
+    FakeServer {
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        addr: String,
+    },
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (e.g. 500ms, 60s, 30m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Scenarios to run, in order.
+    #[arg(required = true)]
+    scenarios: Vec<String>,
+    /// Public base URLs; requests go round-robin over them.
+    #[arg(
+        long,
+        env = "WALLET_BENCH_URLS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8080,http://127.0.0.1:8081,http://127.0.0.1:8082"
+    )]
+    urls: Vec<String>,
+    /// Admin base URLs (for /cluster/owner in the failover scenario).
+    #[arg(
+        long,
+        env = "WALLET_BENCH_ADMIN_URLS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:9090,http://127.0.0.1:9091,http://127.0.0.1:9092"
+    )]
+    admin_urls: Vec<String>,
+    /// PostgreSQL of the cluster, for the consistency check.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Skip the consistency check (e.g. against the fake server).
+    #[arg(long)]
+    no_check: bool,
+    /// Also fail on any 5xx or unanswered request outside the failover scenario.
+    #[arg(long)]
+    strict: bool,
+    /// Folder of results.json, report.md and the plots.
+    #[arg(long, env = "WALLET_BENCH_OUT", default_value = "target/bench")]
+    out: PathBuf,
+    /// Repository root (for .data/run/*.pid and scripts/cluster.sh).
+    #[arg(long, env = "WALLET_BENCH_ROOT", default_value = ".")]
+    root: PathBuf,
+    /// Per-request client timeout; an unanswered request counts as "error".
+    #[arg(long, env = "WALLET_BENCH_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
+    timeout: Duration,
+    #[arg(long, env = "WALLET_BENCH_SEED", default_value_t = 20_260_101)]
+    seed: u64,
+    /// Connections of the open-loop scenarios (spread over the URLs).
+    #[arg(long, env = "WALLET_BENCH_OPEN_CONNECTIONS", default_value_t = 128)]
+    open_connections: usize,
+    #[arg(long, env = "WALLET_BENCH_CONSTANT_RPS", default_value_t = 1000.0)]
+    constant_rps: f64,
+    #[arg(long, env = "WALLET_BENCH_CONSTANT_DURATION", value_parser = parse_duration, default_value = "60s")]
+    constant_duration: Duration,
+    #[arg(long, env = "WALLET_BENCH_SATURATE_CONNECTIONS", default_value_t = 256)]
+    saturate_connections: usize,
+    #[arg(long, env = "WALLET_BENCH_SATURATE_DURATION", value_parser = parse_duration, default_value = "30s")]
+    saturate_duration: Duration,
+    #[arg(long, env = "WALLET_BENCH_SPIKE_LOW", default_value_t = 100.0)]
+    spike_low: f64,
+    #[arg(long, env = "WALLET_BENCH_SPIKE_HIGH", default_value_t = 2000.0)]
+    spike_high: f64,
+    /// Length of each of the three spike phases.
+    #[arg(long, env = "WALLET_BENCH_SPIKE_PHASE", value_parser = parse_duration, default_value = "20s")]
+    spike_phase: Duration,
+    #[arg(long, env = "WALLET_BENCH_MULTI_WALLETS", default_value_t = 10_000)]
+    multi_wallets: usize,
+    #[arg(long, env = "WALLET_BENCH_MULTI_CONNECTIONS", default_value_t = 256)]
+    multi_connections: usize,
+    #[arg(long, env = "WALLET_BENCH_MULTI_DURATION", value_parser = parse_duration, default_value = "30s")]
+    multi_duration: Duration,
+    #[arg(long, env = "WALLET_BENCH_ZIPF_EXPONENT", default_value_t = 1.0)]
+    zipf_exponent: f64,
+    #[arg(long, env = "WALLET_BENCH_FAILOVER_RPS", default_value_t = 1000.0)]
+    failover_rps: f64,
+    #[arg(long, env = "WALLET_BENCH_FAILOVER_DURATION", value_parser = parse_duration, default_value = "60s")]
+    failover_duration: Duration,
+    /// When the owner of the wallet is killed, from the scenario start.
+    #[arg(long, env = "WALLET_BENCH_FAILOVER_KILL_AT", value_parser = parse_duration, default_value = "15s")]
+    failover_kill_at: Duration,
+    /// How long the killed node stays down.
+    #[arg(long, env = "WALLET_BENCH_FAILOVER_RESTART_AFTER", value_parser = parse_duration, default_value = "15s")]
+    failover_restart_after: Duration,
+    #[arg(long, env = "WALLET_BENCH_SOAK_RPS", default_value_t = 1000.0)]
+    soak_rps: f64,
+    #[arg(long, env = "WALLET_BENCH_SOAK_DURATION", value_parser = parse_duration, default_value = "30m")]
+    soak_duration: Duration,
+    #[arg(long, env = "WALLET_BENCH_RSS_INTERVAL", value_parser = parse_duration, default_value = "10s")]
+    rss_interval: Duration,
+    /// Share of DEPOSIT among ordinary operations.
+    #[arg(long, env = "WALLET_BENCH_DEPOSIT_RATIO", default_value_t = 0.6)]
+    deposit_ratio: f64,
+    /// Share of withdrawals far above any balance (answered 409, recorded REJECTED).
+    #[arg(long, env = "WALLET_BENCH_REJECT_RATIO", default_value_t = 0.01)]
+    reject_ratio: f64,
+    /// Longest wait for in-flight operations to settle before checking.
+    #[arg(long, env = "WALLET_BENCH_SETTLE_MAX", value_parser = parse_duration, default_value = "30s")]
+    settle_max: Duration,
+}
+
+fn targets(urls: &[String]) -> anyhow::Result<Vec<Arc<Target>>> {
+    let t: Vec<Arc<Target>> = urls
+        .iter()
+        .filter(|u| !u.trim().is_empty())
+        .map(|u| Target::parse(u).map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(!t.is_empty(), "no target URLs");
+    Ok(t)
+}
+
+fn expand(names: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for n in names {
+        match n.as_str() {
+            "all" => out.extend(scenarios::ALL.iter().map(|s| (*s).to_owned())),
+            "multi" => out.extend(["multi-uniform".to_owned(), "multi-zipf".to_owned()]),
+            s if scenarios::KNOWN.contains(&s) => out.push(s.to_owned()),
+            s => anyhow::bail!(
+                "unknown scenario {s:?}; known: all, multi, {}",
+                scenarios::KNOWN.join(", ")
+            ),
+        }
+    }
+    Ok(out)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<bool> {
+    let names = expand(&args.scenarios)?;
+    let pool = if args.no_check {
+        None
+    } else {
+        let url = args
+            .database_url
+            .as_deref()
+            .context("DATABASE_URL is needed for the consistency check (or pass --no-check)")?;
+        Some(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect(url)
+                .await
+                .context("connecting to DATABASE_URL")?,
+        )
+    };
+    let mut ctx = scenarios::Ctx {
+        load: engine::LoadConfig {
+            targets: targets(&args.urls)?,
+            timeout: args.timeout,
+            seed: args.seed,
+        },
+        admin: targets(&args.admin_urls)?,
+        pool,
+        root: args.root.clone(),
+        settings: scenarios::Settings {
+            open_connections: args.open_connections,
+            constant_rps: args.constant_rps,
+            constant_duration: args.constant_duration,
+            saturate_connections: args.saturate_connections,
+            saturate_duration: args.saturate_duration,
+            spike_low: args.spike_low,
+            spike_high: args.spike_high,
+            spike_phase: args.spike_phase,
+            multi_wallets: args.multi_wallets,
+            multi_connections: args.multi_connections,
+            multi_duration: args.multi_duration,
+            multi_seed_cents: 1_000_000,
+            zipf_exponent: args.zipf_exponent,
+            failover_rps: args.failover_rps,
+            failover_duration: args.failover_duration,
+            failover_kill_at: args.failover_kill_at,
+            failover_restart_after: args.failover_restart_after,
+            soak_rps: args.soak_rps,
+            soak_duration: args.soak_duration,
+            rss_interval: args.rss_interval,
+            mix: workload::Mix {
+                deposit_ratio: args.deposit_ratio,
+                reject_ratio: args.reject_ratio,
+            },
+            settle_max: args.settle_max,
+        },
+        multi_wallets: None,
+    };
+
+    let mut results = Vec::new();
+    let mut ok = true;
+    for name in &names {
+        match scenarios::run(&mut ctx, name).await {
+            Ok(r) => {
+                if !args.no_check && !r.consistency_ok {
+                    eprintln!("[wallet-bench] {name}: CONSISTENCY CHECK FAILED");
+                    ok = false;
+                }
+                if args.strict {
+                    for v in scenarios::strict_violations(&r) {
+                        eprintln!("[wallet-bench] strict: {v}");
+                        ok = false;
+                    }
+                }
+                results.push(r);
+            }
+            Err(e) => {
+                eprintln!("[wallet-bench] {name} failed: {e:#}");
+                ok = false;
+            }
+        }
+        // Write after every scenario so an interrupted bench keeps what it measured.
+        let merged = report::merge(report::read_existing(&args.out), &results);
+        report::write_all(&args.out, &merged)
+            .with_context(|| format!("writing results to {}", args.out.display()))?;
+    }
+    println!("{}", report::table(&results));
+    println!("results: {}", args.out.join("results.json").display());
+    Ok(ok)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wallet-bench: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = rt.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(*args).await,
+            Command::FakeServer { addr } => {
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                eprintln!(
+                    "[wallet-bench] fake API on http://{}",
+                    listener.local_addr()?
+                );
+                fake::serve(listener).await?;
+                Ok(true)
+            }
+        }
+    });
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("wallet-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn scenario_names_expand() {
+        let v = |s: &[&str]| s.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            expand(&v(&["multi"])).expect("names"),
+            v(&["multi-uniform", "multi-zipf"])
+        );
+        assert_eq!(expand(&v(&["all"])).expect("names").len(), 6);
+        assert!(
+            !expand(&v(&["all"]))
+                .expect("names")
+                .contains(&"soak".to_owned())
+        );
+        assert!(expand(&v(&["nope"])).is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,309 @@
+//! The two load shapes. Open loop: a dispatcher releases each request at its
+//! scheduled time into a per-target queue and latency counts from that time, so a
+//! stalled server shows up as latency instead of silently lowering the load
+//! (no coordinated omission). Closed loop: each connection sends its next request
+//! when the previous one answered, to find the saturation throughput.
+
+use crate::client::{Conn, Target, extract_uuid};
+use crate::rng::Rng;
+use crate::schedule::Schedule;
+use crate::workload::{Op, Workload};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Status recorded for a request that got no HTTP answer (timeout, reset): its
+/// outcome is unknown to the client.
+pub const STATUS_ERROR: u16 = 0;
+/// Status recorded for a request that could not even connect anywhere: it was
+/// certainly not applied.
+pub const STATUS_REFUSED: u16 = 1;
+
+/// One request as the bench saw it; kept for every request so the consistency
+/// check and the time series can be computed after the run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Record {
+    /// Scheduled (open loop) or send (closed loop) time, µs after the run start.
+    pub sched_us: u64,
+    pub latency_us: u64,
+    pub status: u16,
+    pub op: Op,
+    /// `operationId` of the answer (200 and 409 carry one).
+    pub op_id: Option<Uuid>,
+}
+
+impl Record {
+    pub fn completed_us(&self) -> u64 {
+        self.sched_us + self.latency_us
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    pub targets: Vec<Arc<Target>>,
+    pub timeout: Duration,
+    pub seed: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct RunOutput {
+    pub records: Vec<Record>,
+    /// From the run start to the last answer.
+    pub elapsed: Duration,
+    /// Requests that could not connect to their target and went to the next one.
+    pub reroutes: u64,
+    pub connects: u64,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn record_answer(
+    op: Op,
+    sched_us: u64,
+    latency_us: u64,
+    answer: Result<(u16, bytes::Bytes), crate::client::ClientError>,
+) -> Record {
+    match answer {
+        Ok((status, body)) => Record {
+            sched_us,
+            latency_us,
+            status,
+            op,
+            op_id: if status == 200 || status == 409 {
+                extract_uuid(&body, "operationId")
+            } else {
+                None
+            },
+        },
+        Err(e) => Record {
+            sched_us,
+            latency_us,
+            status: if e.never_sent() {
+                STATUS_REFUSED
+            } else {
+                STATUS_ERROR
+            },
+            op,
+            op_id: None,
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    sched_us: u64,
+    op: Op,
+    attempts: u8,
+}
+
+struct Shared {
+    start: Instant,
+    workload: Arc<Workload>,
+    queues: Vec<flume::Sender<Job>>,
+    done: AtomicU64,
+    total: u64,
+    all_done: Notify,
+    timeout: Duration,
+}
+
+impl Shared {
+    fn finish_one(&self) {
+        if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.total {
+            self.all_done.notify_one();
+        }
+    }
+}
+
+struct WorkerOut {
+    records: Vec<Record>,
+    reroutes: u64,
+    connects: u64,
+}
+
+async fn open_worker(
+    shared: Arc<Shared>,
+    target_idx: usize,
+    target: Arc<Target>,
+    rx: flume::Receiver<Job>,
+    stop: CancellationToken,
+) -> WorkerOut {
+    let mut conn = Conn::new(target);
+    let mut out = WorkerOut {
+        records: Vec::with_capacity(1024),
+        reroutes: 0,
+        connects: 0,
+    };
+    let n_targets = shared.queues.len();
+    loop {
+        let job = tokio::select! {
+            biased;
+            job = rx.recv_async() => match job { Ok(j) => j, Err(_) => break },
+            () = stop.cancelled() => break,
+        };
+        let body = shared.workload.body(job.op);
+        let answer = conn.post_operation(body, shared.timeout).await;
+        if let Err(e) = &answer
+            && e.never_sent()
+            && usize::from(job.attempts) + 1 < n_targets
+        {
+            // Like a load balancer skipping a dead backend: the request never
+            // left, so it goes to the next target and keeps its scheduled time.
+            let next = (target_idx + usize::from(job.attempts) + 1) % n_targets;
+            let rerouted = Job {
+                attempts: job.attempts + 1,
+                ..job
+            };
+            out.reroutes += 1;
+            if shared.queues[next].send(rerouted).is_ok() {
+                continue;
+            }
+        }
+        let latency = micros(shared.start.elapsed()).saturating_sub(job.sched_us);
+        out.records
+            .push(record_answer(job.op, job.sched_us, latency, answer));
+        shared.finish_one();
+    }
+    out.connects = conn.connects;
+    out
+}
+
+/// Runs `schedule` with `connections` keep-alive connections spread over the targets
+/// (request i goes to target i mod n). `start` is the run's time zero.
+pub async fn open_loop(
+    cfg: &LoadConfig,
+    workload: Arc<Workload>,
+    schedule: &Schedule,
+    connections: usize,
+    start: Instant,
+) -> RunOutput {
+    let n_targets = cfg.targets.len().max(1);
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n_targets).map(|_| flume::unbounded::<Job>()).unzip();
+    let total = schedule.total_requests();
+    let shared = Arc::new(Shared {
+        start,
+        workload: workload.clone(),
+        queues: txs,
+        done: AtomicU64::new(0),
+        total,
+        all_done: Notify::new(),
+        timeout: cfg.timeout,
+    });
+    let stop = CancellationToken::new();
+    let mut handles = Vec::new();
+    for c in 0..connections.max(n_targets) {
+        let t = c % n_targets;
+        handles.push(tokio::spawn(open_worker(
+            shared.clone(),
+            t,
+            cfg.targets[t].clone(),
+            rxs[t].clone(),
+            stop.clone(),
+        )));
+    }
+    drop(rxs);
+
+    let mut rng = Rng::new(cfg.seed);
+    let mut offsets = schedule.offsets_us().enumerate().peekable();
+    while offsets.peek().is_some() {
+        let now_us = micros(start.elapsed());
+        while let Some((i, sched_us)) = offsets.next_if(|(_, s)| *s <= now_us) {
+            let job = Job {
+                sched_us,
+                op: workload.next(&mut rng),
+                attempts: 0,
+            };
+            // Receivers live as long as `shared`, so the send cannot fail.
+            let _ = shared.queues[i % n_targets].send(job);
+        }
+        if let Some((_, next)) = offsets.peek() {
+            tokio::time::sleep_until((start + Duration::from_micros(*next)).into()).await;
+        }
+    }
+    if total > 0 {
+        shared.all_done.notified().await;
+    }
+    stop.cancel();
+    collect(handles).await
+}
+
+async fn collect(handles: Vec<tokio::task::JoinHandle<WorkerOut>>) -> RunOutput {
+    let mut out = RunOutput::default();
+    for h in handles {
+        // A panicking worker loses its records; the counts then show the gap.
+        if let Ok(w) = h.await {
+            out.records.extend(w.records);
+            out.reroutes += w.reroutes;
+            out.connects += w.connects;
+        }
+    }
+    out.records.sort_by_key(|r| r.sched_us);
+    out.elapsed = Duration::from_micros(
+        out.records
+            .iter()
+            .map(Record::completed_us)
+            .max()
+            .unwrap_or(0),
+    );
+    out
+}
+
+/// `connections` connections (round-robin over targets), each sending back to back
+/// until `duration` has passed since `start`.
+pub async fn closed_loop(
+    cfg: &LoadConfig,
+    workload: Arc<Workload>,
+    connections: usize,
+    duration: Duration,
+    start: Instant,
+) -> RunOutput {
+    let n_targets = cfg.targets.len().max(1);
+    let end_us = micros(duration);
+    let mut handles = Vec::new();
+    for c in 0..connections {
+        let targets = cfg.targets.clone();
+        let workload = workload.clone();
+        let timeout = cfg.timeout;
+        let mut rng = Rng::new(cfg.seed ^ (c as u64).wrapping_mul(0x9E37_79B9));
+        handles.push(tokio::spawn(async move {
+            let mut t = c % n_targets;
+            let mut conn = Conn::new(targets[t].clone());
+            let mut out = WorkerOut {
+                records: Vec::with_capacity(4096),
+                reroutes: 0,
+                connects: 0,
+            };
+            loop {
+                let sent_us = micros(start.elapsed());
+                if sent_us >= end_us {
+                    break;
+                }
+                let op = workload.next(&mut rng);
+                let mut answer = conn.post_operation(workload.body(op), timeout).await;
+                let mut tries = 1;
+                while matches!(&answer, Err(e) if e.never_sent()) && tries < n_targets {
+                    t = (t + 1) % n_targets;
+                    conn.retarget(targets[t].clone());
+                    out.reroutes += 1;
+                    tries += 1;
+                    answer = conn.post_operation(workload.body(op), timeout).await;
+                }
+                let failed_to_connect = matches!(&answer, Err(e) if e.never_sent());
+                let latency = micros(start.elapsed()).saturating_sub(sent_us);
+                out.records
+                    .push(record_answer(op, sent_us, latency, answer));
+                if failed_to_connect {
+                    // Every target refused: do not spin at full speed on refusals.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            out.connects = conn.connects;
+            out
+        }));
+    }
+    collect(handles).await
+}

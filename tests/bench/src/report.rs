@@ -1,0 +1,556 @@
+//! Results on disk: results.json (one object per scenario), report.md (a table)
+//! and two SVG plots per scenario, drawn by hand so no font library is needed.
+
+use crate::check::CheckReport;
+use crate::stats::SecondPoint;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    pub t_s: f64,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RssSample {
+    pub t_s: f64,
+    pub node: String,
+    pub rss_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScenarioResult {
+    pub scenario: String,
+    pub offered_rps: Option<f64>,
+    pub achieved_rps: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub status_counts: BTreeMap<String, u64>,
+    pub consistency_ok: bool,
+    pub duration_s: f64,
+    pub requests: u64,
+    pub p999_ms: f64,
+    pub mean_ms: f64,
+    pub connections: usize,
+    pub wallets: usize,
+    pub targets: Vec<String>,
+    pub reroutes: u64,
+    pub consistency: serde_json::Value,
+    pub events: Vec<Event>,
+    pub rss_samples: Vec<RssSample>,
+    pub series: Vec<SecondPointOut>,
+}
+
+/// `SecondPoint` plus the offered rate of that second (open loop).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SecondPointOut {
+    pub t_s: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub offered: Option<f64>,
+}
+
+impl SecondPointOut {
+    pub fn from(p: &SecondPoint, offered: Option<f64>) -> Self {
+        Self {
+            t_s: p.t_s,
+            completed: p.completed,
+            failed: p.failed,
+            p50_ms: p.p50_ms,
+            p99_ms: p.p99_ms,
+            max_ms: p.max_ms,
+            offered,
+        }
+    }
+}
+
+pub fn check_json(c: Option<&CheckReport>) -> serde_json::Value {
+    match c {
+        Some(c) => serde_json::to_value(c).unwrap_or(serde_json::Value::Null),
+        None => serde_json::json!({"skipped": true}),
+    }
+}
+
+/// Replaces results of the same scenario and keeps the others, so `soak` can be
+/// run after `all` into the same folder.
+pub fn merge(existing: Vec<ScenarioResult>, new: &[ScenarioResult]) -> Vec<ScenarioResult> {
+    let mut out: Vec<ScenarioResult> = existing
+        .into_iter()
+        .filter(|e| !new.iter().any(|n| n.scenario == e.scenario))
+        .collect();
+    out.extend(new.iter().cloned());
+    out
+}
+
+fn fmt_rps(v: Option<f64>) -> String {
+    v.map_or_else(|| "closed".to_owned(), |r| format!("{r:.0}"))
+}
+
+pub fn table(results: &[ScenarioResult]) -> String {
+    let mut s = String::new();
+    s.push_str("| scenario | offered rps | achieved rps | p50 ms | p95 ms | p99 ms | max ms | statuses | consistent | duration s |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---|:---:|---:|\n");
+    for r in results {
+        let statuses: Vec<String> = r
+            .status_counts
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} |",
+            r.scenario,
+            fmt_rps(r.offered_rps),
+            r.achieved_rps,
+            r.p50_ms,
+            r.p95_ms,
+            r.p99_ms,
+            r.max_ms,
+            statuses.join(", "),
+            if r.consistency_ok { "yes" } else { "NO" },
+            r.duration_s
+        );
+    }
+    s
+}
+
+pub fn markdown(results: &[ScenarioResult]) -> String {
+    let mut s = String::from("# Wallet bench results\n\n");
+    s.push_str(&table(results));
+    s.push('\n');
+    for r in results {
+        let _ = writeln!(s, "## {}\n", r.scenario);
+        let _ = writeln!(
+            s,
+            "{} requests over {} target(s), {} connection(s), {} wallet(s), {} rerouted after a refused connection; p99.9 {:.2} ms, mean {:.2} ms.\n",
+            r.requests,
+            r.targets.len(),
+            r.connections,
+            r.wallets,
+            r.reroutes,
+            r.p999_ms,
+            r.mean_ms
+        );
+        for e in &r.events {
+            let _ = writeln!(s, "- t={:.1}s {}", e.t_s, e.what);
+        }
+        if !r.events.is_empty() {
+            s.push('\n');
+        }
+        if let Some(problems) = r.consistency.get("problems").and_then(|p| p.as_array())
+            && !problems.is_empty()
+        {
+            s.push_str("Consistency problems:\n\n");
+            for p in problems {
+                let _ = writeln!(s, "- {}", p.as_str().unwrap_or_default());
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(
+            s,
+            "![latency]({0}-latency.svg) ![throughput]({0}-throughput.svg)\n",
+            r.scenario
+        );
+        if !r.rss_samples.is_empty() {
+            let _ = writeln!(s, "![rss]({}-rss.svg)\n", r.scenario);
+        }
+    }
+    s
+}
+
+pub struct Line<'a> {
+    pub name: &'a str,
+    pub color: &'a str,
+    pub points: Vec<(f64, f64)>,
+}
+
+fn nice_max(v: f64) -> f64 {
+    if v <= 0.0 {
+        return 1.0;
+    }
+    let mag = 10f64.powf(v.log10().floor());
+    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if v <= m * mag {
+            return m * mag;
+        }
+    }
+    10.0 * mag
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A line chart with axes, ticks, a legend and vertical event markers.
+pub fn svg_chart(title: &str, y_label: &str, lines: &[Line<'_>], events: &[Event]) -> String {
+    let (w, h) = (900.0, 360.0);
+    let (left, right, top, bottom) = (70.0, 20.0, 40.0, 50.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let x_max = nice_max(
+        lines
+            .iter()
+            .flat_map(|l| l.points.iter().map(|p| p.0))
+            .fold(0.0, f64::max)
+            .max(1.0),
+    );
+    let y_max = nice_max(
+        lines
+            .iter()
+            .flat_map(|l| l.points.iter().map(|p| p.1))
+            .fold(0.0, f64::max),
+    );
+    let sx = |x: f64| left + x / x_max * pw;
+    let sy = |y: f64| top + ph - y / y_max * ph;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#,
+        w / 2.0,
+        esc(title)
+    );
+    for i in 0..=5 {
+        let y = y_max * f64::from(i) / 5.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{0}" y1="{1}" y2="{1}" stroke="#ddd"/>"##,
+            left + pw,
+            sy(y)
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            left - 6.0,
+            sy(y) + 4.0,
+            trim_num(y)
+        );
+        let x = x_max * f64::from(i) / 5.0;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            sx(x),
+            top + ph + 18.0,
+            trim_num(x)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">seconds</text>"#,
+        left + pw / 2.0,
+        h - 10.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(16 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        top + ph / 2.0,
+        esc(y_label)
+    );
+    for e in events {
+        let x = sx(e.t_s);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x}" x2="{x}" y1="{top}" y2="{}" stroke="#c00" stroke-dasharray="4 3"/>"##,
+            top + ph
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{}" fill="#c00">{}</text>"##,
+            x + 3.0,
+            top + 12.0,
+            esc(&e.what)
+        );
+    }
+    for (i, l) in lines.iter().enumerate() {
+        let pts: Vec<String> = l
+            .points
+            .iter()
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"#,
+            l.color,
+            pts.join(" ")
+        );
+        let ly = top + 14.0 + 16.0 * i as f64;
+        let lx = left + pw - 150.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="{}" stroke-width="3"/>"#,
+            lx + 20.0,
+            l.color
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}">{}</text>"#,
+            lx + 26.0,
+            ly + 4.0,
+            esc(l.name)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn trim_num(v: f64) -> String {
+    if v >= 100.0 || v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+pub fn write_all(dir: &Path, results: &[ScenarioResult]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_vec_pretty(results).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::write(dir.join("report.md"), markdown(results))?;
+    for r in results {
+        let t = |p: &SecondPointOut| p.t_s as f64;
+        let latency = [
+            Line {
+                name: "p50",
+                color: "#1f77b4",
+                points: r.series.iter().map(|p| (t(p), p.p50_ms)).collect(),
+            },
+            Line {
+                name: "p99",
+                color: "#ff7f0e",
+                points: r.series.iter().map(|p| (t(p), p.p99_ms)).collect(),
+            },
+            Line {
+                name: "max",
+                color: "#d62728",
+                points: r.series.iter().map(|p| (t(p), p.max_ms)).collect(),
+            },
+        ];
+        std::fs::write(
+            dir.join(format!("{}-latency.svg", r.scenario)),
+            svg_chart(
+                &format!("{}: latency per second", r.scenario),
+                "ms",
+                &latency,
+                &r.events,
+            ),
+        )?;
+        let mut tput = vec![
+            Line {
+                name: "answered/s",
+                color: "#2ca02c",
+                points: r
+                    .series
+                    .iter()
+                    .map(|p| (t(p), p.completed as f64))
+                    .collect(),
+            },
+            Line {
+                name: "failed/s",
+                color: "#d62728",
+                points: r.series.iter().map(|p| (t(p), p.failed as f64)).collect(),
+            },
+        ];
+        if r.offered_rps.is_some() {
+            tput.push(Line {
+                name: "offered/s",
+                color: "#7f7f7f",
+                points: r
+                    .series
+                    .iter()
+                    .filter_map(|p| p.offered.map(|o| (t(p), o)))
+                    .collect(),
+            });
+        }
+        std::fs::write(
+            dir.join(format!("{}-throughput.svg", r.scenario)),
+            svg_chart(
+                &format!("{}: throughput per second", r.scenario),
+                "requests/s",
+                &tput,
+                &r.events,
+            ),
+        )?;
+        if !r.rss_samples.is_empty() {
+            let mut nodes: Vec<&str> = r.rss_samples.iter().map(|s| s.node.as_str()).collect();
+            nodes.sort_unstable();
+            nodes.dedup();
+            let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"];
+            let lines: Vec<Line<'_>> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Line {
+                    name: n,
+                    color: colors[i % colors.len()],
+                    points: r
+                        .rss_samples
+                        .iter()
+                        .filter(|s| s.node == *n)
+                        .map(|s| (s.t_s, s.rss_bytes as f64 / 1_048_576.0))
+                        .collect(),
+                })
+                .collect();
+            std::fs::write(
+                dir.join(format!("{}-rss.svg", r.scenario)),
+                svg_chart(
+                    &format!("{}: resident memory per node", r.scenario),
+                    "MiB",
+                    &lines,
+                    &r.events,
+                ),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+pub fn read_existing(dir: &Path) -> Vec<ScenarioResult> {
+    std::fs::read(dir.join("results.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(name: &str, ok: bool) -> ScenarioResult {
+        ScenarioResult {
+            scenario: name.to_owned(),
+            offered_rps: Some(1000.0),
+            achieved_rps: 999.5,
+            p50_ms: 1.5,
+            p95_ms: 3.0,
+            p99_ms: 5.25,
+            max_ms: 20.0,
+            status_counts: BTreeMap::from([("200".to_owned(), 59_000), ("409".to_owned(), 600)]),
+            consistency_ok: ok,
+            duration_s: 60.0,
+            requests: 59_600,
+            p999_ms: 9.0,
+            mean_ms: 1.7,
+            connections: 128,
+            wallets: 1,
+            targets: vec!["http://127.0.0.1:8080".to_owned()],
+            reroutes: 0,
+            consistency: serde_json::json!({"ok": ok, "problems": if ok { vec![] } else { vec!["balance off"] }}),
+            events: vec![Event {
+                t_s: 15.0,
+                what: "kill -9 node-1".to_owned(),
+            }],
+            rss_samples: vec![],
+            series: vec![SecondPointOut {
+                t_s: 0,
+                completed: 1000,
+                failed: 0,
+                p50_ms: 1.0,
+                p99_ms: 4.0,
+                max_ms: 9.0,
+                offered: Some(1000.0),
+            }],
+        }
+    }
+
+    #[test]
+    fn results_json_has_the_contract_fields() {
+        let v = serde_json::to_value(vec![result("constant", true)]).expect("json");
+        let o = &v[0];
+        for key in [
+            "scenario",
+            "offered_rps",
+            "achieved_rps",
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+            "max_ms",
+            "status_counts",
+            "consistency_ok",
+            "duration_s",
+        ] {
+            assert!(o.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(o["status_counts"]["409"], 600);
+        let mut closed = result("saturate-one", true);
+        closed.offered_rps = None;
+        assert!(serde_json::to_value(&closed).expect("json")["offered_rps"].is_null());
+    }
+
+    #[test]
+    fn merge_replaces_same_scenario_only() {
+        let merged = merge(
+            vec![result("constant", false), result("spike", true)],
+            &[result("constant", true)],
+        );
+        let names: Vec<&str> = merged.iter().map(|r| r.scenario.as_str()).collect();
+        assert_eq!(names, ["spike", "constant"]);
+        assert!(merged[1].consistency_ok);
+    }
+
+    #[test]
+    fn table_and_markdown_show_each_row() {
+        let md = markdown(&[result("constant", true), result("failover", false)]);
+        assert!(md.contains("| constant | 1000 | 1000 | 1.50 | 3.00 | 5.25 | 20.00 | 200: 59000, 409: 600 | yes | 60.0 |"), "{md}");
+        assert!(md.contains("| failover |"));
+        assert!(md.contains("| NO |"));
+        assert!(md.contains("- balance off"));
+        assert!(md.contains("t=15.0s kill -9 node-1"));
+    }
+
+    #[test]
+    fn svg_is_well_formed_enough() {
+        let svg = svg_chart(
+            "a <b>",
+            "ms",
+            &[Line {
+                name: "p50",
+                color: "#000",
+                points: vec![(0.0, 1.0), (1.0, 3.0)],
+            }],
+            &[Event {
+                t_s: 0.5,
+                what: "kill".into(),
+            }],
+        );
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("a &lt;b&gt;"));
+        assert_eq!(svg.matches("<polyline").count(), 1);
+        assert!(svg.contains(">kill<"));
+    }
+
+    #[test]
+    fn writes_files_and_reads_them_back() {
+        let dir = std::env::temp_dir().join(format!("wallet-bench-test-{}", uuid::Uuid::new_v4()));
+        let results = vec![result("constant", true)];
+        write_all(&dir, &results).expect("write");
+        for f in [
+            "results.json",
+            "report.md",
+            "constant-latency.svg",
+            "constant-throughput.svg",
+        ] {
+            assert!(dir.join(f).is_file(), "{f}");
+        }
+        assert_eq!(read_existing(&dir), results);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
