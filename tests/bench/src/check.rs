@@ -483,3 +483,160 @@ mod tests {
         );
     }
 }
+
+/// The SQL half of the check against a real PostgreSQL (DATABASE_ADMIN_URL from
+/// `scripts/stack.sh env`), one fresh database per test.
+#[cfg(test)]
+mod db_tests {
+    use super::*;
+    use crate::engine::Record;
+    use crate::workload::{Op, REJECT_CENTS, variant};
+    use sqlx::Connection as _;
+    use sqlx::postgres::PgPoolOptions;
+
+    async fn fresh_db() -> (PgPool, String) {
+        let admin = std::env::var("DATABASE_ADMIN_URL")
+            .expect("DATABASE_ADMIN_URL must be set: source <(scripts/stack.sh env)");
+        let name = format!("bench_{}", Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .expect("admin connection");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
+        let base = admin.rsplit_once('/').expect("url with a database").0;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&format!("{base}/{name}"))
+            .await
+            .expect("test database");
+        let schema = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../migrations/0001_wallets_and_operations.sql"
+        ))
+        .expect("migration file");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(schema))
+            .execute(&pool)
+            .await
+            .expect("schema");
+        (pool, name)
+    }
+
+    async fn drop_db(pool: PgPool, name: String) {
+        pool.close().await;
+        let admin = std::env::var("DATABASE_ADMIN_URL").expect("DATABASE_ADMIN_URL");
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+
+    /// Records an operation the way the service does: audit row plus balance and version.
+    async fn apply(pool: &PgPool, wallet: Uuid, id: Uuid, kind: Kind, cents: i64, applied: bool) {
+        let amount = Decimal::new(cents, 2);
+        let delta = if applied {
+            Decimal::new(kind.signed(cents), 2)
+        } else {
+            Decimal::ZERO
+        };
+        let mut tx = pool.begin().await.expect("tx");
+        let (seq, balance): (i64, Decimal) = sqlx::query_as(
+            "UPDATE wallets SET balance = balance + $2, version = version + 1 WHERE id = $1 RETURNING version, balance",
+        )
+        .bind(wallet)
+        .bind(delta)
+        .fetch_one(&mut *tx)
+        .await
+        .expect("update wallet");
+        sqlx::query(
+            "INSERT INTO operations (id, wallet_id, seq, operation_type, amount, status, reason, balance_after) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(id)
+        .bind(wallet)
+        .bind(seq)
+        .bind(kind.as_str())
+        .bind(amount)
+        .bind(if applied { "APPLIED" } else { "REJECTED" })
+        .bind((!applied).then_some("INSUFFICIENT_FUNDS"))
+        .bind(balance)
+        .execute(&mut *tx)
+        .await
+        .expect("insert operation");
+        tx.commit().await.expect("commit");
+    }
+
+    fn find_variant(kind: Kind, cents: i64) -> u8 {
+        (0..=255u8)
+            .find(|v| variant(*v) == (kind, cents))
+            .expect("variant")
+    }
+
+    #[tokio::test]
+    async fn check_reads_state_and_audit_rows_written_after_the_snapshot() {
+        let (pool, name) = fresh_db().await;
+        let wallet = Uuid::new_v4();
+        sqlx::query("INSERT INTO wallets (id) VALUES ($1)")
+            .bind(wallet)
+            .execute(&pool)
+            .await
+            .expect("wallet");
+        // The seed deposit happens before the snapshot and must not be counted.
+        apply(&pool, wallet, Uuid::new_v4(), Kind::Deposit, 100_000, true).await;
+        let before = snapshot(&pool, &[wallet]).await.expect("snapshot");
+        assert_eq!(
+            before[&wallet],
+            WalletState {
+                balance_cents: 100_000,
+                version: 1
+            }
+        );
+
+        let (d, w, r) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        apply(&pool, wallet, d, Kind::Deposit, 1000, true).await;
+        apply(&pool, wallet, w, Kind::Withdraw, 250, true).await;
+        apply(&pool, wallet, r, Kind::Withdraw, REJECT_CENTS, false).await;
+        let rec = |status, kind, cents, id| Record {
+            sched_us: 0,
+            latency_us: 1,
+            status,
+            op: Op {
+                wallet: 0,
+                variant: find_variant(kind, cents),
+            },
+            op_id: Some(id),
+        };
+        let records = vec![
+            rec(200, Kind::Deposit, 1000, d),
+            rec(200, Kind::Withdraw, 250, w),
+            rec(409, Kind::Withdraw, REJECT_CENTS, r),
+        ];
+
+        settle(
+            &pool,
+            &[wallet],
+            Duration::from_millis(10),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("settle");
+        let after = snapshot(&pool, &[wallet]).await.expect("snapshot");
+        let rows = rows_since(&pool, &before).await.expect("rows");
+        assert_eq!(rows.len(), 3);
+        let rep = verify(&[wallet], &before, &after, &rows, &records);
+        assert!(rep.ok, "{:?}", rep.problems);
+        assert_eq!(rep.observed_net_cents, 750);
+
+        // An operation nobody was told about breaks the check.
+        apply(&pool, wallet, Uuid::new_v4(), Kind::Deposit, 100, true).await;
+        let after = snapshot(&pool, &[wallet]).await.expect("snapshot");
+        let rows = rows_since(&pool, &before).await.expect("rows");
+        let rep = verify(&[wallet], &before, &after, &rows, &records);
+        assert!(!rep.ok);
+        drop_db(pool, name).await;
+    }
+}

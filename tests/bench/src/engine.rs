@@ -307,3 +307,124 @@ pub async fn closed_loop(
     }
     collect(handles).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::{Mix, Picker};
+    use std::collections::HashSet;
+
+    async fn fake_target() -> Arc<Target> {
+        fake_node(Arc::default()).await
+    }
+
+    async fn fake_node(state: Arc<crate::fake::State>) -> Arc<Target> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(crate::fake::serve_state(listener, state));
+        Arc::new(Target::parse(&format!("http://{addr}")).expect("target"))
+    }
+
+    async fn setup(targets: &[Arc<Target>], wallets: usize) -> Arc<Workload> {
+        let w =
+            crate::setup::create_wallets(targets, wallets, 1_000_000, 4, Duration::from_secs(5))
+                .await
+                .expect("wallets");
+        assert_eq!(w.len(), wallets);
+        assert_eq!(w.iter().collect::<HashSet<_>>().len(), wallets);
+        Arc::new(Workload::new(
+            w,
+            Picker::Uniform,
+            Mix {
+                deposit_ratio: 0.6,
+                reject_ratio: 0.05,
+            },
+        ))
+    }
+
+    fn assert_all_answered(records: &[Record]) {
+        let mut ids = HashSet::new();
+        for r in records {
+            assert!(r.status == 200 || r.status == 409, "status {}", r.status);
+            assert!(ids.insert(r.op_id.expect("operationId")), "duplicate id");
+        }
+        assert!(
+            records.iter().any(|r| r.status == 409),
+            "the reject share produced no 409"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_loop_sends_every_scheduled_request_round_robin() {
+        let state = Arc::new(crate::fake::State::default());
+        let targets = vec![fake_node(state.clone()).await, fake_node(state).await];
+        let workload = setup(&targets, 3).await;
+        let cfg = LoadConfig {
+            targets,
+            timeout: Duration::from_secs(5),
+            seed: 1,
+        };
+        let schedule = Schedule::constant(400.0, Duration::from_millis(500));
+        let out = open_loop(&cfg, workload, &schedule, 8, Instant::now()).await;
+        assert_eq!(out.records.len(), 200);
+        assert_eq!(out.reroutes, 0);
+        let scheds: Vec<u64> = out.records.iter().map(|r| r.sched_us).collect();
+        assert_eq!(scheds, schedule.offsets_us().collect::<Vec<_>>());
+        assert_all_answered(&out.records);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_loop_reroutes_around_a_dead_target() {
+        let live = fake_target().await;
+        // A port nobody listens on: bind, read the port, close.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            Arc::new(
+                Target::parse(&format!("http://{}", l.local_addr().expect("addr")))
+                    .expect("target"),
+            )
+        };
+        let workload = setup(std::slice::from_ref(&live), 1).await;
+        let cfg = LoadConfig {
+            targets: vec![live, dead],
+            timeout: Duration::from_secs(5),
+            seed: 2,
+        };
+        let out = open_loop(
+            &cfg,
+            workload,
+            &Schedule::constant(200.0, Duration::from_millis(500)),
+            4,
+            Instant::now(),
+        )
+        .await;
+        assert_eq!(out.records.len(), 100);
+        assert_eq!(out.reroutes, 50);
+        assert_all_answered(&out.records);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closed_loop_keeps_every_connection_busy_until_the_end() {
+        let targets = vec![fake_target().await];
+        let workload = setup(&targets, 2).await;
+        let cfg = LoadConfig {
+            targets,
+            timeout: Duration::from_secs(5),
+            seed: 3,
+        };
+        let out = closed_loop(
+            &cfg,
+            workload,
+            4,
+            Duration::from_millis(300),
+            Instant::now(),
+        )
+        .await;
+        assert!(out.records.len() >= 4);
+        assert_eq!(out.connects, 4);
+        assert!(out.records.iter().all(|r| r.sched_us < 300_000));
+        assert_all_answered(&out.records);
+    }
+}

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
+/// The wallets of one fake cluster; share it between listeners to imitate nodes.
 #[derive(Default)]
-struct State {
+pub struct State {
     balances: Mutex<HashMap<Uuid, i64>>,
 }
 
@@ -148,7 +149,10 @@ async fn handle(
 
 /// Serves on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener) -> std::io::Result<()> {
-    let state = Arc::new(State::default());
+    serve_state(listener, Arc::default()).await
+}
+
+pub async fn serve_state(listener: TcpListener, state: Arc<State>) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
