@@ -1,0 +1,137 @@
+//! The wallet's vocabulary: amounts, operation types and recorded operations.
+
+mod amount;
+
+pub use amount::{Amount, AmountError, MAX_BALANCE};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, salvo::oapi::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OperationType {
+    Deposit,
+    Withdraw,
+}
+
+impl OperationType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deposit => "DEPOSIT",
+            Self::Withdraw => "WITHDRAW",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "DEPOSIT" => Some(Self::Deposit),
+            "WITHDRAW" => Some(Self::Withdraw),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, salvo::oapi::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OperationStatus {
+    Applied,
+    Rejected,
+}
+
+impl OperationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "APPLIED",
+            Self::Rejected => "REJECTED",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "APPLIED" => Some(Self::Applied),
+            "REJECTED" => Some(Self::Rejected),
+            _ => None,
+        }
+    }
+}
+
+/// Why an operation was recorded without changing the balance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, salvo::oapi::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RejectionReason {
+    InsufficientFunds,
+    BalanceLimitExceeded,
+}
+
+impl RejectionReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            Self::BalanceLimitExceeded => "BALANCE_LIMIT_EXCEEDED",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "INSUFFICIENT_FUNDS" => Some(Self::InsufficientFunds),
+            "BALANCE_LIMIT_EXCEEDED" => Some(Self::BalanceLimitExceeded),
+            _ => None,
+        }
+    }
+}
+
+/// A validated request to change a wallet's balance, as it travels to the shard owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OperationCommand {
+    /// Chosen by the node that took the request and kept across retries, so a retry
+    /// after an ambiguous failure finds the operation instead of applying it twice.
+    pub operation_id: Uuid,
+    pub wallet_id: Uuid,
+    pub operation_type: OperationType,
+    pub amount: Amount,
+    pub idempotency_key: Option<String>,
+    /// Fingerprint of the request body, to tell a replay from a key reused for another request.
+    pub request_hash: String,
+    /// Set when this command may have reached an owner before (a retry after an
+    /// ambiguous failure): the owner then looks the operation id up first.
+    #[serde(default)]
+    pub resubmitted: bool,
+}
+
+impl OperationCommand {
+    pub fn fingerprint(wallet_id: Uuid, operation_type: OperationType, amount: Amount) -> String {
+        let canonical = format!("{wallet_id}|{}|{}", operation_type.as_str(), amount);
+        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(canonical.as_bytes()))
+    }
+}
+
+/// One row of the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationRecord {
+    pub operation_id: Uuid,
+    pub wallet_id: Uuid,
+    pub seq: i64,
+    pub operation_type: OperationType,
+    pub amount: Decimal,
+    pub status: OperationStatus,
+    pub reason: Option<RejectionReason>,
+    pub balance_after: Decimal,
+    pub idempotency_key: Option<String>,
+    pub request_hash: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What the shard owner answers for an operation command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind", content = "operation")]
+pub enum CommandOutcome {
+    /// The operation is in the audit trail (applied or rejected), now or from an earlier request.
+    Recorded(OperationRecord),
+    WalletNotFound,
+    /// The idempotency key was used before with a different request.
+    IdempotencyKeyReused,
+}

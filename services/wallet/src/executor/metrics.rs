@@ -1,0 +1,58 @@
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+/// Metrics of the group-commit executors, registered into the node's registry.
+#[derive(Clone)]
+pub struct ExecutorMetrics {
+    pub operations: IntCounterVec,
+    pub batch_size: Histogram,
+    pub commit_duration: Histogram,
+    pub batch_failures: IntCounterVec,
+    pub fence_rejections: IntCounter,
+}
+
+impl ExecutorMetrics {
+    /// `fence_rejections` is shared with the cluster layer, which registers it.
+    pub fn register(registry: &Registry, fence_rejections: IntCounter) -> prometheus::Result<Self> {
+        let operations = IntCounterVec::new(
+            Opts::new(
+                "wallet_operations_total",
+                "Operations recorded, by type and result",
+            ),
+            &["operation_type", "result"],
+        )?;
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("wallet_batch_size", "Operations per committed batch").buckets(
+                vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                ],
+            ),
+        )?;
+        let commit_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "wallet_commit_duration_seconds",
+                "Time to commit one batch transaction",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0,
+            ]),
+        )?;
+        let batch_failures = IntCounterVec::new(
+            Opts::new(
+                "wallet_batch_failures_total",
+                "Batches that failed to commit, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(operations.clone()))?;
+        registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(commit_duration.clone()))?;
+        registry.register(Box::new(batch_failures.clone()))?;
+        Ok(Self {
+            operations,
+            batch_size,
+            commit_duration,
+            batch_failures,
+            fence_rejections,
+        })
+    }
+}

@@ -1,0 +1,133 @@
+//! Probes, metrics and the cluster view, on the admin port.
+
+use prometheus::Encoder;
+use salvo::prelude::*;
+use serde_json::json;
+
+use super::AppState;
+use super::problem::{Problem, write_json};
+use crate::store::REQUIRED_SCHEMA_VERSION;
+
+fn app_state(depot: &Depot, res: &mut Response) -> Option<AppState> {
+    let state = depot.get_typed::<AppState>().ok().cloned();
+    if state.is_none() {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal-error",
+            "Internal error",
+            "state missing",
+        )
+        .write_to(res);
+    }
+    state
+}
+
+/// Alive: the process answers. Nothing external is checked, so a database outage
+/// does not make Kubernetes restart every pod.
+#[handler]
+pub async fn healthz(res: &mut Response) {
+    write_json(
+        res,
+        StatusCode::OK,
+        "application/json",
+        &json!({"status": "ok"}),
+    );
+}
+
+/// Ready: the database answers, its schema is new enough, and this node is a
+/// registered member that can route.
+#[handler]
+pub async fn readyz(depot: &mut Depot, res: &mut Response) {
+    let Some(state) = app_state(depot, res) else {
+        return;
+    };
+    let (database, schema) = match state.store.schema_version().await {
+        Ok(Some(version)) if version >= REQUIRED_SCHEMA_VERSION => {
+            ("ok".to_owned(), format!("{version}"))
+        }
+        Ok(Some(version)) => (
+            "ok".to_owned(),
+            format!("{version} < required {REQUIRED_SCHEMA_VERSION}"),
+        ),
+        Ok(None) => ("ok".to_owned(), "not migrated".to_owned()),
+        Err(error) => (format!("unreachable: {error}"), "unknown".to_owned()),
+    };
+    let schema_ok = schema.parse::<i64>().is_ok();
+    let cluster_ok = state.cluster.is_ready();
+    let ready = database == "ok" && schema_ok && cluster_ok;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    write_json(
+        res,
+        status,
+        "application/json",
+        &json!({
+            "status": if ready { "ready" } else { "not ready" },
+            "database": database,
+            "schemaVersion": schema,
+            "requiredSchemaVersion": REQUIRED_SCHEMA_VERSION,
+            "cluster": if cluster_ok { "member" } else { "not registered" },
+        }),
+    );
+}
+
+#[handler]
+pub async fn metrics(depot: &mut Depot, res: &mut Response) {
+    let Some(state) = app_state(depot, res) else {
+        return;
+    };
+    let encoder = prometheus::TextEncoder::new();
+    let mut buffer = Vec::new();
+    if let Err(error) = encoder.encode(&state.registry.gather(), &mut buffer) {
+        tracing::error!(error = %error, "metrics could not be encoded");
+        res.status_code(StatusCode::INTERNAL_SERVER_ERROR);
+        return;
+    }
+    res.headers_mut().insert(
+        salvo::http::header::CONTENT_TYPE,
+        salvo::http::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    let _ = res.write_body(buffer);
+}
+
+#[handler]
+pub async fn cluster(depot: &mut Depot, res: &mut Response) {
+    let Some(state) = app_state(depot, res) else {
+        return;
+    };
+    write_json(
+        res,
+        StatusCode::OK,
+        "application/json",
+        &state.cluster.snapshot(),
+    );
+}
+
+#[handler]
+pub async fn owner(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let Some(state) = app_state(depot, res) else {
+        return;
+    };
+    let text: String = req.param("wallet_id").unwrap_or_default();
+    let Ok(wallet_id) = uuid::Uuid::try_parse(&text) else {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-uuid",
+            "Invalid UUID",
+            "walletId must be a UUID",
+        )
+        .write_to(res);
+        return;
+    };
+    let shard = state.cluster.shard_of(&wallet_id);
+    let owner_id = state.cluster.owner_of(shard).map(|member| member.id);
+    write_json(
+        res,
+        StatusCode::OK,
+        "application/json",
+        &json!({"walletId": wallet_id, "shard": shard, "owner": owner_id}),
+    );
+}

@@ -1,0 +1,173 @@
+//! The one error type of the public API and the one place that picks its HTTP status.
+
+use salvo::http::header::{HeaderValue, RETRY_AFTER};
+use salvo::oapi::{Components, EndpointOutRegister, Operation};
+use salvo::prelude::*;
+use uuid::Uuid;
+
+use super::problem::Problem;
+use super::views::OperationView;
+use crate::domain::OperationRecord;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("malformed request: {0}")]
+    MalformedRequest(String),
+    #[error("{0}")]
+    InvalidUuid(String),
+    #[error("{0}")]
+    Validation(String),
+    #[error("request body larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("wallet {0} not found")]
+    WalletNotFound(Uuid),
+    #[error("operation {operation_id} not found in wallet {wallet_id}")]
+    OperationNotFound { wallet_id: Uuid, operation_id: Uuid },
+    /// The rejected operation, recorded in the audit trail.
+    #[error("insufficient funds")]
+    InsufficientFunds(Box<OperationRecord>),
+    #[error("balance limit exceeded")]
+    BalanceLimitExceeded(Box<OperationRecord>),
+    #[error("idempotency key reused with a different request")]
+    IdempotencyKeyReused,
+    #[error("no owner answered within the request deadline")]
+    Unavailable,
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson(_) | Self::MalformedRequest(_) | Self::InvalidUuid(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Validation(_) | Self::IdempotencyKeyReused | Self::BalanceLimitExceeded(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::WalletNotFound(_) | Self::OperationNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::InsufficientFunds(_) => StatusCode::CONFLICT,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn problem(&self) -> Problem {
+        let status = self.status();
+        let detail = self.to_string();
+        match self {
+            Self::MalformedJson(_) => {
+                Problem::new(status, "malformed-json", "Malformed JSON", detail)
+            }
+            Self::MalformedRequest(_) => {
+                Problem::new(status, "malformed-request", "Malformed request", detail)
+            }
+            Self::InvalidUuid(_) => Problem::new(status, "invalid-uuid", "Invalid UUID", detail),
+            Self::Validation(_) => Problem::new(
+                status,
+                "validation-failed",
+                "Invalid request values",
+                detail,
+            ),
+            Self::PayloadTooLarge(_) => Problem::new(
+                status,
+                "payload-too-large",
+                "Request body too large",
+                detail,
+            ),
+            Self::WalletNotFound(wallet_id) => {
+                Problem::new(status, "wallet-not-found", "Wallet not found", detail)
+                    .with("walletId", wallet_id.to_string())
+            }
+            Self::OperationNotFound { .. } => {
+                Problem::new(status, "operation-not-found", "Operation not found", detail)
+            }
+            Self::InsufficientFunds(record) => rejected(
+                Problem::new(
+                    status,
+                    "insufficient-funds",
+                    "Insufficient funds",
+                    format!(
+                        "the balance {} does not cover a withdrawal of {}",
+                        record.balance_after, record.amount
+                    ),
+                ),
+                record,
+            ),
+            Self::BalanceLimitExceeded(record) => rejected(
+                Problem::new(
+                    status,
+                    "balance-limit-exceeded",
+                    "Balance limit exceeded",
+                    format!(
+                        "a deposit of {} would take the balance past 999999999999999999.99",
+                        record.amount
+                    ),
+                ),
+                record,
+            ),
+            Self::IdempotencyKeyReused => Problem::new(
+                status,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+                "this Idempotency-Key was used before with a different request",
+            ),
+            Self::Unavailable => Problem::new(
+                status,
+                "service-unavailable",
+                "Service unavailable",
+                "the wallet's owner could not be reached in time; retry later",
+            ),
+            // Opaque on purpose: the full chain goes to the log, not to the client.
+            Self::Unexpected(_) => Problem::new(
+                status,
+                "internal-error",
+                "Internal error",
+                "the request could not be completed",
+            ),
+        }
+    }
+}
+
+/// A rejected operation's problem carries the operation itself, so a replay is identical.
+fn rejected(problem: Problem, record: &OperationRecord) -> Problem {
+    let view = OperationView::from(record);
+    problem
+        .with("operationId", view.operation_id.to_string())
+        .with("walletId", view.wallet_id.to_string())
+        .with("operation", serde_json::to_value(&view).unwrap_or_default())
+}
+
+#[async_trait]
+impl Writer for ApiError {
+    async fn write(self, _req: &mut Request, _depot: &mut Depot, res: &mut Response) {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = ?anyhow_chain(&self), status = status.as_u16(), "request failed");
+        }
+        if let Self::Unavailable = self {
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        self.problem().write_to(res);
+    }
+}
+
+/// Statuses are documented per endpoint with `responses(...)`.
+impl EndpointOutRegister for ApiError {
+    fn register(_components: &mut Components, _operation: &mut Operation) {}
+}
+
+fn anyhow_chain(error: &ApiError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,204 @@
+//! Reading request input without losing anything: exact amounts from the raw JSON
+//! text (never through a float), and a precise error for each kind of bad input.
+
+use salvo::prelude::Request;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use crate::domain::{Amount, OperationType};
+
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// Reads the body up to `max_bytes`; an empty body reads as `None`.
+pub async fn body(req: &mut Request, max_bytes: usize) -> Result<Option<Vec<u8>>, ApiError> {
+    match req.payload_with_max_size(max_bytes).await {
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(None),
+        Ok(bytes) => Ok(Some(bytes.to_vec())),
+        Err(salvo::http::ParseError::PayloadTooLarge) => Err(ApiError::PayloadTooLarge(max_bytes)),
+        Err(error) => Err(ApiError::MalformedRequest(format!(
+            "the request body could not be read: {error}"
+        ))),
+    }
+}
+
+/// Parses JSON into `T`: broken JSON is a 400, JSON of the wrong shape a 422.
+pub fn json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| match error.classify() {
+        serde_json::error::Category::Syntax
+        | serde_json::error::Category::Eof
+        | serde_json::error::Category::Io => ApiError::MalformedJson(error.to_string()),
+        serde_json::error::Category::Data => ApiError::Validation(error.to_string()),
+    })
+}
+
+pub fn uuid(text: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(text)
+        .map_err(|_| ApiError::InvalidUuid(format!("{what} must be a UUID, got {text:?}")))
+}
+
+pub fn path_uuid(req: &Request, name: &str, what: &str) -> Result<Uuid, ApiError> {
+    let text: String = req.param(name).unwrap_or_default();
+    uuid(&text, what)
+}
+
+pub fn idempotency_key(req: &Request) -> Result<Option<String>, ApiError> {
+    let Some(value) = req.headers().get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|key| {
+            !key.is_empty()
+                && key.len() <= MAX_IDEMPOTENCY_KEY_LEN
+                && key.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .ok_or_else(|| {
+            ApiError::MalformedRequest(
+                "Idempotency-Key must be 1 to 255 visible ASCII characters".to_owned(),
+            )
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawOperationRequest<'a> {
+    #[serde(borrow)]
+    wallet_id: &'a RawValue,
+    #[serde(borrow)]
+    operation_type: &'a RawValue,
+    #[serde(borrow)]
+    amount: &'a RawValue,
+}
+
+pub struct OperationInput {
+    pub wallet_id: Uuid,
+    pub operation_type: OperationType,
+    pub amount: Amount,
+}
+
+pub fn operation(bytes: &[u8]) -> Result<OperationInput, ApiError> {
+    let raw: RawOperationRequest<'_> = json(bytes)?;
+    let wallet_id = match serde_json::from_str::<String>(raw.wallet_id.get()) {
+        Ok(text) => uuid(&text, "walletId")?,
+        Err(_) => {
+            return Err(ApiError::InvalidUuid(format!(
+                "walletId must be a UUID string, got {}",
+                raw.wallet_id.get()
+            )));
+        }
+    };
+    let operation_type = serde_json::from_str::<String>(raw.operation_type.get())
+        .ok()
+        .and_then(|text| OperationType::parse(&text))
+        .ok_or_else(|| {
+            ApiError::Validation(format!(
+                "operationType must be \"DEPOSIT\" or \"WITHDRAW\", got {}",
+                raw.operation_type.get()
+            ))
+        })?;
+    let amount_text = raw.amount.get();
+    let amount = if amount_text.starts_with('"') {
+        let text: String = serde_json::from_str(amount_text)
+            .map_err(|_| ApiError::Validation("amount must be a decimal number".to_owned()))?;
+        Amount::parse(&text)
+    } else if amount_text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        Amount::parse(amount_text)
+    } else {
+        Err(crate::domain::AmountError::NotANumber)
+    }
+    .map_err(|error| ApiError::Validation(error.to_string()))?;
+    Ok(OperationInput {
+        wallet_id,
+        operation_type,
+        amount,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(body: &str) -> u16 {
+        match operation(body.as_bytes()) {
+            Ok(_) => 200,
+            Err(error) => error.status().as_u16(),
+        }
+    }
+
+    const WALLET: &str = "0b7c8f5e-3f0a-4c55-9d2e-6a1d2f3b4c5d";
+
+    #[test]
+    fn each_kind_of_bad_input_gets_its_status() {
+        let ok = format!(r#"{{"walletId":"{WALLET}","operationType":"DEPOSIT","amount":"10.50"}}"#);
+        assert_eq!(status(&ok), 200);
+        assert_eq!(
+            status(&format!(
+                r#"{{"walletId":"{WALLET}","operationType":"DEPOSIT","amount":10.5}}"#
+            )),
+            200
+        );
+        assert_eq!(status(r#"{"walletId":"#), 400);
+        assert_eq!(
+            status(r#"{"walletId":"nope","operationType":"DEPOSIT","amount":"1"}"#),
+            400
+        );
+        assert_eq!(
+            status(r#"{"walletId":17,"operationType":"DEPOSIT","amount":"1"}"#),
+            400
+        );
+        assert_eq!(
+            status(&format!(
+                r#"{{"walletId":"{WALLET}","operationType":"STEAL","amount":"1"}}"#
+            )),
+            422
+        );
+        assert_eq!(
+            status(&format!(
+                r#"{{"walletId":"{WALLET}","operationType":"DEPOSIT","amount":"1","x":1}}"#
+            )),
+            422
+        );
+        assert_eq!(
+            status(&format!(
+                r#"{{"walletId":"{WALLET}","operationType":"DEPOSIT"}}"#
+            )),
+            422
+        );
+        assert_eq!(
+            status(&format!(
+                r#"{{"walletId":"{WALLET}","operationType":"DEPOSIT","amount":true}}"#
+            )),
+            422
+        );
+        assert_eq!(
+            status(&format!(
+                r#"{{"walletId":"{WALLET}","operationType":"DEPOSIT","amount":0.001}}"#
+            )),
+            422
+        );
+        assert_eq!(
+            status(&format!(
+                r#"{{"walletId":"{WALLET}","operationType":"DEPOSIT","amount":1e40}}"#
+            )),
+            422
+        );
+        assert_eq!(status("[]"), 422);
+    }
+
+    #[test]
+    fn number_amounts_are_read_from_their_text_not_a_float() {
+        let body = format!(
+            r#"{{"walletId":"{WALLET}","operationType":"DEPOSIT","amount":999999999999999999.99}}"#
+        );
+        let input = operation(body.as_bytes())
+            .map_err(|e| e.to_string())
+            .expect("valid");
+        assert_eq!(input.amount.to_string(), "999999999999999999.99");
+    }
+}

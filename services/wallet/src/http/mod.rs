@@ -1,0 +1,104 @@
+//! The three HTTP faces of a node: the public API, the internal port peers forward
+//! to, and the admin port for probes and metrics.
+
+mod admin;
+mod error;
+mod input;
+mod internal;
+mod observe;
+mod problem;
+mod views;
+mod wallets;
+
+pub use error::ApiError;
+pub use observe::HttpMetrics;
+pub use problem::Problem;
+pub use views::{OperationPage, OperationView, WalletView};
+
+use std::sync::Arc;
+
+use salvo::catcher::Catcher;
+use salvo::oapi::swagger_ui::SwaggerUi;
+use salvo::oapi::{Info, OpenApi};
+use salvo::prelude::*;
+use secrecy::SecretString;
+use wallet_cluster::Cluster;
+
+use crate::executor::ExecutorPool;
+use crate::routing::OperationRouter;
+use crate::store::Store;
+use observe::{Observe, RouteTemplate};
+
+pub const OPENAPI_PATH: &str = "/api-doc/openapi.json";
+
+/// Shared state of the handlers, put into every request's depot.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub router: Arc<OperationRouter>,
+    pub executors: Arc<ExecutorPool>,
+    pub cluster: Arc<Cluster>,
+    pub max_body_bytes: usize,
+    pub internal_secret: SecretString,
+    pub registry: prometheus::Registry,
+}
+
+/// A route whose metrics label is its template (`{wallet_id}`), never the raw path.
+fn route(template: &'static str) -> Router {
+    Router::with_path(template.trim_start_matches('/')).hoop(RouteTemplate(template))
+}
+
+/// The versioned public API, without docs; the OpenAPI document is generated from it.
+pub fn api_router() -> Router {
+    Router::new()
+        .push(route("/api/v1/wallets").post(wallets::create_wallet))
+        .push(route("/api/v1/wallet").post(wallets::post_operation))
+        .push(route("/api/v1/wallets/{wallet_id}").get(wallets::get_wallet))
+        .push(route("/api/v1/wallets/{wallet_id}/operations").get(wallets::list_operations))
+        .push(
+            route("/api/v1/wallets/{wallet_id}/operations/{operation_id}")
+                .get(wallets::get_operation),
+        )
+}
+
+pub fn openapi() -> OpenApi {
+    OpenApi::with_info(
+        Info::new("Wallet service", env!("CARGO_PKG_VERSION")).description(
+            "Exact-money wallets: create, deposit, withdraw, balances and a full audit trail.",
+        ),
+    )
+    .merge_router(&api_router())
+}
+
+fn service(router: Router, state: AppState, metrics: HttpMetrics, port: &'static str) -> Service {
+    let router = Router::new()
+        .hoop(Observe::new(metrics, port))
+        .hoop(salvo::affix_state::inject(state))
+        .push(router);
+    Service::new(router).catcher(Catcher::default().hoop(observe::problem_catcher))
+}
+
+pub fn public_service(state: AppState, metrics: HttpMetrics) -> Service {
+    let doc = openapi();
+    let router = Router::new()
+        .push(api_router())
+        .push(doc.into_router(OPENAPI_PATH))
+        .push(SwaggerUi::new(OPENAPI_PATH).into_router("swagger-ui"));
+    service(router, state, metrics, "public")
+}
+
+pub fn internal_service(state: AppState, metrics: HttpMetrics) -> Service {
+    let router = Router::new()
+        .push(route(crate::routing::INTERNAL_OPERATIONS_PATH).post(internal::execute_operation));
+    service(router, state, metrics, "internal")
+}
+
+pub fn admin_service(state: AppState, metrics: HttpMetrics) -> Service {
+    let router = Router::new()
+        .push(route("/healthz").get(admin::healthz))
+        .push(route("/readyz").get(admin::readyz))
+        .push(route("/metrics").get(admin::metrics))
+        .push(route("/cluster").get(admin::cluster))
+        .push(route("/cluster/owner/{wallet_id}").get(admin::owner));
+    service(router, state, metrics, "admin")
+}

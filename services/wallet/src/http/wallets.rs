@@ -1,0 +1,303 @@
+//! Public handlers: route → validate → owner's executor → answer.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use salvo::prelude::*;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::problem::write_json;
+use super::views::{
+    CreateWalletRequest, OperationPage, OperationRequestDoc, OperationView, WalletView,
+};
+use super::{AppState, input};
+use crate::domain::{
+    CommandOutcome, OperationCommand, OperationRecord, OperationStatus, RejectionReason,
+};
+
+const JSON: &str = "application/json";
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+
+/// A success response whose status and body were decided by the handler.
+pub struct Reply {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl Reply {
+    fn new(status: StatusCode, body: &impl serde::Serialize) -> Result<Self, ApiError> {
+        let body =
+            serde_json::to_value(body).map_err(|error| ApiError::Unexpected(error.into()))?;
+        Ok(Self { status, body })
+    }
+}
+
+#[async_trait]
+impl Writer for Reply {
+    async fn write(self, _req: &mut Request, _depot: &mut Depot, res: &mut Response) {
+        write_json(res, self.status, JSON, &self.body);
+    }
+}
+
+impl salvo::oapi::EndpointOutRegister for Reply {
+    fn register(
+        _components: &mut salvo::oapi::Components,
+        _operation: &mut salvo::oapi::Operation,
+    ) {
+    }
+}
+
+fn state(depot: &Depot) -> Result<&AppState, ApiError> {
+    depot.get_typed::<AppState>().map_err(|_| {
+        ApiError::Unexpected(anyhow::anyhow!("application state missing from the depot"))
+    })
+}
+
+/// Create a wallet with a zero balance.
+#[endpoint(
+    tags("wallets"),
+    request_body(content = Option<CreateWalletRequest>, description = "Optional, empty object"),
+    parameters(("Idempotency-Key" = Option<String>, Header, description = "Replays return the first answer")),
+    responses(
+        (status_code = 201, description = "Wallet created", body = WalletView),
+        (status_code = 400, description = "Malformed JSON or header", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 413, description = "Body too large", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 422, description = "Unknown fields or a reused key", body = super::problem::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, ApiError> {
+    let state = state(depot)?;
+    let key = input::idempotency_key(req)?;
+    if let Some(bytes) = input::body(req, state.max_body_bytes).await? {
+        let _: CreateWalletRequest = input::json(&bytes)?;
+    }
+    let wallet_id = Uuid::now_v7();
+    let body = serde_json::to_value(WalletView {
+        wallet_id,
+        balance: rust_decimal::Decimal::new(0, 2),
+    })
+    .map_err(|error| ApiError::Unexpected(error.into()))?;
+    // Creation has no parameters, so every request with the key is "the same request".
+    const CREATE_FINGERPRINT: &str = "create-wallet:v1";
+    let stored = state
+        .store
+        .create_wallet(
+            wallet_id,
+            key.as_deref().map(|key| (key, CREATE_FINGERPRINT)),
+            &body,
+        )
+        .await
+        .map_err(|error| ApiError::Unexpected(error.into()))?;
+    match stored {
+        None => Ok(Reply {
+            status: StatusCode::CREATED,
+            body,
+        }),
+        Some(previous) if previous.request_hash == CREATE_FINGERPRINT => Ok(Reply {
+            status: StatusCode::from_u16(previous.status).unwrap_or(StatusCode::CREATED),
+            body: previous.body,
+        }),
+        Some(_) => Err(ApiError::IdempotencyKeyReused),
+    }
+}
+
+/// Read a wallet's balance (from PostgreSQL: every answered operation is committed there).
+#[endpoint(
+    tags("wallets"),
+    parameters(("wallet_id" = Uuid, Path, description = "Wallet id")),
+    responses(
+        (status_code = 200, description = "The wallet", body = WalletView),
+        (status_code = 400, description = "Malformed UUID", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 404, description = "No such wallet", body = super::problem::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, ApiError> {
+    let state = state(depot)?;
+    let wallet_id = input::path_uuid(req, "wallet_id", "walletId")?;
+    let wallet = state
+        .store
+        .wallet(wallet_id)
+        .await
+        .map_err(|error| ApiError::Unexpected(error.into()))?;
+    let wallet = wallet.ok_or(ApiError::WalletNotFound(wallet_id))?;
+    Reply::new(
+        StatusCode::OK,
+        &WalletView {
+            wallet_id,
+            balance: wallet.balance,
+        },
+    )
+}
+
+/// Deposit into or withdraw from a wallet.
+///
+/// Answered after the operation is committed. A withdrawal the balance does not cover is
+/// recorded as REJECTED (reason INSUFFICIENT_FUNDS) and answered 409.
+#[endpoint(
+    tags("operations"),
+    request_body = OperationRequestDoc,
+    parameters(("Idempotency-Key" = Option<String>, Header, description = "Replays return the first answer; the same key with another body is 422")),
+    responses(
+        (status_code = 200, description = "Operation applied", body = OperationView),
+        (status_code = 400, description = "Malformed JSON or UUID", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 404, description = "No such wallet", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 409, description = "Insufficient funds; the rejection is recorded", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 413, description = "Body too large", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 422, description = "Invalid values, or a reused key", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 503, description = "No owner reachable within the request deadline", body = super::problem::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn post_operation(req: &mut Request, depot: &mut Depot) -> Result<Reply, ApiError> {
+    let state = state(depot)?;
+    let key = input::idempotency_key(req)?;
+    let bytes = input::body(req, state.max_body_bytes)
+        .await?
+        .ok_or_else(|| ApiError::MalformedJson("the request body is empty".to_owned()))?;
+    let request = input::operation(&bytes)?;
+    let command = OperationCommand {
+        operation_id: Uuid::now_v7(),
+        wallet_id: request.wallet_id,
+        operation_type: request.operation_type,
+        amount: request.amount,
+        idempotency_key: key,
+        request_hash: OperationCommand::fingerprint(
+            request.wallet_id,
+            request.operation_type,
+            request.amount,
+        ),
+        resubmitted: false,
+    };
+    let wallet_id = command.wallet_id;
+    let outcome = state
+        .router
+        .execute(command)
+        .await
+        .map_err(|_| ApiError::Unavailable)?;
+    match outcome {
+        CommandOutcome::Recorded(record) => recorded(record),
+        CommandOutcome::WalletNotFound => Err(ApiError::WalletNotFound(wallet_id)),
+        CommandOutcome::IdempotencyKeyReused => Err(ApiError::IdempotencyKeyReused),
+    }
+}
+
+/// The answer for a recorded operation depends only on the row, so replays are identical.
+fn recorded(record: OperationRecord) -> Result<Reply, ApiError> {
+    match (record.status, record.reason) {
+        (OperationStatus::Applied, _) => Reply::new(StatusCode::OK, &OperationView::from(&record)),
+        (OperationStatus::Rejected, Some(RejectionReason::BalanceLimitExceeded)) => {
+            Err(ApiError::BalanceLimitExceeded(Box::new(record)))
+        }
+        (OperationStatus::Rejected, _) => Err(ApiError::InsufficientFunds(Box::new(record))),
+    }
+}
+
+/// A wallet's operations, newest first, with a cursor that stays stable while new ones arrive.
+#[endpoint(
+    tags("operations"),
+    parameters(
+        ("wallet_id" = Uuid, Path, description = "Wallet id"),
+        ("limit" = Option<i64>, Query, description = "Page size from 1 to 200, default 50"),
+        ("cursor" = Option<String>, Query, description = "nextCursor of the previous page"),
+    ),
+    responses(
+        (status_code = 200, description = "A page of operations", body = OperationPage),
+        (status_code = 400, description = "Malformed UUID or cursor", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 404, description = "No such wallet", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 422, description = "limit outside 1..=200", body = super::problem::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_operations(req: &mut Request, depot: &mut Depot) -> Result<Reply, ApiError> {
+    let state = state(depot)?;
+    let wallet_id = input::path_uuid(req, "wallet_id", "walletId")?;
+    let limit = match req.query::<String>("limit") {
+        None => DEFAULT_PAGE,
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|limit| (1..=MAX_PAGE).contains(limit))
+            .ok_or_else(|| {
+                ApiError::Validation(format!("limit must be an integer between 1 and {MAX_PAGE}"))
+            })?,
+    };
+    let before = req
+        .query::<String>("cursor")
+        .map(|cursor| decode_cursor(&cursor))
+        .transpose()?;
+    let store = &state.store;
+    let unexpected = |error: crate::store::StoreError| ApiError::Unexpected(error.into());
+    if store.wallet(wallet_id).await.map_err(unexpected)?.is_none() {
+        return Err(ApiError::WalletNotFound(wallet_id));
+    }
+    let records = store
+        .operations_page(wallet_id, before, limit + 1)
+        .await
+        .map_err(unexpected)?;
+    let has_more = records.len() as i64 > limit;
+    let items: Vec<OperationView> = records
+        .iter()
+        .take(limit as usize)
+        .map(OperationView::from)
+        .collect();
+    let next_cursor = if has_more {
+        items.last().map(|last| encode_cursor(last.sequence))
+    } else {
+        None
+    };
+    Reply::new(StatusCode::OK, &OperationPage { items, next_cursor })
+}
+
+/// One operation of a wallet.
+#[endpoint(
+    tags("operations"),
+    parameters(
+        ("wallet_id" = Uuid, Path, description = "Wallet id"),
+        ("operation_id" = Uuid, Path, description = "Operation id"),
+    ),
+    responses(
+        (status_code = 200, description = "The operation", body = OperationView),
+        (status_code = 400, description = "Malformed UUID", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 404, description = "No such operation in this wallet", body = super::problem::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_operation(req: &mut Request, depot: &mut Depot) -> Result<Reply, ApiError> {
+    let state = state(depot)?;
+    let wallet_id = input::path_uuid(req, "wallet_id", "walletId")?;
+    let operation_id = input::path_uuid(req, "operation_id", "operationId")?;
+    let record = state
+        .store
+        .operation(wallet_id, operation_id)
+        .await
+        .map_err(|error| ApiError::Unexpected(error.into()))?
+        .ok_or(ApiError::OperationNotFound {
+            wallet_id,
+            operation_id,
+        })?;
+    Reply::new(StatusCode::OK, &OperationView::from(&record))
+}
+
+fn encode_cursor(sequence: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("seq:{sequence}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.strip_prefix("seq:")?.parse::<i64>().ok())
+        .filter(|sequence| *sequence > 0)
+        .ok_or_else(|| ApiError::MalformedRequest("cursor is not one this API returned".to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_foreign_ones_are_refused() {
+        assert_eq!(decode_cursor(&encode_cursor(42)).ok(), Some(42));
+        assert!(decode_cursor("bm9wZQ").is_err());
+        assert!(decode_cursor("!!").is_err());
+    }
+}

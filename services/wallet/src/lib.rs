@@ -1,0 +1,16 @@
+//! The wallet node: public API, group-commit executors, routing to shard owners.
+//!
+//! The data path reads top to bottom: `http` (route, validate) → `routing` (owner:
+//! this node or a peer) → `executor` (batch per shard) → `store` (one transaction).
+
+pub mod config;
+pub mod domain;
+pub mod executor;
+pub mod http;
+pub mod routing;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Config;
+pub use startup::Application;

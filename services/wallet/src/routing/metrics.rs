@@ -1,0 +1,41 @@
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct RoutingMetrics {
+    pub forwards: IntCounterVec,
+    pub forward_duration: Histogram,
+    pub deadline_exceeded: IntCounter,
+}
+
+impl RoutingMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let forwards = IntCounterVec::new(
+            Opts::new(
+                "wallet_forwards_total",
+                "Operations forwarded to the shard owner, by outcome",
+            ),
+            &["outcome"],
+        )?;
+        let forward_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "wallet_forward_duration_seconds",
+                "Time of one forward to the shard owner",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        let deadline_exceeded = IntCounter::new(
+            "wallet_deadline_exceeded_total",
+            "Requests answered 503 because no owner answered within the request deadline",
+        )?;
+        registry.register(Box::new(forwards.clone()))?;
+        registry.register(Box::new(forward_duration.clone()))?;
+        registry.register(Box::new(deadline_exceeded.clone()))?;
+        Ok(Self {
+            forwards,
+            forward_duration,
+            deadline_exceeded,
+        })
+    }
+}

@@ -1,0 +1,287 @@
+//! `Application::build(config)` binds every listener and starts the cluster layer;
+//! `run_until_stopped()` serves until SIGTERM/Ctrl-C (or `shutdown_token()` fires)
+//! and then hands the shards over before returning.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus::Registry;
+use salvo::conn::tcp::TcpAcceptor;
+use salvo::prelude::*;
+use salvo::server::ServerHandle;
+use secrecy::ExposeSecret;
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use wallet_cluster::{
+    Cluster, ClusterConfig, ClusterMetrics, EndpointSliceMembership, Membership, RedisMembership,
+};
+
+use crate::config::{Config, MembershipSource};
+use crate::executor::{ExecutorMetrics, ExecutorPool};
+use crate::http::{self, AppState, HttpMetrics};
+use crate::routing::{Forwarder, OperationRouter, RoutingMetrics};
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("could not bind the {what} listener on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+pub struct Application {
+    public: tokio::net::TcpListener,
+    internal: tokio::net::TcpListener,
+    admin: tokio::net::TcpListener,
+    state: AppState,
+    http_metrics: HttpMetrics,
+    shutdown_grace: Duration,
+    stop: CancellationToken,
+}
+
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, StartupError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { what, addr, source })
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let registry = Registry::new();
+        let public = bind("public", config.public_addr).await?;
+        let internal = bind("internal", config.internal_addr).await?;
+        let admin = bind("admin", config.admin_addr).await?;
+        let internal_addr = internal.local_addr().context("internal listener address")?;
+        let advertise_addr = config
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| advertised(internal_addr));
+
+        // Lazy: a node starts (and reports not ready) while the database is still coming up.
+        let pool = PgPoolOptions::new()
+            .max_connections(config.database_max_connections)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy(config.database_url.expose_secret())
+            .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+        let store = Store::new(pool.clone());
+        let redis = deadpool_redis::Config::from_url(config.redis_url.expose_secret())
+            .builder()
+            .context("REDIS_URL is not a valid Redis URL")?
+            .max_size(32)
+            .wait_timeout(Some(Duration::from_secs(2)))
+            .create_timeout(Some(Duration::from_secs(2)))
+            .recycle_timeout(Some(Duration::from_secs(2)))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
+            .context("Redis pool")?;
+
+        let cluster_metrics = ClusterMetrics::register(&registry).context("cluster metrics")?;
+        let executor_metrics =
+            ExecutorMetrics::register(&registry, cluster_metrics.fence_rejections().clone())
+                .context("executor metrics")?;
+        let routing_metrics = RoutingMetrics::register(&registry).context("routing metrics")?;
+        let http_metrics = HttpMetrics::register(&registry).context("HTTP metrics")?;
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .context("process metrics")?;
+
+        let (fence_lost_tx, fence_lost_rx) = mpsc::unbounded_channel();
+        let executors = ExecutorPool::new(
+            store.clone(),
+            config.batch_max,
+            executor_metrics,
+            fence_lost_tx,
+        );
+        let cluster_config = ClusterConfig {
+            node_id: config.node_id.clone(),
+            advertise_addr,
+            shards: config.shards,
+            lease_ttl: config.lease_ttl,
+            heartbeat_ttl: config.heartbeat_ttl,
+            redis_prefix: config.redis_prefix.clone(),
+        };
+        let membership: Arc<dyn Membership> = match config.membership {
+            MembershipSource::Redis => Arc::new(
+                RedisMembership::new(&cluster_config, redis.clone(), cluster_metrics.clone())
+                    .context("Redis membership")?,
+            ),
+            MembershipSource::Kubernetes => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("Kubernetes client")?;
+                let namespace = config
+                    .kubernetes_namespace
+                    .clone()
+                    .context("POD_NAMESPACE must be set")?;
+                let service = config
+                    .kubernetes_service
+                    .clone()
+                    .context("WALLET_K8S_SERVICE must be set")?;
+                Arc::new(EndpointSliceMembership::new(client, &namespace, &service))
+            }
+        };
+        let cluster = Arc::new(
+            Cluster::start(
+                cluster_config,
+                redis,
+                pool,
+                membership,
+                executors.clone(),
+                fence_lost_rx,
+                cluster_metrics,
+            )
+            .context("cluster layer")?,
+        );
+        let forwarder = Forwarder::new(config.internal_secret.clone()).context("HTTP client")?;
+        let router = Arc::new(OperationRouter::new(
+            cluster.clone(),
+            executors.clone(),
+            forwarder,
+            config.request_deadline,
+            routing_metrics,
+        ));
+        let state = AppState {
+            store,
+            router,
+            executors,
+            cluster,
+            max_body_bytes: config.max_body_bytes,
+            internal_secret: config.internal_secret.clone(),
+            registry,
+        };
+        Ok(Self {
+            public,
+            internal,
+            admin,
+            state,
+            http_metrics,
+            shutdown_grace: config.shutdown_grace,
+            stop: CancellationToken::new(),
+        })
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn internal_addr(&self) -> SocketAddr {
+        self.internal
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Cancelling it stops the node as SIGTERM would (used by tests).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self {
+            public,
+            internal,
+            admin,
+            state,
+            http_metrics,
+            shutdown_grace,
+            stop,
+        } = self;
+        let cluster = state.cluster.clone();
+        let executors = state.executors.clone();
+        let (public_server, public_handle) = server(
+            public,
+            http::public_service(state.clone(), http_metrics.clone()),
+        )?;
+        let (internal_server, internal_handle) = server(
+            internal,
+            http::internal_service(state.clone(), http_metrics.clone()),
+        )?;
+        let (admin_server, admin_handle) = server(admin, http::admin_service(state, http_metrics))?;
+        let servers =
+            tokio::spawn(async move { tokio::join!(public_server, internal_server, admin_server) });
+
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = shutdown_signal() => {}
+        }
+        tracing::info!("shutting down: draining public requests, then handing shards over");
+        // In-flight public requests still complete on this node's executors.
+        public_handle.stop_graceful(shutdown_grace);
+        // Leave the membership, finish and stop each shard, release its lease.
+        cluster.shutdown().await;
+        executors.stop_all().await;
+        internal_handle.stop_graceful(Duration::from_secs(2));
+        admin_handle.stop_graceful(Duration::from_secs(1));
+        let _ = servers.await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Peers cannot reach 0.0.0.0: advertise loopback for a wildcard bind.
+fn advertised(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+fn server(
+    listener: tokio::net::TcpListener,
+    service: Service,
+) -> anyhow::Result<(Serving, ServerHandle)> {
+    let acceptor = TcpAcceptor::try_from(listener).context("listener")?;
+    let server = Server::new(acceptor);
+    let handle = server.handle();
+    Ok((Box::pin(server.serve(service)), handle))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %error, "Ctrl-C handler failed");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "SIGTERM handler failed");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,255 @@
+//! Everything the node reads from and writes to PostgreSQL.
+//!
+//! Every write is an explicit transaction; money is NUMERIC(20,2) on both sides.
+
+mod batch;
+
+pub use batch::{BatchWrite, CommitError, WalletUpdate};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use uuid::Uuid;
+
+use crate::domain::{OperationRecord, OperationStatus, OperationType, RejectionReason};
+
+/// The schema version this build needs: the newest file in `migrations/`.
+pub const REQUIRED_SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("stored row is not valid: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalletState {
+    pub balance: Decimal,
+    pub version: i64,
+}
+
+/// A stored response to a non-operation request (wallet creation).
+#[derive(Clone, Debug)]
+pub struct StoredResponse {
+    pub request_hash: String,
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+/// The operation columns, as a literal so queries stay static strings.
+macro_rules! operation_columns {
+    () => {
+        "id, wallet_id, seq, operation_type, amount, status, reason, balance_after, idempotency_key, request_hash, created_at"
+    };
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Highest applied migration, or `None` when the migrator never ran.
+    pub async fn schema_version(&self) -> Result<Option<i64>, StoreError> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        if !exists {
+            return Ok(None);
+        }
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(version)
+    }
+
+    /// Creates a wallet; with an idempotency key the first response is stored in the
+    /// same transaction, and a later request with the key gets that response back.
+    pub async fn create_wallet(
+        &self,
+        wallet_id: Uuid,
+        idempotency: Option<(&str, &str)>,
+        response_body: &serde_json::Value,
+    ) -> Result<Option<StoredResponse>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some((key, request_hash)) = idempotency {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (scope, idempotency_key, request_hash, response_status, response_body) \
+                 VALUES ('create-wallet', $1, $2, 201, $3) ON CONFLICT (scope, idempotency_key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(request_hash)
+            .bind(response_body)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                let row = sqlx::query(
+                    "SELECT request_hash, response_status, response_body FROM idempotency_keys \
+                     WHERE scope = 'create-wallet' AND idempotency_key = $1",
+                )
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.rollback().await?;
+                let status: i16 = row.try_get("response_status")?;
+                return Ok(Some(StoredResponse {
+                    request_hash: row.try_get("request_hash")?,
+                    status: u16::try_from(status)
+                        .map_err(|_| StoreError::Corrupt(format!("status {status}")))?,
+                    body: row.try_get("response_body")?,
+                }));
+            }
+        }
+        sqlx::query("INSERT INTO wallets (id, balance, version) VALUES ($1, 0, 0)")
+            .bind(wallet_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(None)
+    }
+
+    pub async fn wallet(&self, wallet_id: Uuid) -> Result<Option<WalletState>, StoreError> {
+        let row = sqlx::query("SELECT balance, version FROM wallets WHERE id = $1")
+            .bind(wallet_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(WalletState {
+                balance: row.try_get("balance")?,
+                version: row.try_get("version")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn wallets(
+        &self,
+        wallet_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, WalletState)>, StoreError> {
+        let rows = sqlx::query("SELECT id, balance, version FROM wallets WHERE id = ANY($1)")
+            .bind(wallet_ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("id")?,
+                    WalletState {
+                        balance: row.try_get("balance")?,
+                        version: row.try_get("version")?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Operations already recorded under one of `operation_ids`, or under one of the
+    /// (wallet, idempotency key) pairs.
+    pub async fn existing_operations(
+        &self,
+        operation_ids: &[Uuid],
+        keyed: &[(Uuid, String)],
+    ) -> Result<Vec<OperationRecord>, StoreError> {
+        let (key_wallets, keys): (Vec<Uuid>, Vec<String>) = keyed.iter().cloned().unzip();
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            operation_columns!(),
+            " FROM operations WHERE id = ANY($1) ",
+            "UNION SELECT ",
+            operation_columns!(),
+            " FROM operations ",
+            "WHERE (wallet_id, idempotency_key) IN (SELECT * FROM UNNEST($2::uuid[], $3::text[]))"
+        ))
+        .bind(operation_ids)
+        .bind(&key_wallets)
+        .bind(&keys)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(operation_from_row).collect()
+    }
+
+    pub async fn operation(
+        &self,
+        wallet_id: Uuid,
+        operation_id: Uuid,
+    ) -> Result<Option<OperationRecord>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            operation_columns!(),
+            " FROM operations WHERE wallet_id = $1 AND id = $2"
+        ))
+        .bind(wallet_id)
+        .bind(operation_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(operation_from_row).transpose()
+    }
+
+    /// A page of a wallet's operations, newest first, strictly before `before_seq`.
+    /// The per-wallet sequence only grows, so new operations never shift a page.
+    pub async fn operations_page(
+        &self,
+        wallet_id: Uuid,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<OperationRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            operation_columns!(),
+            " FROM operations WHERE wallet_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+        ))
+        .bind(wallet_id)
+        .bind(before_seq.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(operation_from_row).collect()
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+pub(crate) fn operation_from_row(row: &PgRow) -> Result<OperationRecord, StoreError> {
+    let operation_type: String = row.try_get("operation_type")?;
+    let status: String = row.try_get("status")?;
+    let reason: Option<String> = row.try_get("reason")?;
+    let created_at: DateTime<Utc> = row.try_get("created_at")?;
+    Ok(OperationRecord {
+        operation_id: row.try_get("id")?,
+        wallet_id: row.try_get("wallet_id")?,
+        seq: row.try_get("seq")?,
+        operation_type: OperationType::parse(&operation_type)
+            .ok_or_else(|| StoreError::Corrupt(format!("operation_type {operation_type}")))?,
+        amount: row.try_get("amount")?,
+        status: OperationStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
+        reason: reason
+            .map(|reason| {
+                RejectionReason::parse(&reason)
+                    .ok_or_else(|| StoreError::Corrupt(format!("reason {reason}")))
+            })
+            .transpose()?,
+        balance_after: row.try_get("balance_after")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        request_hash: row.try_get("request_hash")?,
+        created_at,
+    })
+}
