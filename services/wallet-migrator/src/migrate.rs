@@ -55,7 +55,6 @@ pub fn latest_version() -> i64 {
 
 async fn connect(url: &SecretString) -> Result<PgConnection, Error> {
     let options: PgConnectOptions = url.expose_secret().parse().map_err(Error::InvalidUrl)?;
-    // Migrations are rare and important: sqlx's per-statement logging stays on at info.
     let connecting = options.connect();
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(conn) => conn.map_err(Error::Connect),
