@@ -1,0 +1,15 @@
+//! The public API of one node against real PostgreSQL and Redis.
+
+mod concurrency;
+mod errors;
+mod idempotency;
+mod reads;
+
+use wallet_tests::{InProcessNode, NodeOptions, TestDatabase};
+
+/// A fresh database and one node that owns every shard.
+pub async fn single_node() -> anyhow::Result<(TestDatabase, InProcessNode)> {
+    let db = TestDatabase::create().await?;
+    let node = InProcessNode::start("node-a", &NodeOptions::new(&db.url)).await?;
+    Ok((db, node))
+}

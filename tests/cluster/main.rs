@@ -1,0 +1,1 @@
+//! Several nodes as separate processes: ownership moves, kills, pauses, restarts.

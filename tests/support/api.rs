@@ -1,0 +1,116 @@
+use reqwest::StatusCode;
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// A thin client of the public API that returns status and JSON, never panicking on errors.
+#[derive(Clone)]
+pub struct ApiClient {
+    pub base_url: String,
+    pub http: reqwest::Client,
+}
+
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl ApiClient {
+    pub fn new(base_url: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .unwrap_or_default();
+        Self {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            http,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub async fn answer(response: reqwest::Response) -> anyhow::Result<Answer> {
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let bytes = response.bytes().await?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)?
+        };
+        Ok(Answer {
+            status,
+            content_type,
+            body,
+        })
+    }
+
+    pub async fn create_wallet(&self) -> anyhow::Result<Uuid> {
+        let answer =
+            Self::answer(self.http.post(self.url("/api/v1/wallets")).send().await?).await?;
+        anyhow::ensure!(
+            answer.status == StatusCode::CREATED,
+            "create wallet: {answer:?}"
+        );
+        Ok(answer.body["walletId"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()?)
+    }
+
+    pub async fn operate(
+        &self,
+        wallet_id: Uuid,
+        operation_type: &str,
+        amount: &str,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<Answer> {
+        let mut request = self.http.post(self.url("/api/v1/wallet")).json(
+            &json!({"walletId": wallet_id, "operationType": operation_type, "amount": amount}),
+        );
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        Self::answer(request.send().await?).await
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Answer> {
+        let mut request = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Self::answer(request.send().await?).await
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
+        Self::answer(self.http.get(self.url(path)).send().await?).await
+    }
+
+    pub async fn balance(&self, wallet_id: Uuid) -> anyhow::Result<Decimal> {
+        let answer = self.get(&format!("/api/v1/wallets/{wallet_id}")).await?;
+        anyhow::ensure!(answer.status == StatusCode::OK, "balance: {answer:?}");
+        Ok(answer.body["balance"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()?)
+    }
+}

@@ -1,0 +1,36 @@
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+
+use crate::{env_or, unique_name};
+
+/// A database of its own for one test, migrated to the current schema.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDatabase {
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin_url = env_or(
+            "DATABASE_ADMIN_URL",
+            "postgres://wallet:wallet@127.0.0.1:55432/postgres",
+        );
+        let name = unique_name("test");
+        let mut admin = PgConnection::connect(&admin_url).await?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+            .await?;
+        admin.close().await?;
+        let url = match admin_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => anyhow::bail!("DATABASE_ADMIN_URL has no database part"),
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await?;
+        sqlx::migrate!("../migrations").run(&pool).await?;
+        Ok(Self { name, url, pool })
+    }
+}

@@ -1,0 +1,248 @@
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use wallet::{Application, Config};
+
+use crate::{ApiClient, env_or, eventually};
+
+/// Settings shared by the nodes of one test cluster.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub database_url: String,
+    pub redis_url: String,
+    pub redis_prefix: String,
+    pub shards: u32,
+    pub lease_ttl_ms: u64,
+    pub heartbeat_ttl_ms: u64,
+    pub request_deadline_ms: u64,
+    pub internal_secret: String,
+    pub extra: Vec<(String, String)>,
+}
+
+impl NodeOptions {
+    pub fn new(database_url: &str) -> Self {
+        Self {
+            database_url: database_url.to_owned(),
+            redis_url: env_or("REDIS_URL", "redis://127.0.0.1:56379"),
+            redis_prefix: crate::unique_name("wallet_test"),
+            shards: 64,
+            lease_ttl_ms: 2_000,
+            heartbeat_ttl_ms: 1_500,
+            request_deadline_ms: 15_000,
+            internal_secret: crate::unique_name("secret"),
+            extra: Vec::new(),
+        }
+    }
+
+    fn env(&self, node_id: &str, ports: [u16; 3]) -> HashMap<String, String> {
+        let mut env: HashMap<String, String> = [
+            ("WALLET_NODE_ID", node_id.to_owned()),
+            ("WALLET_PUBLIC_ADDR", format!("127.0.0.1:{}", ports[0])),
+            ("WALLET_INTERNAL_ADDR", format!("127.0.0.1:{}", ports[1])),
+            ("WALLET_ADMIN_ADDR", format!("127.0.0.1:{}", ports[2])),
+            ("DATABASE_URL", self.database_url.clone()),
+            ("REDIS_URL", self.redis_url.clone()),
+            ("WALLET_REDIS_PREFIX", self.redis_prefix.clone()),
+            ("WALLET_INTERNAL_SECRET", self.internal_secret.clone()),
+            ("WALLET_SHARDS", self.shards.to_string()),
+            ("WALLET_LEASE_TTL_MS", self.lease_ttl_ms.to_string()),
+            ("WALLET_HEARTBEAT_TTL_MS", self.heartbeat_ttl_ms.to_string()),
+            (
+                "WALLET_REQUEST_DEADLINE_MS",
+                self.request_deadline_ms.to_string(),
+            ),
+            ("WALLET_SHUTDOWN_GRACE_MS", "5000".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(self.extra.iter().cloned());
+        env
+    }
+}
+
+/// A node running inside the test process, on ports chosen by the OS.
+pub struct InProcessNode {
+    pub api: ApiClient,
+    pub admin_url: String,
+    pub internal_url: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessNode {
+    pub async fn start(node_id: &str, options: &NodeOptions) -> anyhow::Result<Self> {
+        let env = options.env(node_id, [0, 0, 0]);
+        let config = Config::from_lookup(|name| env.get(name).cloned())?;
+        let application = Application::build(config).await?;
+        let api = ApiClient::new(&format!("http://{}", application.public_addr()));
+        let admin_url = format!("http://{}", application.admin_addr());
+        let internal_url = format!("http://{}", application.internal_addr());
+        let stop = application.shutdown_token();
+        let task = tokio::spawn(application.run_until_stopped());
+        let node = Self {
+            api,
+            admin_url,
+            internal_url,
+            stop,
+            task,
+        };
+        anyhow::ensure!(
+            node.wait_ready(Duration::from_secs(20)).await,
+            "node {node_id} did not become ready"
+        );
+        Ok(node)
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        wait_ready(&self.admin_url, timeout).await
+    }
+
+    /// Stops the node as SIGTERM would and waits until it has handed its shards over.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+pub async fn wait_ready(admin_url: &str, timeout: Duration) -> bool {
+    let client = reqwest::Client::new();
+    let url = format!("{admin_url}/readyz");
+    eventually(timeout, || {
+        let request = client.get(&url).send();
+        async move { matches!(request.await, Ok(response) if response.status().is_success()) }
+    })
+    .await
+}
+
+/// A node as a separate OS process, to be killed, paused and restarted.
+pub struct NodeProcess {
+    pub node_id: String,
+    pub api: ApiClient,
+    pub admin_url: String,
+    ports: [u16; 3],
+    options: NodeOptions,
+    child: Option<Child>,
+}
+
+/// Path of the `wallet` binary next to the test executable (built by `make test`).
+pub fn wallet_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("WALLET_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/wallet
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    let path = dir.join("wallet");
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: build it first (cargo build -p wallet)",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl NodeProcess {
+    pub async fn start(node_id: &str, options: &NodeOptions) -> anyhow::Result<Self> {
+        let ports = [free_port()?, free_port()?, free_port()?];
+        let mut node = Self {
+            node_id: node_id.to_owned(),
+            api: ApiClient::new(&format!("http://127.0.0.1:{}", ports[0])),
+            admin_url: format!("http://127.0.0.1:{}", ports[2]),
+            ports,
+            options: options.clone(),
+            child: None,
+        };
+        node.spawn().await?;
+        Ok(node)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log_dir = PathBuf::from(env_or("WALLET_TEST_LOG_DIR", "target/test-logs"));
+        std::fs::create_dir_all(&log_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(format!(
+                "{}-{}.log",
+                self.options.redis_prefix, self.node_id
+            )))?;
+        let child = Command::new(wallet_binary()?)
+            .envs(self.options.env(&self.node_id, self.ports))
+            .env("RUST_LOG", env_or("RUST_LOG", "info"))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()?;
+        self.child = Some(child);
+        anyhow::ensure!(
+            wait_ready(&self.admin_url, Duration::from_secs(30)).await,
+            "node {} did not become ready",
+            self.node_id
+        );
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .and_then(|pid| i32::try_from(pid).ok())
+    }
+
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("node {} is not running", self.node_id))?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
+    /// kill -9: no handoff, leases expire on their own.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.signal("KILL")?;
+        if let Some(mut child) = self.child.take() {
+            child.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal("TERM")?;
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("not running"))?;
+        Ok(tokio::time::timeout(Duration::from_secs(30), child.wait()).await??)
+    }
+
+    /// Starts the node again on the same ports after `kill` or `terminate`.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.spawn().await
+    }
+
+    pub async fn cluster_view(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(reqwest::get(format!("{}/cluster", self.admin_url))
+            .await?
+            .json()
+            .await?)
+    }
+}
