@@ -352,3 +352,76 @@ pub fn placement(ledger: &Ledger, shards: u32) -> BTreeMap<u32, String> {
         .filter_map(|s| ledger.owner(s).map(|o| (s, o)))
         .collect()
 }
+
+/// A TCP proxy in front of Redis that a test can cut and restore, to play a Redis
+/// outage without disturbing anyone else's Redis.
+pub struct RedisProxy {
+    pub url: String,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl RedisProxy {
+    pub async fn start() -> Self {
+        let target = env("REDIS_URL")
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let url = format!("redis://{}", listener.local_addr().expect("addr"));
+        let (up, _) = tokio::sync::watch::channel(true);
+        let up_rx = up.subscribe();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !*up_rx.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let target = target.clone();
+                let mut up_rx = up_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = up_rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { url, up }
+    }
+
+    pub fn pool(&self) -> deadpool_redis::Pool {
+        deadpool_redis::Config::from_url(self.url.clone())
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .expect("redis pool")
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+pub fn counter_with(registry: &prometheus::Registry, name: &str, label: (&str, &str)) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .find(|f| f.name() == name)
+        .and_then(|f| {
+            f.get_metric()
+                .iter()
+                .find(|m| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == label.0 && l.value() == label.1)
+                })
+                .map(|m| m.get_counter().get_value())
+        })
+        .unwrap_or(0.0)
+}
