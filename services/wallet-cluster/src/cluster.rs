@@ -104,6 +104,7 @@ impl Cluster {
             held: BTreeMap::new(),
             owned: owned.clone(),
             redis_healthy: true,
+            pending: false,
         };
         let ownership_task = tokio::spawn(owner.run(ownership_stop.clone()));
 
@@ -208,14 +209,21 @@ struct Owner {
     held: BTreeMap<u32, i64>,
     owned: Arc<Mutex<Vec<u32>>>,
     redis_healthy: bool,
+    /// Some shard HRW gives us is not held yet.
+    pending: bool,
 }
 
 impl Owner {
     async fn run(mut self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Shards HRW gives us but whose lease is still held elsewhere (a handoff in
+        // progress) are retried sooner than the renewal tick, shortening the gap in
+        // which nobody serves them; one pipelined call per retry.
+        let retry_gap = (self.config.lease_ttl / 10).max(std::time::Duration::from_millis(20));
         let mut view_open = true;
         loop {
+            let mut renew = false;
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -229,9 +237,10 @@ impl Owner {
                         view_open = false;
                     }
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick() => renew = true,
+                _ = tokio::time::sleep(retry_gap), if self.pending => {}
             }
-            self.reconcile().await;
+            self.reconcile(renew).await;
         }
         let all: Vec<u32> = self.held.keys().copied().collect();
         self.hand_off(all).await;
@@ -247,10 +256,12 @@ impl Owner {
         self.publish();
     }
 
-    async fn reconcile(&mut self) {
+    async fn reconcile(&mut self, renew: bool) {
         let members = self.view.borrow_and_update().clone();
         self.metrics.set_members(members.len());
-        self.renew().await;
+        if renew {
+            self.renew().await;
+        }
 
         let me = self.config.node_id.clone();
         let is_mine = |shard: u32| rendezvous_owner(shard, &members).is_some_and(|m| m.id == me);
@@ -263,8 +274,11 @@ impl Owner {
         let wanted: Vec<u32> = (0..self.config.shards)
             .filter(|s| !self.held.contains_key(s) && is_mine(*s))
             .collect();
-        if !wanted.is_empty() {
+        self.pending = !wanted.is_empty();
+        if self.pending {
             self.acquire(wanted).await;
+            self.pending =
+                (0..self.config.shards).any(|s| !self.held.contains_key(&s) && is_mine(s));
         }
     }
 
