@@ -26,6 +26,9 @@ KUBECTL="$BIN/kubectl"  # its kustomize, not whatever kubectl the system has
 PY="$VENV/bin/python"
 "$PY" -c 'import jsonschema, kubernetes_validate, yaml' 2>/dev/null \
   || "$VENV/bin/pip" install -q --disable-pip-version-check jsonschema pyyaml
+# Starlark interpreter (starlark-rust) to run the Tiltfile against stand-ins for Tilt.
+"$PY" -c 'import starlark' 2>/dev/null \
+  || "$VENV/bin/pip" install -q --disable-pip-version-check 'starlark-pyo3>=2025'
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -223,6 +226,18 @@ check "dashboard ConfigMap carries grafana_dashboard: \"1\"" \
 cm = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "ConfigMap"][0]
 assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
 json.loads(cm["data"]["wallet.json"])' "$WORK/default.yaml"
+
+log "Tiltfile (run against stand-ins for Tilt's API)"
+check "Tiltfile builds exactly the images it deploys, names its resources (kustomize and helm)" \
+  bash -c 'cd "$1" && "$2" scripts/k8s-schemas/tiltfile_check.py Tiltfile "$3" "$4"' _ "$REPO_ROOT" "$PY" "$HELM" "$KUBECTL"
+sed 's/^k8s_yaml(encode_yaml_stream(writable_root(objects)))$/k8s_yaml(encode_yaml_stream(objects))/' \
+  "$REPO_ROOT/Tiltfile" >"$WORK/Tiltfile.readonly"
+if cmp -s "$REPO_ROOT/Tiltfile" "$WORK/Tiltfile.readonly"; then
+  bad "Tiltfile no longer has the writable_root line the refusal check mutates"
+else
+  refuse "a Tiltfile live-updating a read-only root filesystem" \
+    bash -c 'cd "$1" && "$2" scripts/k8s-schemas/tiltfile_check.py "$5" "$3" "$4"' _ "$REPO_ROOT" "$PY" "$HELM" "$KUBECTL" "$WORK/Tiltfile.readonly"
+fi
 
 log "Dockerfile"
 check "targets wallet and wallet-migrator, non-root runtime" \
