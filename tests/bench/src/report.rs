@@ -94,6 +94,16 @@ fn fmt_rps(v: Option<f64>) -> String {
     v.map_or_else(|| "closed".to_owned(), |r| format!("{r:.0}"))
 }
 
+fn consistency_cell(r: &ScenarioResult) -> &'static str {
+    if r.consistency.get("skipped").is_some() {
+        "skipped"
+    } else if r.consistency_ok {
+        "yes"
+    } else {
+        "NO"
+    }
+}
+
 pub fn table(results: &[ScenarioResult]) -> String {
     let mut s = String::new();
     s.push_str("| scenario | offered rps | achieved rps | p50 ms | p95 ms | p99 ms | max ms | statuses | consistent | duration s |\n");
@@ -115,7 +125,7 @@ pub fn table(results: &[ScenarioResult]) -> String {
             r.p99_ms,
             r.max_ms,
             statuses.join(", "),
-            if r.consistency_ok { "yes" } else { "NO" },
+            consistency_cell(r),
             r.duration_s
         );
     }
@@ -512,6 +522,9 @@ mod tests {
         assert!(md.contains("| failover |"));
         assert!(md.contains("| NO |"));
         assert!(md.contains("- balance off"));
+        let mut skipped = result("spike", false);
+        skipped.consistency = check_json(None);
+        assert!(table(&[skipped]).contains("| skipped |"));
         assert!(md.contains("t=15.0s kill -9 node-1"));
     }
 
