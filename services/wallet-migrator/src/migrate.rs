@@ -78,9 +78,14 @@ pub struct ApplyReport {
 /// run did; concurrent runs therefore apply each migration once and the loser
 /// reports "up to date".
 pub async fn apply(url: &SecretString) -> Result<ApplyReport, Error> {
+    apply_with(migrator(), url).await
+}
+
+/// `apply` with another set of migrations (tests use a folder of their own).
+pub async fn apply_with(migrator: Migrator, url: &SecretString) -> Result<ApplyReport, Error> {
     let mut conn = connect(url).await?;
     conn.lock().await?;
-    let result = apply_locked(&mut conn).await;
+    let result = apply_locked(migrator, &mut conn).await;
     // A failed unlock is harmless: the lock is session-scoped and dies with `conn`.
     let unlocked = conn.unlock().await;
     let report = result?;
@@ -89,7 +94,10 @@ pub async fn apply(url: &SecretString) -> Result<ApplyReport, Error> {
     Ok(report)
 }
 
-async fn apply_locked(conn: &mut PgConnection) -> Result<ApplyReport, Error> {
+async fn apply_locked(
+    mut migrator: Migrator,
+    conn: &mut PgConnection,
+) -> Result<ApplyReport, Error> {
     conn.ensure_migrations_table(MIGRATIONS_TABLE).await?;
     let before: BTreeSet<i64> = conn
         .list_applied_migrations(MIGRATIONS_TABLE)
@@ -97,7 +105,7 @@ async fn apply_locked(conn: &mut PgConnection) -> Result<ApplyReport, Error> {
         .into_iter()
         .map(|m| m.version)
         .collect();
-    let mut migrator = migrator();
+    // We hold the lock already; the migrator must not take it a second time.
     migrator.set_locking(false);
     migrator.run(&mut *conn).await?;
     let after: BTreeSet<i64> = conn

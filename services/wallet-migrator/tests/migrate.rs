@@ -228,3 +228,39 @@ async fn apply_without_database_url_fails_clearly() {
         describe(&out)
     );
 }
+
+#[tokio::test]
+async fn a_failing_migration_fails_apply_and_leaves_earlier_ones_applied() {
+    let db = TestDb::create().await;
+    let dir = std::env::temp_dir().join(format!("wallet-migrator-{}", db.name));
+    std::fs::create_dir_all(&dir).expect("temp migrations dir");
+    std::fs::write(dir.join("0001_good.sql"), "CREATE TABLE good (id INT);").expect("write");
+    std::fs::write(
+        dir.join("0002_bad.sql"),
+        "ALTER TABLE missing ADD COLUMN x INT;",
+    )
+    .expect("write");
+    let migrator = sqlx::migrate::Migrator::new(dir.as_path())
+        .await
+        .expect("read migrations");
+    let url = SecretString::from(db.url.clone());
+
+    let err = migrate::apply_with(migrator, &url)
+        .await
+        .expect_err("the second migration fails");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = err.to_string();
+    assert!(text.contains("migration failed"), "{text}");
+    assert!(text.contains("while executing migration 2"), "{text}");
+    assert!(text.contains("\"missing\" does not exist"), "{text}");
+    assert_eq!(applied_rows(&db, 1).await, 1, "version 1 stays applied");
+    assert_eq!(
+        applied_rows(&db, 2).await,
+        0,
+        "the failed migration is not recorded"
+    );
+    assert_eq!(
+        migrate::database_version(&url).await,
+        migrate::DatabaseVersion::At(1)
+    );
+}
