@@ -36,6 +36,8 @@ pub struct ScenarioResult {
     pub requests: u64,
     pub p999_ms: f64,
     pub mean_ms: f64,
+    #[serde(default)]
+    pub longest_gap_ms: f64,
     pub connections: usize,
     pub wallets: usize,
     pub targets: Vec<String>,
@@ -106,8 +108,8 @@ fn consistency_cell(r: &ScenarioResult) -> &'static str {
 
 pub fn table(results: &[ScenarioResult]) -> String {
     let mut s = String::new();
-    s.push_str("| scenario | offered rps | achieved rps | p50 ms | p95 ms | p99 ms | max ms | statuses | consistent | duration s |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---|:---:|---:|\n");
+    s.push_str("| scenario | offered rps | achieved rps | p50 ms | p95 ms | p99 ms | max ms | longest gap ms | statuses | consistent | duration s |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|:---:|---:|\n");
     for r in results {
         let statuses: Vec<String> = r
             .status_counts
@@ -116,7 +118,7 @@ pub fn table(results: &[ScenarioResult]) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {} | {:.1} |",
             r.scenario,
             fmt_rps(r.offered_rps),
             r.achieved_rps,
@@ -124,6 +126,7 @@ pub fn table(results: &[ScenarioResult]) -> String {
             r.p95_ms,
             r.p99_ms,
             r.max_ms,
+            r.longest_gap_ms,
             statuses.join(", "),
             consistency_cell(r),
             r.duration_s
@@ -140,14 +143,15 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
         let _ = writeln!(s, "## {}\n", r.scenario);
         let _ = writeln!(
             s,
-            "{} requests over {} target(s), {} connection(s), {} wallet(s), {} rerouted after a refused connection; p99.9 {:.2} ms, mean {:.2} ms.\n",
+            "{} requests over {} target(s), {} connection(s), {} wallet(s), {} rerouted after a refused connection; p99.9 {:.2} ms, mean {:.2} ms, longest gap between successful answers {:.0} ms.\n",
             r.requests,
             r.targets.len(),
             r.connections,
             r.wallets,
             r.reroutes,
             r.p999_ms,
-            r.mean_ms
+            r.mean_ms,
+            r.longest_gap_ms
         );
         for e in &r.events {
             let _ = writeln!(s, "- t={:.1}s {}", e.t_s, e.what);
@@ -458,6 +462,7 @@ mod tests {
             requests: 59_600,
             p999_ms: 9.0,
             mean_ms: 1.7,
+            longest_gap_ms: 3.0,
             connections: 128,
             wallets: 1,
             targets: vec!["http://127.0.0.1:8080".to_owned()],
@@ -518,7 +523,7 @@ mod tests {
     #[test]
     fn table_and_markdown_show_each_row() {
         let md = markdown(&[result("constant", true), result("failover", false)]);
-        assert!(md.contains("| constant | 1000 | 1000 | 1.50 | 3.00 | 5.25 | 20.00 | 200: 59000, 409: 600 | yes | 60.0 |"), "{md}");
+        assert!(md.contains("| constant | 1000 | 1000 | 1.50 | 3.00 | 5.25 | 20.00 | 3 | 200: 59000, 409: 600 | yes | 60.0 |"), "{md}");
         assert!(md.contains("| failover |"));
         assert!(md.contains("| NO |"));
         assert!(md.contains("- balance off"));

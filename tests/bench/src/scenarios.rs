@@ -312,6 +312,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         requests: summary.requests,
         p999_ms: summary.p999_ms,
         mean_ms: summary.mean_ms,
+        longest_gap_ms: summary.longest_gap_ms,
         connections,
         wallets: wallets.len(),
         targets: ctx.load.targets.iter().map(|t| t.base.clone()).collect(),

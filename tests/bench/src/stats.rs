@@ -37,7 +37,26 @@ pub struct Summary {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub mean_ms: f64,
+    /// Longest time between two successive successful answers (2xx or 409),
+    /// counting from the run start: how long the wallet was unavailable at worst.
+    pub longest_gap_ms: f64,
     pub status_counts: BTreeMap<String, u64>,
+}
+
+pub fn longest_gap_us(records: &[Record]) -> u64 {
+    let mut done: Vec<u64> = records
+        .iter()
+        .filter(|r| (200..300).contains(&r.status) || r.status == 409)
+        .map(Record::completed_us)
+        .collect();
+    done.sort_unstable();
+    let mut prev = 0;
+    let mut gap = 0;
+    for t in done {
+        gap = gap.max(t - prev);
+        prev = t;
+    }
+    gap
 }
 
 pub fn summarize(records: &[Record], elapsed: Duration) -> Summary {
@@ -63,6 +82,7 @@ pub fn summarize(records: &[Record], elapsed: Duration) -> Summary {
         p999_ms: ms(h.value_at_quantile(0.999)),
         max_ms: ms(h.max()),
         mean_ms: h.mean().round() / 1000.0,
+        longest_gap_ms: ms(longest_gap_us(records)),
         status_counts,
     }
 }
@@ -147,6 +167,19 @@ mod tests {
         assert_eq!(s.achieved_rps, 500.0);
         assert_eq!(s.status_counts.get("200"), Some(&990));
         assert_eq!(s.status_counts.get("409"), Some(&10));
+    }
+
+    #[test]
+    fn longest_gap_between_successful_answers() {
+        let records = vec![
+            rec(0, 1_000, 200),
+            rec(10_000, 1_000, 200),   // done at 11 ms
+            rec(20_000, 5_000, 0),     // no answer: not a success
+            rec(30_000, 500_000, 409), // done at 530 ms: gap 519 ms
+            rec(600_000, 1_000, 200),  // 601 ms
+        ];
+        assert_eq!(longest_gap_us(&records), 519_000);
+        assert_eq!(longest_gap_us(&[]), 0);
     }
 
     #[test]
