@@ -497,7 +497,8 @@ mod db_tests {
     async fn fresh_db() -> (PgPool, String) {
         let admin = std::env::var("DATABASE_ADMIN_URL")
             .expect("DATABASE_ADMIN_URL must be set: source <(scripts/stack.sh env)");
-        let name = format!("bench_{}", Uuid::new_v4().simple());
+        // `test_` so scripts/test.sh drops what an interrupted run left behind.
+        let name = format!("test_bench_{}", Uuid::new_v4().simple());
         let mut conn = sqlx::PgConnection::connect(&admin)
             .await
             .expect("admin connection");
