@@ -137,8 +137,20 @@ impl Cluster {
 
     /// The member that should own `shard` according to the current view. Called on
     /// every request: a read lock on the view and one hash per member.
+    ///
+    /// Once shutdown has begun this node no longer counts itself, so requests go to
+    /// the shard's next owner instead of to executors that are being stopped.
     pub fn owner_of(&self, shard: u32) -> Option<Member> {
-        rendezvous_owner(shard, &self.inner.view.borrow()).cloned()
+        let view = self.inner.view.borrow();
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            let others: Vec<Member> = view
+                .iter()
+                .filter(|m| m.id != self.inner.config.node_id)
+                .cloned()
+                .collect();
+            return rendezvous_owner(shard, &others).cloned();
+        }
+        rendezvous_owner(shard, &view).cloned()
     }
 
     /// Registered in the membership and not shutting down.

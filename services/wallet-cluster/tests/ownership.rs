@@ -136,13 +136,25 @@ async fn a_node_shut_down_hands_its_shards_to_the_others() {
     let b_had: Vec<u32> = (0..SHARDS).filter(|s| three[s] == "node-b").collect();
     let counts = ledger.activation_counts();
 
+    let all = members(&["node-a", "node-b", "node-c"]);
+    eventually("b sees everyone", CONVERGE, || {
+        b.cluster.snapshot().members == all
+    })
+    .await;
     b.cluster.shutdown().await;
+    // While (and after) b shuts down it routes b's shards to their next owners.
+    let two = expected(&["node-a", "node-c"], SHARDS);
+    for shard in 0..SHARDS {
+        assert_eq!(
+            b.cluster.owner_of(shard).map(|m| m.id).as_deref(),
+            Some(two[&shard].as_str())
+        );
+    }
     // Handoff is complete when shutdown returns: nothing of b is active any more.
     assert!(!ledger.active().contains_key("node-b"));
     assert!(!b.cluster.is_ready());
     assert!(b.cluster.snapshot().owned_shards.is_empty());
 
-    let two = expected(&["node-a", "node-c"], SHARDS);
     eventually("a and c take over b's shards", CONVERGE, || {
         placement(&ledger, SHARDS) == two
     })
