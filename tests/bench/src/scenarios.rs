@@ -389,3 +389,73 @@ mod tests {
         assert!(strict_violations(&r).is_empty());
     }
 }
+
+#[cfg(test)]
+mod failover_tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt as _;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kills_the_owner_by_pid_and_restarts_it_with_the_cluster_script() {
+        // A fake cluster: the admin API says node-0 owns everything, node-0 is a
+        // `sleep`, and scripts/cluster.sh only records how it was called.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let admin = Arc::new(
+            Target::parse(&format!("http://{}", listener.local_addr().expect("addr")))
+                .expect("target"),
+        );
+        tokio::spawn(crate::fake::serve(listener));
+        let root = std::env::temp_dir().join(format!("wallet-bench-failover-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(root.join(".data/run")).expect("run dir");
+        std::fs::create_dir_all(root.join("scripts")).expect("scripts dir");
+        let script = root.join("scripts/cluster.sh");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/called\"\n",
+        )
+        .expect("script");
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&script)
+            .status()
+            .expect("chmod");
+        let mut node = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("sleep");
+        std::fs::write(cluster::pid_file(&root, 0), node.id().to_string()).expect("pid file");
+
+        let events: Events = Arc::default();
+        kill_and_restart(
+            vec![admin],
+            root.clone(),
+            Uuid::new_v4(),
+            Duration::ZERO,
+            Duration::ZERO,
+            Instant::now(),
+            events.clone(),
+        )
+        .await
+        .expect("failover action");
+
+        let status = node.wait().expect("wait");
+        assert_eq!(status.signal(), Some(9));
+        assert_eq!(
+            std::fs::read_to_string(root.join("scripts/called"))
+                .expect("called")
+                .trim(),
+            "start-node 0"
+        );
+        let what: Vec<String> = events
+            .lock()
+            .expect("events")
+            .iter()
+            .map(|e| e.what.clone())
+            .collect();
+        assert_eq!(what.len(), 3, "{what:?}");
+        assert!(what[0].starts_with("kill -9 node-0"));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
