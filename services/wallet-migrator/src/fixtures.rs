@@ -77,12 +77,14 @@ pub struct ApiServerVerifier(ApiServerHandle);
 
 /// The calls one reconcile is expected to make, in order.
 pub enum Scenario {
-    /// No Job yet: GET (404), POST the Job, PATCH status.
+    /// No Job yet: GET (404), POST the Job, POST a Normal Event, PATCH status.
     CreateJob(WalletMigration),
     /// The Job exists and the status must change: GET, PATCH status.
     JobThenStatusPatch(WalletMigration, Job),
-    /// The Job failed: GET, POST a Warning Event, PATCH status.
-    FailedJobThenEventThenStatusPatch(WalletMigration, Job),
+    /// The Job finished (Complete or Failed): GET, POST an Event, PATCH status.
+    JobThenEventThenStatusPatch(WalletMigration, Job),
+    /// As above, but the Event is refused (403, missing RBAC): the status is still written.
+    JobThenForbiddenEventThenStatusPatch(WalletMigration, Job),
     /// The Job exists and the status already says so: GET only, no write.
     JobUnchanged(Job),
     /// Nothing at all.
@@ -126,6 +128,8 @@ impl ApiServerVerifier {
                         .await
                         .handle_job_create(&mut recorded)
                         .await
+                        .handle_event_create(&mut recorded)
+                        .await
                         .handle_status_patch(&wm, &mut recorded)
                         .await;
                 }
@@ -135,10 +139,18 @@ impl ApiServerVerifier {
                         .handle_status_patch(&wm, &mut recorded)
                         .await;
                 }
-                Scenario::FailedJobThenEventThenStatusPatch(wm, job) => {
+                Scenario::JobThenEventThenStatusPatch(wm, job) => {
                     self.handle_job_get(job)
                         .await
                         .handle_event_create(&mut recorded)
+                        .await
+                        .handle_status_patch(&wm, &mut recorded)
+                        .await;
+                }
+                Scenario::JobThenForbiddenEventThenStatusPatch(wm, job) => {
+                    self.handle_job_get(job)
+                        .await
+                        .handle_event_forbidden()
                         .await
                         .handle_status_patch(&wm, &mut recorded)
                         .await;
@@ -197,6 +209,22 @@ impl ApiServerVerifier {
         let event: serde_json::Value = serde_json::from_slice(&body).expect("an Event was posted");
         send.send_response(json_response(StatusCode::CREATED, &event));
         recorded.event = Some(event);
+        self
+    }
+
+    async fn handle_event_forbidden(mut self) -> Self {
+        let (request, send) = self.0.next_request().await.expect("service not called");
+        assert_eq!(request.method(), Method::POST);
+        assert!(
+            request.uri().path().ends_with("/events"),
+            "{}",
+            request.uri()
+        );
+        let status = serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "events.events.k8s.io is forbidden", "reason": "Forbidden", "code": 403
+        });
+        send.send_response(json_response(StatusCode::FORBIDDEN, &status));
         self
     }
 

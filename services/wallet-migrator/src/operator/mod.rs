@@ -135,6 +135,7 @@ async fn reconcile_migration(wm: &WalletMigration, ctx: &Context) -> Result<Acti
     }
 
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut created = false;
     let observed = match jobs.get_opt(&job_name).await? {
         Some(existing) => Observed::Job(job::observe(&existing)),
         None => {
@@ -143,6 +144,7 @@ async fn reconcile_migration(wm: &WalletMigration, ctx: &Context) -> Result<Acti
                 .await
             {
                 Ok(_) => {
+                    created = true;
                     ctx.metrics.jobs.with_label_values(&["created"]).inc();
                     tracing::info!(migration = %name, job = %job_name, target = wm.spec.target_version, "created migration Job");
                 }
@@ -155,44 +157,83 @@ async fn reconcile_migration(wm: &WalletMigration, ctx: &Context) -> Result<Acti
     };
 
     let desired = desired_status(&current, wm, &job_name, &observed, Timestamp::now());
-    if desired != current {
-        if let Observed::Job(JobState::Failed { reason, message }) = &observed {
-            ctx.metrics.jobs.with_label_values(&["failed"]).inc();
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "MigrationFailed".to_owned(),
-                note: Some(truncate(
-                    &format!(
-                        "Job {job_name} failed migrating to version {}: {reason}: {message}",
-                        wm.spec.target_version
-                    ),
-                    1024,
-                )),
-                action: "Migrate".to_owned(),
-                secondary: None,
-            };
-            ctx.recorder.publish(&event, &wm.object_ref(&())).await?;
-        }
-        if desired.phase == Some(Phase::Succeeded) {
-            ctx.metrics.jobs.with_label_values(&["succeeded"]).inc();
-            tracing::info!(migration = %name, job = %job_name, version = wm.spec.target_version, "migration succeeded");
-        }
-        let api: Api<WalletMigration> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = Patch::Apply(json!({
-            "apiVersion": "wallet.dev/v1alpha1",
-            "kind": "WalletMigration",
-            "status": desired,
-        }));
-        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &patch)
-            .await?;
+    if desired == current {
+        return Ok(next_action(&desired));
     }
-
-    Ok(match desired.phase {
-        Some(Phase::Succeeded | Phase::Failed) => Action::await_change(),
-        _ => Action::requeue(RUNNING_REQUEUE),
-    })
+    let transition = desired.phase != current.phase || desired.job_name != current.job_name;
+    if transition {
+        let target = wm.spec.target_version;
+        let event = match &observed {
+            Observed::Created if created => Some((
+                EventType::Normal,
+                "JobCreated",
+                format!("Created Job {job_name} to migrate the schema to version {target}"),
+            )),
+            Observed::Job(JobState::Complete) => {
+                ctx.metrics.jobs.with_label_values(&["succeeded"]).inc();
+                tracing::info!(migration = %name, job = %job_name, version = target, "migration succeeded");
+                Some((
+                    EventType::Normal,
+                    "MigrationSucceeded",
+                    format!("Schema at version {target} (Job {job_name})"),
+                ))
+            }
+            Observed::Job(JobState::Failed { reason, message }) => {
+                ctx.metrics.jobs.with_label_values(&["failed"]).inc();
+                tracing::warn!(migration = %name, job = %job_name, %reason, %message, "migration failed");
+                Some((
+                    EventType::Warning,
+                    "MigrationFailed",
+                    format!(
+                        "Job {job_name} failed migrating to version {target}: {reason}: {message}"
+                    ),
+                ))
+            }
+            _ => None,
+        };
+        if let Some((type_, reason, note)) = event {
+            publish(ctx, wm, type_, reason, note).await;
+        }
+    }
+    let api: Api<WalletMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = Patch::Apply(json!({
+        "apiVersion": "wallet.dev/v1alpha1",
+        "kind": "WalletMigration",
+        "status": desired,
+    }));
+    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &patch)
+        .await?;
+    Ok(next_action(&desired))
 }
 
+fn next_action(status: &WalletMigrationStatus) -> Action {
+    match status.phase {
+        Some(Phase::Succeeded | Phase::Failed) => Action::await_change(),
+        _ => Action::requeue(RUNNING_REQUEUE),
+    }
+}
+
+/// Events are for people reading `kubectl describe`; the status is the record, so
+/// a failed publish (say, missing RBAC) is logged and does not fail the reconcile.
+async fn publish(
+    ctx: &Context,
+    wm: &WalletMigration,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        // The API server rejects notes over 1 kB.
+        note: Some(truncate(&note, 1024)),
+        action: "Migrate".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &wm.object_ref(&())).await {
+        tracing::warn!(migration = %wm.name_any(), reason, error = %e, "publishing an event failed");
+    }
+}
 /// What the reconcile found for this spec's Job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Observed {

@@ -103,6 +103,10 @@ async fn new_resource_creates_the_migration_job() {
         Some(vec!["ALL".to_owned()])
     );
 
+    let event = recorded.event.expect("event published");
+    assert_eq!(event["type"], "Normal");
+    assert_eq!(event["reason"], "JobCreated");
+
     let status = recorded.status.expect("status patched");
     assert_eq!(status.phase, Some(Phase::Pending));
     assert_eq!(
@@ -152,7 +156,10 @@ async fn complete_job_sets_succeeded_and_applied_version() {
         vec![job_condition("Complete", "CompletionsReached", "done")],
     );
     let (action, recorded, ctx) =
-        reconcile_once(&wm, Scenario::JobThenStatusPatch(wm.clone(), job)).await;
+        reconcile_once(&wm, Scenario::JobThenEventThenStatusPatch(wm.clone(), job)).await;
+    let event = recorded.event.expect("event published");
+    assert_eq!(event["type"], "Normal");
+    assert_eq!(event["reason"], "MigrationSucceeded");
     let status = recorded.status.expect("status patched");
     assert_eq!(status.phase, Some(Phase::Succeeded));
     assert_eq!(status.applied_version, Some(3));
@@ -176,11 +183,8 @@ async fn failed_job_sets_failed_condition_and_publishes_an_event() {
             "Job has reached the specified backoff limit",
         )],
     );
-    let (action, recorded, ctx) = reconcile_once(
-        &wm,
-        Scenario::FailedJobThenEventThenStatusPatch(wm.clone(), job),
-    )
-    .await;
+    let (action, recorded, ctx) =
+        reconcile_once(&wm, Scenario::JobThenEventThenStatusPatch(wm.clone(), job)).await;
     assert!(
         recorded.created_job.is_none(),
         "no new Job for a failed spec"
@@ -209,13 +213,34 @@ async fn failed_job_sets_failed_condition_and_publishes_an_event() {
 }
 
 #[tokio::test]
+async fn a_refused_event_does_not_keep_the_status_from_being_written() {
+    let wm = WalletMigration::test();
+    let job = wm.job(
+        0,
+        vec![job_condition("Failed", "DeadlineExceeded", "too slow")],
+    );
+    let (_, recorded, _) = reconcile_once(
+        &wm,
+        Scenario::JobThenForbiddenEventThenStatusPatch(wm.clone(), job),
+    )
+    .await;
+    let status = recorded.status.expect("status patched");
+    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(
+        condition(&status, CONDITION_FAILED).reason,
+        "DeadlineExceeded"
+    );
+}
+
+#[tokio::test]
 async fn finished_resource_reconciles_again_without_any_api_call() {
     let wm = WalletMigration::test();
     let job = wm.job(
         0,
         vec![job_condition("Complete", "CompletionsReached", "done")],
     );
-    let (_, first, _) = reconcile_once(&wm, Scenario::JobThenStatusPatch(wm.clone(), job)).await;
+    let (_, first, _) =
+        reconcile_once(&wm, Scenario::JobThenEventThenStatusPatch(wm.clone(), job)).await;
     let succeeded = wm
         .clone()
         .with_status(first.status.expect("status patched"));
@@ -227,11 +252,8 @@ async fn finished_resource_reconciles_again_without_any_api_call() {
         0,
         vec![job_condition("Failed", "DeadlineExceeded", "too slow")],
     );
-    let (_, first, _) = reconcile_once(
-        &wm,
-        Scenario::FailedJobThenEventThenStatusPatch(wm.clone(), job),
-    )
-    .await;
+    let (_, first, _) =
+        reconcile_once(&wm, Scenario::JobThenEventThenStatusPatch(wm.clone(), job)).await;
     let failed = wm.with_status(first.status.expect("status patched"));
     let (action, second, _) = reconcile_once(&failed, Scenario::RadioSilence).await;
     assert!(second.status.is_none() && second.event.is_none());
@@ -245,7 +267,11 @@ async fn spec_change_creates_a_new_job_for_the_new_version() {
         0,
         vec![job_condition("Complete", "CompletionsReached", "done")],
     );
-    let (_, first, _) = reconcile_once(&old, Scenario::JobThenStatusPatch(old.clone(), job)).await;
+    let (_, first, _) = reconcile_once(
+        &old,
+        Scenario::JobThenEventThenStatusPatch(old.clone(), job),
+    )
+    .await;
     let old_status = first.status.expect("status patched");
 
     // A new release: the chart bumps targetVersion and image; the API server bumps generation.
@@ -284,11 +310,8 @@ async fn failed_spec_is_retried_after_a_spec_change() {
         0,
         vec![job_condition("Failed", "BackoffLimitExceeded", "boom")],
     );
-    let (_, first, _) = reconcile_once(
-        &wm,
-        Scenario::FailedJobThenEventThenStatusPatch(wm.clone(), job),
-    )
-    .await;
+    let (_, first, _) =
+        reconcile_once(&wm, Scenario::JobThenEventThenStatusPatch(wm.clone(), job)).await;
     let mut fixed = wm
         .clone()
         .with_status(first.status.expect("status patched"));
