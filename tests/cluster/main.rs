@@ -1,1 +1,9 @@
 //! Several nodes as separate processes: ownership moves, kills, pauses, restarts.
+//!
+//! Every test starts its own nodes on its own database and Redis prefix, drives load
+//! at all of them while it breaks something, and then audits PostgreSQL: nothing
+//! acknowledged lost or doubled, nothing recorded that a client was refused, exact
+//! balances. Node logs go to `target/test-logs/<redis prefix>-<node>.log`.
+
+mod harness;
+mod internal_port;

@@ -239,10 +239,57 @@ impl NodeProcess {
         self.spawn().await
     }
 
+    /// Base URL of the node-to-node listener.
+    pub fn internal_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports[1])
+    }
+
+    /// Whether the process was started and not yet killed or terminated by the test.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The node this node's view names as the owner of `wallet_id`'s shard.
+    pub async fn owner_of(&self, wallet_id: uuid::Uuid) -> anyhow::Result<(u32, Option<String>)> {
+        let body: serde_json::Value =
+            reqwest::get(format!("{}/cluster/owner/{wallet_id}", self.admin_url))
+                .await?
+                .json()
+                .await?;
+        let shard = body["shard"]
+            .as_u64()
+            .and_then(|shard| u32::try_from(shard).ok())
+            .ok_or_else(|| anyhow::anyhow!("no shard in {body}"))?;
+        Ok((shard, body["owner"].as_str().map(str::to_owned)))
+    }
+
+    /// Sum of every sample of the metric family `name` on the admin port (0 if absent).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.admin_url))
+            .await?
+            .text()
+            .await?;
+        Ok(metric_sum(&text, name))
+    }
+
     pub async fn cluster_view(&self) -> anyhow::Result<serde_json::Value> {
         Ok(reqwest::get(format!("{}/cluster", self.admin_url))
             .await?
             .json()
             .await?)
     }
+}
+
+/// Sum of the samples of `name` (with or without labels) in Prometheus text format.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                return None;
+            }
+            line.rsplit(' ').next()?.parse::<f64>().ok()
+        })
+        .sum()
 }

@@ -1,0 +1,667 @@
+//! A cluster of node processes on the test's own database, a load generator that
+//! spreads requests over every live node and records every answer, and the audit in
+//! PostgreSQL that nothing acknowledged was lost or doubled and every balance is exact.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sqlx::Row;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use wallet_cluster::{Member, rendezvous_owner};
+use wallet_tests::{ApiClient, NodeOptions, NodeProcess, TestDatabase, eventually};
+
+/// The tests start several processes each; on a 2-core machine they run one at a time
+/// so that one test's load does not starve another's leases.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long a cluster may take to reach a state the test waits for (generous: debug
+/// builds on a loaded 2-core machine).
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+pub fn dec(text: &str) -> Decimal {
+    text.parse().expect("decimal literal")
+}
+
+/// Node processes sharing one database and one Redis prefix.
+pub struct TestCluster {
+    pub db: TestDatabase,
+    pub options: NodeOptions,
+    pub nodes: Vec<NodeProcess>,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl TestCluster {
+    /// A fresh database and `size` nodes `node-0..`, once every shard is served.
+    pub async fn start(size: usize, adjust: impl FnOnce(&mut NodeOptions)) -> anyhow::Result<Self> {
+        let serial = SERIAL.lock().await;
+        let db = TestDatabase::create().await?;
+        let mut options = NodeOptions::new(&db.url);
+        adjust(&mut options);
+        let ids: Vec<String> = (0..size).map(|i| format!("node-{i}")).collect();
+        let nodes =
+            futures::future::try_join_all(ids.iter().map(|id| NodeProcess::start(id, &options)))
+                .await?;
+        let cluster = Self {
+            db,
+            options,
+            nodes,
+            _serial: serial,
+        };
+        cluster.wait_settled(size).await?;
+        Ok(cluster)
+    }
+
+    /// Starts one more node `node-<index>` and returns its index.
+    pub async fn add_node(&mut self) -> anyhow::Result<usize> {
+        let index = self.nodes.len();
+        let node = NodeProcess::start(&format!("node-{index}"), &self.options).await?;
+        self.nodes.push(node);
+        Ok(index)
+    }
+
+    pub fn live(&self) -> impl Iterator<Item = &NodeProcess> {
+        self.nodes.iter().filter(|node| node.is_running())
+    }
+
+    pub fn index_of(&self, node_id: &str) -> Option<usize> {
+        self.nodes.iter().position(|node| node.node_id == node_id)
+    }
+
+    /// Public API clients of the live nodes, with their index.
+    pub fn targets(&self) -> Vec<(usize, ApiClient)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, node)| node.is_running())
+            .map(|(index, node)| (index, node.api.clone()))
+            .collect()
+    }
+
+    pub fn any_api(&self) -> anyhow::Result<&ApiClient> {
+        self.live()
+            .next()
+            .map(|node| &node.api)
+            .ok_or_else(|| anyhow::anyhow!("no live node"))
+    }
+
+    /// The shard of `wallet_id` and the index of the node every live node names its owner.
+    pub async fn agreed_owner(&self, wallet_id: Uuid) -> anyhow::Result<Option<(u32, usize)>> {
+        let mut seen = HashSet::new();
+        let mut shard = 0;
+        for node in self.live() {
+            let (s, owner) = node.owner_of(wallet_id).await?;
+            shard = s;
+            seen.insert(owner);
+        }
+        Ok(match seen.into_iter().collect::<Vec<_>>().as_slice() {
+            [Some(owner)] => self.index_of(owner).map(|index| (shard, index)),
+            _ => None,
+        })
+    }
+
+    /// Which node actually serves each shard, if every shard is served exactly once,
+    /// every live node sees `members` members and the placement is the rendezvous one.
+    pub async fn shard_map(&self, members: usize) -> anyhow::Result<Option<BTreeMap<u32, String>>> {
+        let mut map = BTreeMap::new();
+        let mut view: Option<Vec<Member>> = None;
+        for node in self.live() {
+            let snapshot = node.cluster_view().await?;
+            let node_members: Vec<Member> = serde_json::from_value(snapshot["members"].clone())?;
+            if node_members.len() != members || view.as_ref().is_some_and(|v| *v != node_members) {
+                return Ok(None);
+            }
+            view = Some(node_members);
+            for shard in snapshot["ownedShards"].as_array().into_iter().flatten() {
+                let shard = shard
+                    .as_u64()
+                    .and_then(|s| u32::try_from(s).ok())
+                    .ok_or_else(|| anyhow::anyhow!("bad shard in {snapshot}"))?;
+                if map.insert(shard, node.node_id.clone()).is_some() {
+                    return Ok(None);
+                }
+            }
+        }
+        let Some(view) = view else {
+            return Ok(None);
+        };
+        let placed = (0..self.options.shards).all(|shard| {
+            map.get(&shard).map(String::as_str)
+                == rendezvous_owner(shard, &view).map(|m| m.id.as_str())
+        });
+        Ok(placed.then_some(map))
+    }
+
+    /// Waits until `members` members serve every shard as rendezvous hashing places it.
+    pub async fn wait_settled(&self, members: usize) -> anyhow::Result<BTreeMap<u32, String>> {
+        let settled = Arc::new(Mutex::new(None));
+        let found = eventually(SETTLE, || {
+            let settled = settled.clone();
+            async move {
+                match self.shard_map(members).await {
+                    Ok(Some(map)) => {
+                        *settled.lock().unwrap_or_else(|p| p.into_inner()) = Some(map);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        })
+        .await;
+        let map = settled.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match map {
+            Some(map) if found => Ok(map),
+            _ => {
+                anyhow::bail!("the cluster did not settle on {members} members serving every shard")
+            }
+        }
+    }
+
+    /// Creates `count` wallets (through different nodes) and funds each with `seed`.
+    pub async fn funded_wallets(&self, count: usize, seed: &str) -> anyhow::Result<Vec<Uuid>> {
+        let targets = self.targets();
+        let mut wallets = Vec::with_capacity(count);
+        for i in 0..count {
+            let api = &targets[i % targets.len()].1;
+            let wallet = api.create_wallet().await?;
+            let answer = api.operate(wallet, "DEPOSIT", seed, None).await?;
+            anyhow::ensure!(answer.status == StatusCode::OK, "seed deposit: {answer:?}");
+            wallets.push(wallet);
+        }
+        Ok(wallets)
+    }
+
+    /// Reads the fence and owner of `shard` from PostgreSQL.
+    pub async fn fence(&self, shard: u32) -> anyhow::Result<Option<(i64, String)>> {
+        let row = sqlx::query("SELECT fence, owner FROM shard_fences WHERE shard = $1")
+            .bind(i32::try_from(shard)?)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(row.map(|row| (row.get("fence"), row.get("owner"))))
+    }
+}
+
+/// What the client saw for one request.
+#[derive(Clone, Debug)]
+pub enum Answered {
+    Status {
+        status: u16,
+        operation_id: Option<Uuid>,
+        body: Value,
+    },
+    /// No HTTP answer at all (connection refused or reset, timeout).
+    Transport(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub wallet: Uuid,
+    pub kind: &'static str,
+    pub amount: Decimal,
+    pub key: Option<String>,
+    pub node: usize,
+    pub answer: Answered,
+}
+
+impl Record {
+    fn status(&self) -> Option<u16> {
+        match &self.answer {
+            Answered::Status { status, .. } => Some(*status),
+            Answered::Transport(_) => None,
+        }
+    }
+
+    /// Whether the client cannot know if the operation was committed.
+    fn unknown(&self) -> bool {
+        match self.status() {
+            None => true,
+            Some(status) => status >= 500,
+        }
+    }
+}
+
+struct Shared {
+    targets: RwLock<Vec<(usize, ApiClient)>>,
+    records: Mutex<Vec<Record>>,
+    acknowledged: AtomicUsize,
+    hot_acknowledged: AtomicUsize,
+    next: AtomicUsize,
+}
+
+/// Concurrent clients that loop over the live nodes round-robin until stopped.
+pub struct Load {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    /// `concurrency` clients; 70 % of the requests go to `wallets[0]` (the hot wallet).
+    pub fn start(cluster: &TestCluster, wallets: &[Uuid], concurrency: usize) -> Self {
+        let shared = Arc::new(Shared {
+            targets: RwLock::new(cluster.targets()),
+            records: Mutex::new(Vec::new()),
+            acknowledged: AtomicUsize::new(0),
+            hot_acknowledged: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+        });
+        let stop = CancellationToken::new();
+        let wallets: Arc<Vec<Uuid>> = Arc::new(wallets.to_vec());
+        let run = Uuid::new_v4().simple().to_string();
+        let tasks = (0..concurrency)
+            .map(|_| {
+                let shared = shared.clone();
+                let stop = stop.clone();
+                let wallets = wallets.clone();
+                let run = run.clone();
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+                        let record = one_request(&shared, &wallets, &run, i).await;
+                        let Some(record) = record else {
+                            // Every node is out of the rotation for a moment.
+                            tokio::task::yield_now().await;
+                            continue;
+                        };
+                        if matches!(record.status(), Some(200 | 409)) {
+                            shared.acknowledged.fetch_add(1, Ordering::Relaxed);
+                            if record.wallet == wallets[0] {
+                                shared.hot_acknowledged.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        shared
+                            .records
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(record);
+                    }
+                })
+            })
+            .collect();
+        Self {
+            shared,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Stops sending to node `index` (as a load balancer would before a kill or stop).
+    pub fn remove_target(&self, index: usize) {
+        self.shared
+            .targets
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(i, _)| *i != index);
+    }
+
+    pub fn add_target(&self, index: usize, api: ApiClient) {
+        let mut targets = self
+            .shared
+            .targets
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        targets.retain(|(i, _)| *i != index);
+        targets.push((index, api));
+    }
+
+    /// Requests answered 200 or 409 so far.
+    pub fn acknowledged(&self) -> usize {
+        self.shared.acknowledged.load(Ordering::Relaxed)
+    }
+
+    /// Requests on the hot wallet answered 200 or 409 so far.
+    pub fn hot_acknowledged(&self) -> usize {
+        self.shared.hot_acknowledged.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further requests were acknowledged (on the hot wallet if `hot`).
+    pub async fn wait_progress(&self, more: usize, hot: bool) -> anyhow::Result<()> {
+        let count = || {
+            if hot {
+                self.hot_acknowledged()
+            } else {
+                self.acknowledged()
+            }
+        };
+        let target = count() + more;
+        anyhow::ensure!(
+            eventually(SETTLE, || std::future::ready(count() >= target)).await,
+            "the load made no progress: {} of {target} acknowledged",
+            count()
+        );
+        Ok(())
+    }
+
+    /// Stops the clients (each finishes the request it has in flight) and returns every record.
+    pub async fn stop(self) -> anyhow::Result<Vec<Record>> {
+        self.stop.cancel();
+        for task in self.tasks {
+            task.await?;
+        }
+        let records = std::mem::take(
+            &mut *self
+                .shared
+                .records
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        Ok(records)
+    }
+}
+
+/// Request `i` of the load: mostly small deposits, some withdrawals, a few that cannot
+/// fit (409); every other request carries an Idempotency-Key.
+async fn one_request(shared: &Shared, wallets: &[Uuid], run: &str, i: usize) -> Option<Record> {
+    let (node, api) = {
+        let targets = shared.targets.read().unwrap_or_else(|p| p.into_inner());
+        if targets.is_empty() {
+            return None;
+        }
+        targets[i % targets.len()].clone()
+    };
+    let wallet = if i % 10 < 7 || wallets.len() == 1 {
+        wallets[0]
+    } else {
+        wallets[1 + i % (wallets.len() - 1)]
+    };
+    let (kind, amount) = match i % 20 {
+        7 => ("WITHDRAW", "100000.00".to_owned()),
+        3 | 13 | 17 => ("WITHDRAW", format!("2.{:02}", i % 100)),
+        _ => ("DEPOSIT", format!("{}.{:02}", 1 + i % 9, i % 100)),
+    };
+    let key = (i % 2 == 0).then(|| format!("{run}-{i}"));
+    let answer = match api.operate(wallet, kind, &amount, key.as_deref()).await {
+        Ok(answer) => Answered::Status {
+            status: answer.status.as_u16(),
+            operation_id: answer.body["operationId"]
+                .as_str()
+                .and_then(|id| id.parse().ok()),
+            body: answer.body,
+        },
+        Err(error) => Answered::Transport(format!("{error:#}")),
+    };
+    Some(Record {
+        wallet,
+        kind,
+        amount: dec(&amount),
+        key,
+        node,
+        answer,
+    })
+}
+
+/// What the audit counted.
+#[derive(Debug, Default)]
+pub struct Audit {
+    pub requests: usize,
+    pub by_status: BTreeMap<u16, usize>,
+    pub transport_errors: Vec<String>,
+    /// Requests whose outcome the client could not know, and how many of them committed.
+    pub unknown: usize,
+    pub unknown_committed: usize,
+    pub rows: usize,
+}
+
+impl Audit {
+    /// Statuses outside `allowed` (2xx/409 are always allowed), with counts.
+    pub fn unexpected(&self, allowed: &[u16]) -> Vec<(u16, usize)> {
+        self.by_status
+            .iter()
+            .filter(|(status, _)| !matches!(status, 200 | 409) && !allowed.contains(status))
+            .map(|(status, count)| (*status, *count))
+            .collect()
+    }
+
+    pub fn server_errors(&self) -> usize {
+        self.by_status
+            .iter()
+            .filter(|(status, _)| **status >= 500)
+            .map(|(_, count)| count)
+            .sum()
+    }
+}
+
+struct StoredOperation {
+    id: Uuid,
+    wallet: Uuid,
+    seq: i64,
+    kind: String,
+    amount: Decimal,
+    status: String,
+    reason: Option<String>,
+    balance_after: Decimal,
+    key: Option<String>,
+}
+
+/// Checks the records against PostgreSQL and the API:
+/// - every 200/409 is in `operations` exactly once, with the type, amount, status and
+///   balance the client was told;
+/// - every row belongs to a request that was acknowledged or whose outcome is unknown
+///   (5xx or no answer), never to one that was refused with a 4xx;
+/// - per wallet the sequence has no gaps, each row's balance follows from the one
+///   before, and the last one equals the `wallets` row and the API's balance.
+///
+/// `seeded` is the number of rows per wallet written before the load (one seed deposit).
+pub async fn audit(
+    cluster: &TestCluster,
+    wallets: &[Uuid],
+    records: &[Record],
+    seeded: usize,
+) -> anyhow::Result<Audit> {
+    let mut report = Audit {
+        requests: records.len(),
+        ..Audit::default()
+    };
+    let rows: Vec<StoredOperation> = sqlx::query(
+        "SELECT id, wallet_id, seq, operation_type, amount, status, reason, balance_after, idempotency_key \
+         FROM operations WHERE wallet_id = ANY($1) ORDER BY wallet_id, seq",
+    )
+    .bind(wallets)
+    .fetch_all(&cluster.db.pool)
+    .await?
+    .iter()
+    .map(|row| StoredOperation {
+        id: row.get("id"),
+        wallet: row.get("wallet_id"),
+        seq: row.get("seq"),
+        kind: row.get("operation_type"),
+        amount: row.get("amount"),
+        status: row.get("status"),
+        reason: row.get("reason"),
+        balance_after: row.get("balance_after"),
+        key: row.get("idempotency_key"),
+    })
+    .collect();
+    report.rows = rows.len();
+
+    let mut by_id: HashMap<Uuid, &StoredOperation> = HashMap::new();
+    let mut by_key: HashMap<(Uuid, &str), &StoredOperation> = HashMap::new();
+    for row in &rows {
+        anyhow::ensure!(
+            by_id.insert(row.id, row).is_none(),
+            "operation {} stored twice",
+            row.id
+        );
+        if let Some(key) = row.key.as_deref() {
+            anyhow::ensure!(
+                by_key.insert((row.wallet, key), row).is_none(),
+                "idempotency key {key} stored twice"
+            );
+        }
+    }
+
+    let mut claimed: HashSet<Uuid> = HashSet::new();
+    let mut unknown_keyless = 0;
+    for record in records {
+        match &record.answer {
+            Answered::Status { status, .. } => {
+                *report.by_status.entry(*status).or_default() += 1;
+            }
+            Answered::Transport(error) => report.transport_errors.push(error.clone()),
+        }
+        let keyed_row = record
+            .key
+            .as_deref()
+            .and_then(|key| by_key.get(&(record.wallet, key)).copied());
+        if record.unknown() {
+            report.unknown += 1;
+            match (&record.key, keyed_row) {
+                (Some(_), Some(row)) => {
+                    report.unknown_committed += 1;
+                    check_row_matches(row, record)?;
+                    claimed.insert(row.id);
+                }
+                (Some(_), None) => {}
+                (None, _) => unknown_keyless += 1,
+            }
+            continue;
+        }
+        let Answered::Status {
+            status,
+            operation_id,
+            body,
+        } = &record.answer
+        else {
+            continue;
+        };
+        match status {
+            200 | 409 => {
+                let id = operation_id
+                    .ok_or_else(|| anyhow::anyhow!("{status} without operationId: {body}"))?;
+                let row = by_id.get(&id).copied().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "acknowledged operation {id} ({status}) is not in the database: {record:?}"
+                    )
+                })?;
+                check_row_matches(row, record)?;
+                if let Some(row_by_key) = keyed_row {
+                    anyhow::ensure!(
+                        row_by_key.id == id,
+                        "key answered with another operation: {record:?}"
+                    );
+                }
+                let (expected_status, balance_after) = if *status == 200 {
+                    ("APPLIED", body["balanceAfter"].as_str())
+                } else {
+                    ("REJECTED", body["operation"]["balanceAfter"].as_str())
+                };
+                anyhow::ensure!(
+                    row.status == expected_status,
+                    "{status} but stored {}: {record:?}",
+                    row.status
+                );
+                if *status == 409 {
+                    anyhow::ensure!(
+                        row.reason.as_deref() == Some("INSUFFICIENT_FUNDS"),
+                        "409 stored with reason {:?}",
+                        row.reason
+                    );
+                }
+                if let Some(told) = balance_after {
+                    anyhow::ensure!(
+                        dec(told) == row.balance_after,
+                        "client was told balance {told}, stored {}",
+                        row.balance_after
+                    );
+                }
+                anyhow::ensure!(claimed.insert(id), "operation {id} acknowledged twice");
+            }
+            _ => {
+                // Refused (4xx): nothing may have been recorded under its key.
+                anyhow::ensure!(
+                    keyed_row.is_none(),
+                    "refused request was recorded: {record:?}"
+                );
+            }
+        }
+    }
+
+    // Rows nobody was told about: only requests with an unknown outcome may explain them.
+    let mut orphans = 0;
+    for row in &rows {
+        if claimed.contains(&row.id) || row.seq <= seeded as i64 {
+            continue;
+        }
+        anyhow::ensure!(
+            row.key.is_none(),
+            "row {} carries key {:?} that no request with an open outcome used",
+            row.id,
+            row.key
+        );
+        orphans += 1;
+    }
+    anyhow::ensure!(
+        orphans <= unknown_keyless,
+        "{orphans} rows without an acknowledged request, but only {unknown_keyless} keyless requests had an unknown outcome"
+    );
+    report.unknown_committed += orphans;
+
+    // Per wallet: a gap-free sequence whose balances follow one from the other.
+    let api = cluster.any_api()?;
+    for wallet in wallets {
+        let mut balance = Decimal::ZERO;
+        let mut seq = 0;
+        for row in rows.iter().filter(|row| row.wallet == *wallet) {
+            seq += 1;
+            anyhow::ensure!(
+                row.seq == seq,
+                "wallet {wallet}: seq {} where {seq} was due",
+                row.seq
+            );
+            if row.status == "APPLIED" {
+                balance += if row.kind == "DEPOSIT" {
+                    row.amount
+                } else {
+                    -row.amount
+                };
+            }
+            anyhow::ensure!(
+                balance >= Decimal::ZERO,
+                "wallet {wallet} went negative at seq {seq}"
+            );
+            anyhow::ensure!(
+                row.balance_after == balance,
+                "wallet {wallet}: seq {seq} stored balance {} but the rows before add up to {balance}",
+                row.balance_after
+            );
+        }
+        let stored = sqlx::query("SELECT balance, version FROM wallets WHERE id = $1")
+            .bind(wallet)
+            .fetch_one(&cluster.db.pool)
+            .await?;
+        let column: Decimal = stored.get("balance");
+        let version: i64 = stored.get("version");
+        anyhow::ensure!(
+            column == balance,
+            "wallet {wallet}: balance column {column}, rows say {balance}"
+        );
+        anyhow::ensure!(
+            version == seq,
+            "wallet {wallet}: version {version}, {seq} rows"
+        );
+        let served = api.balance(*wallet).await?;
+        anyhow::ensure!(
+            served == balance,
+            "wallet {wallet}: API says {served}, rows say {balance}"
+        );
+    }
+    Ok(report)
+}
+
+fn check_row_matches(row: &StoredOperation, record: &Record) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        row.wallet == record.wallet && row.kind == record.kind && row.amount == record.amount,
+        "stored operation {} ({} {} {}) is not the request {record:?}",
+        row.id,
+        row.wallet,
+        row.kind,
+        row.amount
+    );
+    Ok(())
+}
