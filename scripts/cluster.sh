@@ -3,6 +3,7 @@
 #   cluster.sh dev [N]      foreground: Ctrl-C stops every node and the stack
 #   cluster.sh up [N]       background: returns once every node answers
 #   cluster.sh down         stops the nodes, PostgreSQL and Redis (data kept)
+#   cluster.sh stop         stops the nodes only
 #   cluster.sh start-node I / stop-node I / kill-node I
 # Node I listens on 127.0.0.1:808I (public), 818I (internal), 909I (admin).
 # PROFILE=release uses release binaries (the bench does).
@@ -109,8 +110,9 @@ case "${1:-}" in
     wait
     ;;
   down) stop_nodes; "$REPO_ROOT/scripts/stack.sh" down ;;
+  stop) stop_nodes ;;
   start-node) start_node "$2"; wait_ready "$2" ;;
   stop-node) signal_node TERM "$2" ;;
   kill-node) signal_node KILL "$2" ;;
-  *) echo "usage: $0 dev|up [N] | down | start-node I | stop-node I | kill-node I" >&2; exit 2 ;;
+  *) echo "usage: $0 dev|up [N] | down | stop | start-node I | stop-node I | kill-node I" >&2; exit 2 ;;
 esac

@@ -24,10 +24,10 @@ if [ "${1:-}" = "--servers-only" ]; then exit 0; fi
 
 mkdir -p "$DATA_DIR"
 VENV="$DATA_DIR/venv"
-if [ ! -x "$VENV/bin/schemathesis" ] || [ ! -x "$VENV/bin/kubernetes-validate" ]; then
+if [ ! -x "$VENV/bin/schemathesis" ] || [ ! -x "$VENV/bin/kubernetes-validate" ] || ! "$VENV/bin/python" -c "import starlark" 2>/dev/null; then
   log "installing schemathesis and kubernetes-validate into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check 'schemathesis>=4,<5' 'kubernetes-validate>=1.34'
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'schemathesis>=4,<5' 'kubernetes-validate>=1.34' 'starlark-pyo3>=2025'
 fi
 
 BIN="$DATA_DIR/bin"

@@ -4,6 +4,8 @@ mod concurrency;
 mod errors;
 mod idempotency;
 mod reads;
+mod shutdown;
+mod telemetry;
 
 use wallet_tests::{InProcessNode, NodeOptions, TestDatabase};
 

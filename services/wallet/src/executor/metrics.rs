@@ -1,5 +1,8 @@
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
+/// Why a batch did not commit: the `reason` label of `wallet_batch_failures_total`.
+pub const FAILURE_REASONS: [&str; 4] = ["fenced", "stale_version", "transient", "error"];
+
 /// Metrics of the group-commit executors, registered into the node's registry.
 #[derive(Clone)]
 pub struct ExecutorMetrics {
@@ -43,6 +46,15 @@ impl ExecutorMetrics {
             ),
             &["reason"],
         )?;
+        // Every label value from the start, so dashboards and alerts see zeros, not gaps.
+        for operation_type in ["DEPOSIT", "WITHDRAW"] {
+            for result in ["applied", "rejected"] {
+                operations.with_label_values(&[operation_type, result]);
+            }
+        }
+        for reason in FAILURE_REASONS {
+            batch_failures.with_label_values(&[reason]);
+        }
         registry.register(Box::new(operations.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(commit_duration.clone()))?;

@@ -24,8 +24,17 @@ pub async fn body(req: &mut Request, max_bytes: usize) -> Result<Option<Vec<u8>>
     }
 }
 
-/// Parses JSON into `T`: broken JSON is a 400, JSON of the wrong shape a 422.
+/// Parses a JSON object into `T`: broken JSON is a 400, JSON of the wrong shape a 422.
 pub fn json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    // Derived structs also accept arrays (fields by position); the API takes objects only.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => ApiError::Validation("the request body must be a JSON object".to_owned()),
+                Err(error) => ApiError::MalformedJson(error.to_string()),
+            },
+        );
+    }
     serde_json::from_slice(bytes).map_err(|error| match error.classify() {
         serde_json::error::Category::Syntax
         | serde_json::error::Category::Eof
@@ -189,6 +198,8 @@ mod tests {
             422
         );
         assert_eq!(status("[]"), 422);
+        assert_eq!(status(&format!(r#"["{WALLET}","DEPOSIT","1"]"#)), 422);
+        assert_eq!(status("[1,"), 400);
     }
 
     #[test]

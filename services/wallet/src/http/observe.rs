@@ -132,7 +132,7 @@ impl Handler for Observe {
         span.record("status", status.as_u16());
         let route = depot
             .get::<&'static str>(ROUTE_KEY)
-            .map(|route| *route)
+            .copied()
             .unwrap_or("unmatched");
         let labels = [route, method.as_str(), status.as_str()];
         let elapsed = started.elapsed();

@@ -29,6 +29,10 @@ impl RoutingMetrics {
             "wallet_deadline_exceeded_total",
             "Requests answered 503 because no owner answered within the request deadline",
         )?;
+        // Every outcome from the start, so dashboards and alerts see zeros, not gaps.
+        for outcome in ["ok", "misdirected", "unreachable", "error"] {
+            forwards.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(forwards.clone()))?;
         registry.register(Box::new(forward_duration.clone()))?;
         registry.register(Box::new(deadline_exceeded.clone()))?;

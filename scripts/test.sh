@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Everything CI checks, on a machine that may be brand new: installs what is missing,
+# starts PostgreSQL and Redis in .data/ (and stops them again if it started them),
+# then lint, the whole test suite, the API fuzz, the chart checks and a bench smoke run.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO_ROOT"
+export PATH="$DATA_DIR/bin:$PATH"
+
+started_stack=0
+if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || ! PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -Atqc 'select 1' >/dev/null 2>&1; then
+  started_stack=1
+fi
+cleanup() {
+  local status=$?
+  scripts/cluster.sh stop >/dev/null 2>&1 || true
+  [ -n "${test_node_pid:-}" ] && kill "$test_node_pid" 2>/dev/null
+  [ "$started_stack" = 1 ] && scripts/stack.sh down
+  exit "$status"
+}
+trap cleanup EXIT
+
+step() { printf '\n\033[1;32m### %s\033[0m\n' "$*"; }
+
+step "installing what is missing"
+scripts/deps.sh
+scripts/stack.sh up
+
+# Databases left by earlier runs of the tests.
+PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -Atqc \
+  "select 'drop database \"' || datname || '\";' from pg_database where datname like 'test\_%'" \
+  | PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -q >/dev/null
+
+step "formatting and clippy"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests (real PostgreSQL and Redis)"
+cargo build --workspace --bins --locked
+cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+
+step "a node for the API fuzz and the dashboard check"
+scripts/cluster.sh up 1 >/dev/null
+node_admin=http://127.0.0.1:9090
+node_api=http://127.0.0.1:8080
+
+step "API fuzz from the node's own OpenAPI document (schemathesis)"
+scripts/schemathesis.sh "$node_api"
+
+step "Grafana dashboard queries use only metrics the node exposes"
+"$DATA_DIR/venv/bin/python" scripts/check-dashboard-metrics.py charts/wallet/dashboards/wallet.json "$node_admin/metrics"
+scripts/cluster.sh stop
+
+step "Helm chart and kustomize manifests (offline validation)"
+scripts/k8s-check.sh
+
+step "bench smoke: constant and failover with the consistency check"
+scripts/bench.sh smoke
+
+step "all checks passed"
