@@ -360,3 +360,50 @@ async fn reconcile_errors_count_and_back_off_exponentially() {
         "capped"
     );
 }
+
+#[tokio::test]
+async fn run_refuses_to_start_without_the_crd() {
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let apiserver = tokio::spawn(async move {
+        let (request, send) = handle.next_request().await.expect("service not called");
+        assert_eq!(
+            request.uri().path(),
+            "/apis/wallet.dev/v1alpha1/namespaces/wallet/walletmigrations"
+        );
+        // What an API server without the CRD answers: a plain 404.
+        send.send_response(
+            Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .body(Body::from(b"404 page not found".to_vec()))
+                .expect("response"),
+        );
+    });
+    let registry = prometheus::Registry::new();
+    let config = super::OperatorConfig {
+        namespace: "wallet".to_owned(),
+        pod_name: "wallet-migrator-0".to_owned(),
+        lease_name: "wallet-migrator-leader".to_owned(),
+    };
+    let result = super::run(
+        kube::Client::new(service, "default"),
+        config,
+        super::Metrics::register(&registry).expect("metrics"),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    timeout_after_1s_unit(apiserver).await;
+    assert!(
+        matches!(result, Err(Error::CrdNotQueryable(_))),
+        "{result:?}"
+    );
+}
+
+async fn timeout_after_1s_unit(handle: tokio::task::JoinHandle<()>) {
+    tokio::time::timeout(Duration::from_secs(1), handle)
+        .await
+        .expect("timeout on mock apiserver")
+        .expect("scenario succeeded");
+}
