@@ -51,3 +51,14 @@ lint: ## Formatting and clippy checks
 .PHONY: test
 test: ## Everything CI checks: lint, the whole test suite against real PostgreSQL and Redis, chart checks
 	@scripts/test.sh
+
+.PHONY: crds
+crds: ## Regenerate the WalletMigration CRD files from the Rust types
+	cargo run -q -p wallet-migrator -- crd > charts/wallet/crds/walletmigrations.wallet.dev.yaml
+	cp charts/wallet/crds/walletmigrations.wallet.dev.yaml k8s/base/crd-walletmigrations.yaml
+
+.PHONY: bench soak
+bench: ## Release build, 3-node cluster, every load scenario with exact-balance checks (< 10 min)
+	@scripts/bench.sh all
+soak: ## 30 minutes at 1000 RPS with node memory sampled every 10 s
+	@scripts/bench.sh soak
