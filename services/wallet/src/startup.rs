@@ -217,22 +217,30 @@ impl Application {
             http::internal_service(state.clone(), http_metrics.clone()),
         )?;
         let (admin_server, admin_handle) = server(admin, http::admin_service(state, http_metrics))?;
-        let servers =
-            tokio::spawn(async move { tokio::join!(public_server, internal_server, admin_server) });
+        let public_server = tokio::spawn(public_server);
+        let other_servers =
+            tokio::spawn(async move { tokio::join!(internal_server, admin_server) });
 
         tokio::select! {
             () = stop.cancelled() => {}
             () = shutdown_signal() => {}
         }
         tracing::info!("shutting down: draining public requests, then handing shards over");
-        // In-flight public requests still complete on this node's executors.
+        // Stop accepting; requests in flight still complete on this node's executors,
+        // and peers still reach the internal port until the handoff below.
         public_handle.stop_graceful(shutdown_grace);
+        if tokio::time::timeout(shutdown_grace + Duration::from_secs(1), public_server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("public requests still in flight after the shutdown grace period");
+        }
         // Leave the membership, finish and stop each shard, release its lease.
         cluster.shutdown().await;
         executors.stop_all().await;
         internal_handle.stop_graceful(Duration::from_secs(2));
         admin_handle.stop_graceful(Duration::from_secs(1));
-        let _ = servers.await;
+        let _ = other_servers.await;
         tracing::info!("stopped");
         Ok(())
     }

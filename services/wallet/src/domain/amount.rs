@@ -69,20 +69,54 @@ impl Amount {
 
 /// Numbers too long for a Decimal are still numbers: say which limit they break.
 fn classify_unparsable(text: &str) -> AmountError {
-    let digits_and_dot = text
-        .strip_prefix('-')
-        .unwrap_or(text)
-        .chars()
-        .all(|c| c.is_ascii_digit() || c == '.');
-    if !digits_and_dot || text.matches('.').count() > 1 {
+    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => match exponent
+            .strip_prefix('+')
+            .unwrap_or(exponent)
+            .parse::<i64>()
+        {
+            Ok(exponent) => (mantissa, exponent),
+            // An exponent too long for i64 is still a number, far out of range either way.
+            Err(_)
+                if !exponent.is_empty()
+                    && exponent
+                        .trim_start_matches(['-', '+'])
+                        .bytes()
+                        .all(|b| b.is_ascii_digit()) =>
+            {
+                (
+                    mantissa,
+                    if exponent.starts_with('-') {
+                        i64::MIN
+                    } else {
+                        i64::MAX
+                    },
+                )
+            }
+            Err(_) => return AmountError::NotANumber,
+        },
+        None => (text, 0),
+    };
+    let unsigned = mantissa.strip_prefix('-').unwrap_or(mantissa);
+    let well_formed = !unsigned.is_empty()
+        && unsigned.matches('.').count() <= 1
+        && unsigned.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && unsigned.bytes().any(|b| b.is_ascii_digit());
+    if !well_formed {
         return AmountError::NotANumber;
     }
-    if text.starts_with('-') {
+    if mantissa.starts_with('-') || unsigned.bytes().all(|b| b == b'0' || b == b'.') {
         return AmountError::NotPositive;
     }
-    match text.split_once('.') {
-        Some((_, fraction)) if fraction.trim_end_matches('0').len() > 2 => AmountError::TooPrecise,
-        _ => AmountError::TooLarge,
+    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+    let whole_digits = whole.trim_start_matches('0').len() as i64;
+    let fraction_digits = fraction.trim_end_matches('0').len() as i64;
+    if whole_digits.saturating_add(exponent) > 18 {
+        AmountError::TooLarge
+    } else if fraction_digits.saturating_sub(exponent) > 2 {
+        AmountError::TooPrecise
+    } else {
+        AmountError::TooLarge
     }
 }
 
@@ -168,5 +202,12 @@ mod tests {
         assert_eq!(Amount::parse(""), Err(AmountError::NotANumber));
         assert_eq!(Amount::parse("NaN"), Err(AmountError::NotANumber));
         assert_eq!(Amount::parse("1.2.3"), Err(AmountError::NotANumber));
+        assert_eq!(Amount::parse("1e-300"), Err(AmountError::TooPrecise));
+        assert_eq!(Amount::parse("-1e300"), Err(AmountError::NotPositive));
+        assert_eq!(
+            Amount::parse("1e99999999999999999999"),
+            Err(AmountError::TooLarge)
+        );
+        assert_eq!(Amount::parse("1e"), Err(AmountError::NotANumber));
     }
 }
