@@ -1,6 +1,6 @@
 //! The running cluster layer: membership view, shard ownership loop, graceful handoff.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -89,12 +89,16 @@ impl Cluster {
         });
 
         let owner = Owner {
-            leases: Leases::new(
+            leases: Arc::new(Leases::new(
                 redis,
                 &config.redis_prefix,
                 &config.node_id,
                 config.lease_ttl.as_millis() as u64,
-            ),
+            )),
+            leased: Arc::new(Leased {
+                shards: Mutex::new(BTreeSet::new()),
+                renew_lock: tokio::sync::Mutex::new(()),
+            }),
             config: config.clone(),
             db,
             host,
@@ -208,10 +212,89 @@ impl Cluster {
     }
 }
 
+/// Leases this node holds in Redis (active shards and shards being claimed), shared
+/// by the ownership loop and the renewer.
+struct Leased {
+    shards: Mutex<BTreeSet<u32>>,
+    /// Held for a whole renewal round and around releases: a renewal that ran just
+    /// after a release would find the key gone, take it for a flushed one and set it
+    /// again, making the next owner wait a full TTL.
+    renew_lock: tokio::sync::Mutex<()>,
+}
+
+impl Leased {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeSet<u32>) -> T) -> T {
+        match self.shards.lock() {
+            Ok(mut shards) => f(&mut shards),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+}
+
+/// Renews every held lease every `lease_ttl / 3`, in its own task so that slow claims
+/// or activations never delay a renewal past the TTL.
+struct Renewer {
+    leases: Arc<Leases>,
+    leased: Arc<Leased>,
+    metrics: ClusterMetrics,
+    lost: mpsc::UnboundedSender<u32>,
+    period: std::time::Duration,
+}
+
+impl Renewer {
+    async fn run(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut healthy = true;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let _round = self.leased.renew_lock.lock().await;
+            let shards: Vec<u32> = self.leased.with(|s| s.iter().copied().collect());
+            if shards.is_empty() {
+                continue;
+            }
+            match self.leases.renew_many(&shards).await {
+                Ok(renewals) => {
+                    if !healthy {
+                        tracing::info!("lease renewals recovered");
+                        healthy = true;
+                    }
+                    for (shard, renewal) in shards.into_iter().zip(renewals) {
+                        match renewal {
+                            Renewal::Renewed => {}
+                            Renewal::Restored => {
+                                tracing::info!(shard, "lease key had vanished; set it again")
+                            }
+                            Renewal::Lost => {
+                                self.leased.with(|s| s.remove(&shard));
+                                // The ownership loop deactivates it.
+                                let _ = self.lost.send(shard);
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    // Keep the shards: PostgreSQL's fence, not the lease, is what stops
+                    // a stale owner from committing.
+                    self.metrics.redis_error("lease");
+                    if healthy {
+                        tracing::warn!(%error, "lease renewal failed; keeping held shards and retrying");
+                        healthy = false;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// State of the ownership loop; only the loop touches `held`.
 struct Owner {
     config: ClusterConfig,
-    leases: Leases,
+    leases: Arc<Leases>,
+    leased: Arc<Leased>,
     db: PgPool,
     host: Arc<dyn ShardHost>,
     metrics: ClusterMetrics,
@@ -227,20 +310,36 @@ struct Owner {
 
 impl Owner {
     async fn run(mut self, stop: CancellationToken) {
+        let (lost_tx, mut lease_lost) = mpsc::unbounded_channel();
+        let renew_stop = CancellationToken::new();
+        let renewer = tokio::spawn(
+            Renewer {
+                leases: self.leases.clone(),
+                leased: self.leased.clone(),
+                metrics: self.metrics.clone(),
+                lost: lost_tx,
+                period: self.config.lease_ttl / 3,
+            }
+            .run(renew_stop.clone()),
+        );
+
         let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // Shards HRW gives us but whose lease is still held elsewhere (a handoff in
-        // progress) are retried sooner than the renewal tick, shortening the gap in
-        // which nobody serves them; one pipelined call per retry.
+        // progress) are retried sooner than the tick, shortening the gap in which
+        // nobody serves them; one pipelined call per retry.
         let retry_gap = (self.config.lease_ttl / 10).max(std::time::Duration::from_millis(20));
         let mut view_open = true;
         loop {
-            let mut renew = false;
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 Some(shard) = self.fence_lost.recv() => {
                     self.on_fence_lost(shard).await;
+                    continue;
+                }
+                Some(shard) = lease_lost.recv() => {
+                    self.on_lease_lost(shard).await;
                     continue;
                 }
                 changed = self.view.changed(), if view_open => {
@@ -249,13 +348,18 @@ impl Owner {
                         view_open = false;
                     }
                 }
-                _ = tick.tick() => renew = true,
+                _ = tick.tick() => {}
                 _ = tokio::time::sleep(retry_gap), if self.pending => {}
             }
-            self.reconcile(renew).await;
+            self.reconcile().await;
         }
+        // Leases stay renewed until every shard is deactivated and released.
         let all: Vec<u32> = self.held.keys().copied().collect();
         self.hand_off(all).await;
+        renew_stop.cancel();
+        if let Err(error) = renewer.await {
+            tracing::error!(%error, "lease renewer failed");
+        }
     }
 
     async fn on_fence_lost(&mut self, shard: u32) {
@@ -265,15 +369,23 @@ impl Owner {
         tracing::warn!(shard, "fence moved on in PostgreSQL; dropping the shard");
         self.metrics.lease_lost();
         self.host.deactivate(shard).await;
+        self.release(&[shard]).await;
         self.publish();
     }
 
-    async fn reconcile(&mut self, renew: bool) {
+    async fn on_lease_lost(&mut self, shard: u32) {
+        if self.held.remove(&shard).is_none() {
+            return;
+        }
+        tracing::warn!(shard, "lease taken by another node; deactivating");
+        self.metrics.lease_lost();
+        self.host.deactivate(shard).await;
+        self.publish();
+    }
+
+    async fn reconcile(&mut self) {
         let members = self.view.borrow_and_update().clone();
         self.metrics.set_members(members.len());
-        if renew {
-            self.renew().await;
-        }
 
         let me = self.config.node_id.clone();
         let is_mine = |shard: u32| rendezvous_owner(shard, &members).is_some_and(|m| m.id == me);
@@ -294,67 +406,65 @@ impl Owner {
         }
     }
 
-    /// Renews every held lease. A Redis outage keeps the shards: PostgreSQL's fence,
-    /// not the lease, is what stops a stale owner from committing.
-    async fn renew(&mut self) {
-        if self.held.is_empty() {
-            return;
-        }
-        let shards: Vec<u32> = self.held.keys().copied().collect();
-        let renewals = match self.leases.renew_many(&shards).await {
-            Ok(renewals) => {
-                self.redis_ok();
-                renewals
-            }
-            Err(error) => return self.redis_failed("renew", &error),
-        };
-        for (shard, renewal) in shards.into_iter().zip(renewals) {
-            match renewal {
-                Renewal::Renewed => {}
-                Renewal::Restored => tracing::info!(shard, "lease key had vanished; set it again"),
-                Renewal::Lost => {
-                    tracing::warn!(shard, "lease taken by another node; deactivating");
-                    self.metrics.lease_lost();
-                    self.held.remove(&shard);
-                    self.host.deactivate(shard).await;
-                }
-            }
-        }
-        self.publish();
-    }
-
     /// Deactivates the shards, then releases their leases.
     async fn hand_off(&mut self, shards: Vec<u32>) {
         for shard in &shards {
             self.held.remove(shard);
         }
-        let this = &*self;
-        futures::stream::iter(shards)
+        let host = &self.host;
+        futures::stream::iter(shards.iter().copied())
             .for_each_concurrent(CONCURRENCY, |shard| async move {
-                this.host.deactivate(shard).await;
-                if let Err(error) = this.leases.release(shard).await {
-                    // The lease then expires by itself; the next owner only waits longer.
-                    this.metrics.redis_error("lease");
-                    tracing::warn!(shard, %error, "could not release lease");
-                }
+                host.deactivate(shard).await;
             })
             .await;
+        self.release(&shards).await;
         self.publish();
+    }
+
+    /// Stops renewing and releases the leases (those still ours).
+    async fn release(&self, shards: &[u32]) {
+        if shards.is_empty() {
+            return;
+        }
+        let _no_renewal = self.leased.renew_lock.lock().await;
+        self.leased.with(|leased| {
+            for shard in shards {
+                leased.remove(shard);
+            }
+        });
+        if let Err(error) = self.leases.release_many(shards).await {
+            // The leases then expire by themselves; the next owners only wait longer.
+            self.metrics.redis_error("lease");
+            tracing::warn!(count = shards.len(), %error, "could not release leases");
+        }
     }
 
     async fn acquire(&mut self, wanted: Vec<u32>) {
         let tokens = match self.leases.acquire_many(&wanted).await {
             Ok(tokens) => {
-                self.redis_ok();
+                if !self.redis_healthy {
+                    tracing::info!("lease acquisition recovered");
+                    self.redis_healthy = true;
+                }
                 tokens
             }
-            Err(error) => return self.redis_failed("acquire", &error),
+            Err(error) => {
+                self.metrics.redis_error("lease");
+                if self.redis_healthy {
+                    tracing::warn!(%error, "lease acquisition failed; retrying");
+                    self.redis_healthy = false;
+                }
+                return;
+            }
         };
         let acquired: Vec<(u32, i64)> = wanted
             .into_iter()
             .zip(tokens)
             .filter_map(|(shard, token)| token.map(|t| (shard, t)))
             .collect();
+        // Renewed from now on, while claims and activations run.
+        self.leased
+            .with(|leased| leased.extend(acquired.iter().map(|(s, _)| *s)));
         let this = &*self;
         let claimed: Vec<(u32, Option<i64>)> = futures::stream::iter(acquired)
             .map(|(shard, token)| async move {
@@ -362,10 +472,6 @@ impl Owner {
                     Ok(fence) => (shard, fence),
                     Err(error) => {
                         tracing::warn!(shard, %error, "could not claim shard; releasing its lease");
-                        if let Err(error) = this.leases.release(shard).await {
-                            this.metrics.redis_error("lease");
-                            tracing::warn!(shard, %error, "could not release lease");
-                        }
                         (shard, None)
                     }
                 }
@@ -373,11 +479,16 @@ impl Owner {
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;
+        let mut failed = Vec::new();
         for (shard, fence) in claimed {
-            if let Some(fence) = fence {
-                self.held.insert(shard, fence);
+            match fence {
+                Some(fence) => {
+                    self.held.insert(shard, fence);
+                }
+                None => failed.push(shard),
             }
         }
+        self.release(&failed).await;
         self.publish();
     }
 
@@ -419,23 +530,6 @@ impl Owner {
         match self.owned.lock() {
             Ok(mut o) => *o = owned,
             Err(poisoned) => *poisoned.into_inner() = owned,
-        }
-    }
-
-    fn redis_ok(&mut self) {
-        if !self.redis_healthy {
-            tracing::info!("lease operations recovered");
-            self.redis_healthy = true;
-        }
-    }
-
-    fn redis_failed(&mut self, operation: &str, error: &ClusterError) {
-        self.metrics.redis_error("lease");
-        if self.redis_healthy {
-            tracing::warn!(operation, %error, "lease operation failed; keeping held shards and retrying");
-            self.redis_healthy = false;
-        } else {
-            tracing::debug!(operation, %error, "lease operation still failing");
         }
     }
 }

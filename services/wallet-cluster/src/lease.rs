@@ -184,6 +184,24 @@ impl Leases {
         Ok(deleted == 1)
     }
 
+    /// [`Self::release`] for many shards in one pipeline; how many were still ours.
+    pub async fn release_many(&self, shards: &[u32]) -> Result<usize, ClusterError> {
+        if shards.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.release).ignore();
+        for &shard in shards {
+            let mut inv = self.release.prepare_invoke();
+            inv.key(Self::lease_key(&self.prefix, shard))
+                .arg(&self.holder);
+            pipe.invoke_script(&inv);
+        }
+        let mut conn = self.pool.get().await?;
+        let deleted: Vec<i64> = pipe.query_async(&mut *conn).await?;
+        Ok(deleted.into_iter().filter(|d| *d == 1).count())
+    }
+
     /// Raises the shard's token counter to at least `at_least` (after Redis lost it).
     pub async fn reseed(&self, shard: u32, at_least: i64) -> Result<(), ClusterError> {
         let mut conn = self.pool.get().await?;

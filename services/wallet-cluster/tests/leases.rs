@@ -131,8 +131,9 @@ async fn a_dead_nodes_lease_is_taken_over_only_after_its_ttl() {
     let shards = 8;
     let orphan = 5;
 
-    // A node that took the lease and died: it never renews.
-    let ghost = Leases::new(redis.clone(), &prefix, "ghost", 1500);
+    // A node that took the lease and died: it never renews. Its lease is long at
+    // first so the test can see the node under test wait for it, then runs out.
+    let ghost = Leases::new(redis.clone(), &prefix, "ghost", 60_000);
     let ghost_token = ghost.acquire(orphan).await.expect("acquire").expect("free");
     let lease_key = Leases::lease_key(&prefix, orphan);
 
@@ -147,6 +148,13 @@ async fn a_dead_nodes_lease_is_taken_over_only_after_its_ttl() {
         others && orphan_free && get(&redis, &lease_key).await.as_deref() == Some(ghost.holder())
     })
     .await;
+    let mut conn = redis.get().await.expect("redis");
+    let _: i64 = redis::cmd("PEXPIRE")
+        .arg(&lease_key)
+        .arg(500)
+        .query_async(&mut *conn)
+        .await
+        .expect("PEXPIRE");
     // Then, on every poll until a takes the orphan, check that it did not while the
     // ghost's lease was still there: reading the host first and the lease second
     // means a ghost lease seen by the second read existed at the first.

@@ -164,7 +164,7 @@ async fn during_a_redis_outage_the_view_and_the_shards_are_kept() {
     assert!(a.cluster.is_ready());
 
     proxy.restore();
-    // The leases lapsed meanwhile; the owner sets them again and keeps its shards.
+    // Renewals resume (restoring any lease that lapsed) and the owner keeps its shards.
     eventually_async("leases back in Redis", CONVERGE, || async {
         let mut conn = redis.get().await.expect("redis");
         let mut all = true;

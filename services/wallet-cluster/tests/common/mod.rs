@@ -108,8 +108,10 @@ pub fn config(node_id: &str, prefix: &str, shards: u32) -> ClusterConfig {
         node_id: node_id.to_owned(),
         advertise_addr: format!("{node_id}.test:8090"),
         shards,
-        lease_ttl: Duration::from_millis(1000),
-        heartbeat_ttl: Duration::from_millis(1000),
+        // Short enough for quick tests, long enough that a loaded 2-core machine does
+        // not miss three heartbeats or renewals in a row.
+        lease_ttl: Duration::from_millis(2000),
+        heartbeat_ttl: Duration::from_millis(2000),
         redis_prefix: prefix.to_owned(),
     }
 }
