@@ -3,6 +3,22 @@
 //! Two-level placement: a wallet id maps to one of a fixed number of virtual shards
 //! (`shard_of`), and shards map to live members by rendezvous hashing. The owner of a
 //! shard holds a Redis lease and a fencing token that PostgreSQL enforces.
+//!
+//! Wiring, in the node:
+//!
+//! ```ignore
+//! let metrics = ClusterMetrics::register(&registry)?;
+//! let membership: Arc<dyn Membership> = match mode {
+//!     Redis => Arc::new(RedisMembership::new(&config, redis.clone(), metrics.clone())?),
+//!     Kubernetes => Arc::new(EndpointSliceMembership::new(kube::Client::try_default().await?, &ns, &svc)),
+//! };
+//! let (fence_lost_tx, fence_lost_rx) = tokio::sync::mpsc::unbounded_channel();
+//! let cluster = Cluster::start(config, redis, db, membership, executor_pool, fence_lost_rx, metrics)?;
+//! // per request: cluster.owner_of(cluster.shard_of(&wallet_id))
+//! // per batch (executor): fence::fence_is_current(&mut *tx, shard, fence), on false
+//! //   metrics.fence_rejections().inc() and fence_lost_tx.send(shard)
+//! // on SIGTERM: cluster.shutdown().await
+//! ```
 
 mod cluster;
 mod error;

@@ -31,7 +31,7 @@ impl ClusterMetrics {
             )?,
             fence_rejections: IntCounter::new(
                 "wallet_fence_rejections_total",
-                "Batches or claims refused because the PostgreSQL fence moved on",
+                "Batches refused because the PostgreSQL fence moved on (counted by the executor)",
             )?,
             redis_errors: IntCounterVec::new(
                 Opts::new(
