@@ -3,6 +3,7 @@
 //! and then hands the shards over before returning.
 
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,8 @@ use salvo::conn::tcp::TcpAcceptor;
 use salvo::prelude::*;
 use salvo::server::ServerHandle;
 use secrecy::ExposeSecret;
-use sqlx::postgres::PgPoolOptions;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use wallet_cluster::{
@@ -68,12 +70,22 @@ impl Application {
             .clone()
             .unwrap_or_else(|| advertised(internal_addr));
 
+        // A paused or partitioned node can be stuck inside a batch transaction that holds
+        // the shard's fence row FOR SHARE; the next owner's claim would wait on that lock
+        // for as long as the pause lasts. PostgreSQL ends such a session once it has sat
+        // idle in its transaction for a lease TTL, so the claim goes through and the old
+        // owner's commit fails (and is then refused by the fence).
+        let connect = PgConnectOptions::from_str(config.database_url.expose_secret())
+            .context("DATABASE_URL is not a valid PostgreSQL URL")?
+            .options([(
+                "idle_in_transaction_session_timeout",
+                format!("{}ms", config.lease_ttl.as_millis().max(1)),
+            )]);
         // Lazy: a node starts (and reports not ready) while the database is still coming up.
         let pool = PgPoolOptions::new()
             .max_connections(config.database_max_connections)
             .acquire_timeout(Duration::from_secs(3))
-            .connect_lazy(config.database_url.expose_secret())
-            .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+            .connect_lazy_with(connect);
         let store = Store::new(pool.clone());
         let redis = deadpool_redis::Config::from_url(config.redis_url.expose_secret())
             .builder()

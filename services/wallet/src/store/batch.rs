@@ -58,9 +58,12 @@ impl CommitError {
                 | sqlx::Error::Protocol(_) => true,
                 sqlx::Error::Database(db) => matches!(
                     db.code().as_deref(),
-                    // serialization_failure, deadlock_detected, admin shutdown / crash recovery, cannot connect now
+                    // serialization_failure, deadlock_detected, idle-in-transaction timeout (a
+                    // paused node's session ended before COMMIT), admin shutdown / crash
+                    // recovery, cannot connect now
                     Some(
                         "40001"
+                            | "25P03"
                             | "40P01"
                             | "57P01"
                             | "57P02"
