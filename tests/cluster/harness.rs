@@ -34,6 +34,8 @@ pub struct TestCluster {
     pub db: TestDatabase,
     pub options: NodeOptions,
     pub nodes: Vec<NodeProcess>,
+    /// Nodes stopped with SIGSTOP: their ports accept connections but never answer.
+    paused: HashSet<usize>,
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -52,6 +54,7 @@ impl TestCluster {
             db,
             options,
             nodes,
+            paused: HashSet::new(),
             _serial: serial,
         };
         cluster.wait_settled(size).await?;
@@ -66,8 +69,26 @@ impl TestCluster {
         Ok(index)
     }
 
+    /// Nodes that run and answer (not killed, stopped or paused).
     pub fn live(&self) -> impl Iterator<Item = &NodeProcess> {
-        self.nodes.iter().filter(|node| node.is_running())
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(index, node)| node.is_running() && !self.paused.contains(index))
+            .map(|(_, node)| node)
+    }
+
+    /// SIGSTOP: the process keeps its sockets and leases but does nothing at all.
+    pub fn pause(&mut self, index: usize) -> anyhow::Result<()> {
+        self.nodes[index].signal("STOP")?;
+        self.paused.insert(index);
+        Ok(())
+    }
+
+    pub fn resume(&mut self, index: usize) -> anyhow::Result<()> {
+        self.nodes[index].signal("CONT")?;
+        self.paused.remove(&index);
+        Ok(())
     }
 
     pub fn index_of(&self, node_id: &str) -> Option<usize> {
@@ -79,7 +100,7 @@ impl TestCluster {
         self.nodes
             .iter()
             .enumerate()
-            .filter(|(_, node)| node.is_running())
+            .filter(|(index, node)| node.is_running() && !self.paused.contains(index))
             .map(|(index, node)| (index, node.api.clone()))
             .collect()
     }
@@ -401,7 +422,9 @@ async fn one_request(shared: &Shared, wallets: &[Uuid], run: &str, i: usize) -> 
 pub struct Audit {
     pub requests: usize,
     pub by_status: BTreeMap<u16, usize>,
-    pub transport_errors: Vec<String>,
+    /// Requests that got no HTTP answer, and the first such error.
+    pub transport_errors: usize,
+    pub first_transport_error: Option<String>,
     /// Requests whose outcome the client could not know, and how many of them committed.
     pub unknown: usize,
     pub unknown_committed: usize,
@@ -503,7 +526,12 @@ pub async fn audit(
             Answered::Status { status, .. } => {
                 *report.by_status.entry(*status).or_default() += 1;
             }
-            Answered::Transport(error) => report.transport_errors.push(error.clone()),
+            Answered::Transport(error) => {
+                report.transport_errors += 1;
+                report
+                    .first_transport_error
+                    .get_or_insert_with(|| error.clone());
+            }
         }
         let keyed_row = record
             .key

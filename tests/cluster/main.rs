@@ -7,3 +7,5 @@
 
 mod harness;
 mod internal_port;
+mod kill;
+mod pause;
