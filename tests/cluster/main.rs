@@ -8,4 +8,6 @@
 mod harness;
 mod internal_port;
 mod kill;
+mod membership;
 mod pause;
+mod rolling;
