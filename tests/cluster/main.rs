@@ -10,4 +10,5 @@ mod internal_port;
 mod kill;
 mod membership;
 mod pause;
+mod redis;
 mod rolling;
