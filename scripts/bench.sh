@@ -19,12 +19,14 @@ stack_running() {
   PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -Atqc 'select 1' >/dev/null 2>&1
 }
 
+# How many of nodes 0..NODES-1 have a live process behind their pid file.
 nodes_running() {
-  local f
-  for f in "$DATA_DIR"/run/node-*.pid; do
-    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0
+  local i n=0 f
+  for i in $(seq 0 $((NODES - 1))); do
+    f="$DATA_DIR/run/node-$i.pid"
+    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && n=$((n + 1))
   done
-  return 1
+  echo "$n"
 }
 
 cleanup() {
@@ -43,9 +45,13 @@ ensure_cluster() {
     log "using the running cluster at $WALLET_BENCH_URLS"
     return 0
   fi
-  if nodes_running; then
-    log "nodes are already running (.data/run): benchmarking them as they are, leaving them up"
+  local running; running=$(nodes_running)
+  if [ "$running" = "$NODES" ]; then
+    log "all $NODES nodes are already running (.data/run): benchmarking them as they are, leaving them up"
     return 0
+  elif [ "$running" != 0 ]; then
+    echo "only $running of $NODES nodes are running (.data/run/node-*.pid); stop them (make down) or start the rest first" >&2
+    exit 1
   fi
   stack_running || STARTED_STACK=1
   STARTED_NODES=1
