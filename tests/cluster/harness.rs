@@ -250,6 +250,8 @@ impl Record {
 struct Shared {
     targets: RwLock<Vec<(usize, ApiClient)>>,
     records: Mutex<Vec<Record>>,
+    /// Requests picked for each node and not answered yet.
+    in_flight: Mutex<HashMap<usize, usize>>,
     acknowledged: AtomicUsize,
     hot_acknowledged: AtomicUsize,
     next: AtomicUsize,
@@ -268,6 +270,7 @@ impl Load {
         let shared = Arc::new(Shared {
             targets: RwLock::new(cluster.targets()),
             records: Mutex::new(Vec::new()),
+            in_flight: Mutex::new(HashMap::new()),
             acknowledged: AtomicUsize::new(0),
             hot_acknowledged: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
@@ -319,6 +322,27 @@ impl Load {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(i, _)| *i != index);
+    }
+
+    /// Takes node `index` out of the rotation and waits until every request already sent
+    /// to it has its answer: what a preStop sleep gives a pod before its SIGTERM.
+    pub async fn drain(&self, index: usize) -> anyhow::Result<()> {
+        self.remove_target(index);
+        let in_flight = || {
+            self.shared
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&index)
+                .copied()
+                .unwrap_or(0)
+        };
+        anyhow::ensure!(
+            eventually(SETTLE, || std::future::ready(in_flight() == 0)).await,
+            "{} requests to node {index} never finished",
+            in_flight()
+        );
+        Ok(())
     }
 
     pub fn add_target(&self, index: usize, api: ApiClient) {
@@ -380,11 +404,19 @@ impl Load {
 /// fit (409); every other request carries an Idempotency-Key.
 async fn one_request(shared: &Shared, wallets: &[Uuid], run: &str, i: usize) -> Option<Record> {
     let (node, api) = {
+        // Counted while the list is locked, so `drain` sees every request to the node.
         let targets = shared.targets.read().unwrap_or_else(|p| p.into_inner());
         if targets.is_empty() {
             return None;
         }
-        targets[i % targets.len()].clone()
+        let (node, api) = targets[i % targets.len()].clone();
+        *shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node)
+            .or_default() += 1;
+        (node, api)
     };
     let wallet = if i % 10 < 7 || wallets.len() == 1 {
         wallets[0]
@@ -407,6 +439,14 @@ async fn one_request(shared: &Shared, wallets: &[Uuid], run: &str, i: usize) -> 
         },
         Err(error) => Answered::Transport(format!("{error:#}")),
     };
+    if let Some(count) = shared
+        .in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(&node)
+    {
+        *count -= 1;
+    }
     Some(Record {
         wallet,
         kind,

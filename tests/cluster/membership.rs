@@ -48,7 +48,7 @@ async fn a_join_and_a_leave_move_only_their_share_of_shards_and_lose_nothing() -
 
     let leaving = 1;
     let leaving_id = cluster.nodes[leaving].node_id.clone();
-    load.remove_target(leaving);
+    load.drain(leaving).await?;
     let status = cluster.nodes[leaving].terminate().await?;
     assert!(status.success(), "{leaving_id} exited with {status}");
     let after = cluster.wait_settled(3).await?;

@@ -106,7 +106,7 @@ async fn after_a_flushall_fences_keep_rising_and_balances_stay_exact() -> anyhow
     // Make shards change hands after the flush: Redis's counters start again from 1,
     // below PostgreSQL's fences, so every claim must re-seed them first.
     let leaving = 2;
-    load.remove_target(leaving);
+    load.drain(leaving).await?;
     let status = cluster.nodes[leaving].terminate().await?;
     assert!(status.success());
     cluster.wait_settled(2).await?;

@@ -11,8 +11,8 @@ async fn a_rolling_restart_answers_every_request_without_a_5xx() -> anyhow::Resu
     load.wait_progress(200, false).await?;
 
     for index in 0..cluster.nodes.len() {
-        // As Kubernetes does: out of the Service's endpoints, then SIGTERM.
-        load.remove_target(index);
+        // As Kubernetes does: out of the Service's endpoints (preStop), then SIGTERM.
+        load.drain(index).await?;
         let status = cluster.nodes[index].terminate().await?;
         assert!(
             status.success(),
