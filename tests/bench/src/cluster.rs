@@ -114,6 +114,21 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     parse_vmrss(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
 }
 
+/// User plus system CPU time of a process in seconds, from /proc/<pid>/stat
+/// (fields 14 and 15, in USER_HZ ticks, which the Linux ABI fixes at 100).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    parse_stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+pub fn parse_stat_cpu(stat: &str) -> Option<f64> {
+    // The command name (field 2) may contain spaces: count from its closing paren.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 pub fn parse_vmrss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -143,6 +158,15 @@ mod tests {
         assert_eq!(parse_vmrss("Name: x\n"), None);
         // Our own process always has a resident set.
         assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn cpu_time_is_read_from_proc_stat() {
+        let stat =
+            "1234 (wallet (x)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 100 0 0";
+        assert_eq!(parse_stat_cpu(stat), Some(3.0));
+        assert_eq!(parse_stat_cpu("garbage"), None);
+        assert!(cpu_seconds(std::process::id()).is_some());
     }
 
     #[test]

@@ -38,6 +38,12 @@ pub struct ScenarioResult {
     pub mean_ms: f64,
     #[serde(default)]
     pub longest_gap_ms: f64,
+    /// CPU seconds used by the generator itself during the load.
+    #[serde(default)]
+    pub generator_cpu_s: f64,
+    /// CPU seconds used by the node processes of .data/run during the load.
+    #[serde(default)]
+    pub nodes_cpu_s: Option<f64>,
     pub connections: usize,
     pub wallets: usize,
     pub targets: Vec<String>,
@@ -143,7 +149,7 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
         let _ = writeln!(s, "## {}\n", r.scenario);
         let _ = writeln!(
             s,
-            "{} requests over {} target(s), {} connection(s), {} wallet(s), {} rerouted after a refused connection; p99.9 {:.2} ms, mean {:.2} ms, longest gap between successful answers {:.0} ms.\n",
+            "{} requests over {} target(s), {} connection(s), {} wallet(s), {} rerouted after a refused connection; p99.9 {:.2} ms, mean {:.2} ms, longest gap between successful answers {:.0} ms; CPU during the load: generator {:.1} s, nodes {}.\n",
             r.requests,
             r.targets.len(),
             r.connections,
@@ -151,7 +157,10 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
             r.reroutes,
             r.p999_ms,
             r.mean_ms,
-            r.longest_gap_ms
+            r.longest_gap_ms,
+            r.generator_cpu_s,
+            r.nodes_cpu_s
+                .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.1} s"))
         );
         for e in &r.events {
             let _ = writeln!(s, "- t={:.1}s {}", e.t_s, e.what);
@@ -463,6 +472,8 @@ mod tests {
             p999_ms: 9.0,
             mean_ms: 1.7,
             longest_gap_ms: 3.0,
+            generator_cpu_s: 1.0,
+            nodes_cpu_s: None,
             connections: 128,
             wallets: 1,
             targets: vec!["http://127.0.0.1:8080".to_owned()],

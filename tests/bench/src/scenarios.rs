@@ -153,6 +153,21 @@ async fn sample_rss(
     }
 }
 
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+/// CPU seconds so far of this process and of the nodes (with their pids).
+fn cpu_now(ctx: &Ctx) -> (f64, Option<f64>, Vec<u32>) {
+    let me = cluster::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let pids: Vec<u32> = cluster::node_pids(&ctx.root)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    let nodes: Option<f64> = pids.iter().map(|p| cluster::cpu_seconds(*p)).sum();
+    (me, if pids.is_empty() { None } else { nodes }, pids)
+}
+
 pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
     let s = ctx.settings.clone();
     let wallets = match name {
@@ -234,6 +249,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
 
     let events: Events = Arc::default();
     let rss: Arc<Mutex<Vec<RssSample>>> = Arc::default();
+    let cpu_before = cpu_now(ctx);
     let start = Instant::now();
     let killer = (name == "failover").then(|| {
         tokio::spawn(kill_and_restart(
@@ -274,6 +290,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
             *connections,
         ),
     };
+    let cpu_after = cpu_now(ctx);
     if let Some(k) = killer {
         match k.await {
             Ok(Ok(())) => {}
@@ -313,6 +330,10 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         p999_ms: summary.p999_ms,
         mean_ms: summary.mean_ms,
         longest_gap_ms: summary.longest_gap_ms,
+        generator_cpu_s: round1(cpu_after.0 - cpu_before.0),
+        // A node restarted during the load has a new pid: only compare like with like.
+        nodes_cpu_s: (cpu_before.1.is_some() && cpu_before.2 == cpu_after.2)
+            .then(|| round1(cpu_after.1.unwrap_or(0.0) - cpu_before.1.unwrap_or(0.0))),
         connections,
         wallets: wallets.len(),
         targets: ctx.load.targets.iter().map(|t| t.base.clone()).collect(),
