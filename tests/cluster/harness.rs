@@ -627,13 +627,13 @@ pub async fn audit(
                         row.reason
                     );
                 }
-                if let Some(told) = balance_after {
-                    anyhow::ensure!(
-                        dec(told) == row.balance_after,
-                        "client was told balance {told}, stored {}",
-                        row.balance_after
-                    );
-                }
+                let told = balance_after
+                    .ok_or_else(|| anyhow::anyhow!("{status} without balanceAfter: {body}"))?;
+                anyhow::ensure!(
+                    dec(told) == row.balance_after,
+                    "client was told balance {told}, stored {}",
+                    row.balance_after
+                );
                 anyhow::ensure!(claimed.insert(id), "operation {id} acknowledged twice");
             }
             _ => {

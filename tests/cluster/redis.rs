@@ -90,6 +90,14 @@ async fn fences(cluster: &TestCluster) -> anyhow::Result<BTreeMap<i32, (i64, Str
         .collect())
 }
 
+async fn lease_losses(cluster: &TestCluster) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for node in cluster.live() {
+        total += node.metric("wallet_lease_losses_total").await?;
+    }
+    Ok(total)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_flushall_fences_keep_rising_and_balances_stay_exact() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
@@ -99,9 +107,20 @@ async fn after_a_flushall_fences_keep_rising_and_balances_stay_exact() -> anyhow
     load.wait_progress(200, false).await?;
 
     let before = fences(&cluster).await?;
+    let losses_before = lease_losses(&cluster).await?;
     assert_eq!(redis.command(&["FLUSHALL"]).await?, "+OK");
     load.wait_progress(200, false).await?;
     cluster.wait_settled(3).await?;
+    let churn = fences(&cluster)
+        .await?
+        .iter()
+        .filter(|(shard, (fence, _))| before.get(*shard).is_some_and(|(old, _)| old != fence))
+        .count();
+    eprintln!(
+        "FLUSHALL: {churn} of {} shards were claimed again, {} leases lost",
+        before.len(),
+        lease_losses(&cluster).await? - losses_before
+    );
 
     // Make shards change hands after the flush: Redis's counters start again from 1,
     // below PostgreSQL's fences, so every claim must re-seed them first.
@@ -207,6 +226,12 @@ async fn during_a_redis_outage_reads_answer_and_writes_resume_after_it() -> anyh
         acknowledged_during
     );
     assert!(!reads.is_empty());
+    // Owners keep their shards through the outage: PostgreSQL's fence, not the lease,
+    // is what guards commits.
+    assert!(
+        acknowledged_during > 0,
+        "no write went through while Redis was down"
+    );
     assert!(
         failed_reads.is_empty(),
         "reads failed while Redis was down: {failed_reads:?}"
