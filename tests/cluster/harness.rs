@@ -46,6 +46,13 @@ impl TestCluster {
         let db = TestDatabase::create().await?;
         let mut options = NodeOptions::new(&db.url);
         adjust(&mut options);
+        // Shown only when the test fails (the harness captures it otherwise).
+        eprintln!(
+            "node logs: {}/{}-node-*.log, database {}",
+            wallet_tests::env_or("WALLET_TEST_LOG_DIR", "target/test-logs"),
+            options.redis_prefix,
+            db.name
+        );
         let ids: Vec<String> = (0..size).map(|i| format!("node-{i}")).collect();
         let nodes =
             futures::future::try_join_all(ids.iter().map(|id| NodeProcess::start(id, &options)))

@@ -36,7 +36,7 @@ impl RedisServer {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
+        let child = Command::new(wallet_tests::env_or("REDIS_SERVER_BIN", "redis-server"))
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
             .stdout(Stdio::null())
