@@ -328,7 +328,10 @@ impl Owner {
         // Shards HRW gives us but whose lease is still held elsewhere (a handoff in
         // progress) are retried sooner than the tick, shortening the gap in which
         // nobody serves them; one pipelined call per retry.
-        let retry_gap = (self.config.lease_ttl / 10).max(std::time::Duration::from_millis(20));
+        let retry_gap = (self.config.lease_ttl / 10).clamp(
+            std::time::Duration::from_millis(20),
+            std::time::Duration::from_millis(100),
+        );
         let mut view_open = true;
         loop {
             tokio::select! {

@@ -6,7 +6,7 @@
 //!
 //! Wiring, in the node:
 //!
-//! ```ignore
+//! ```text
 //! let metrics = ClusterMetrics::register(&registry)?;
 //! let membership: Arc<dyn Membership> = match mode {
 //!     Redis => Arc::new(RedisMembership::new(&config, redis.clone(), metrics.clone())?),

@@ -26,6 +26,9 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
 /// does not turn into a burst of Redis calls.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
 
+/// Longest gap between two reads of the member set.
+const MAX_POLL: Duration = Duration::from_millis(250);
+
 /// Members heartbeat into the sorted set `<prefix>:members` (score = expiry in ms).
 pub struct RedisMembership {
     pool: Pool,
@@ -114,7 +117,9 @@ impl Membership for RedisMembership {
         tx: watch::Sender<Vec<Member>>,
         shutdown: CancellationToken,
     ) -> Result<(), ClusterError> {
-        let mut tick = tokio::time::interval(self.heartbeat_ttl / 3);
+        // Heartbeat at least three times per TTL, and read often enough that joins
+        // and leaves are seen within a quarter second: a handoff waits on exactly that.
+        let mut tick = tokio::time::interval((self.heartbeat_ttl / 3).min(MAX_POLL));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_read = Instant::now();
         let mut healthy = true;
