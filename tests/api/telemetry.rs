@@ -105,7 +105,7 @@ async fn spans_arrive_at_the_otlp_receiver_with_the_callers_trace_id() -> anyhow
         .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16))
         .collect::<Result<_, _>>()?;
     // Both nodes export spans of this trace: the entry node's request span and the
-    // owner's internal request span, which continued the forwarded traceparent.
+    // owner's span of the forwarded operation, which continued the caller's traceparent.
     let arrived = eventually(Duration::from_secs(20), || {
         let bodies = bodies.clone();
         let trace_bytes = trace_bytes.clone();
@@ -117,7 +117,7 @@ async fn spans_arrive_at_the_otlp_receiver_with_the_callers_trace_id() -> anyhow
                 .collect();
             let internal = with_trace
                 .iter()
-                .any(|body| contains(body, b"/internal/v1/operations"));
+                .any(|body| contains(body, b"forwarded_operation"));
             let public = with_trace
                 .iter()
                 .any(|body| contains(body, b"/api/v1/wallet"));

@@ -1,4 +1,5 @@
-//! The owner's side of forwarding: authenticated, and 421 when the shard is not served here.
+//! The owner's side of forwarding: authenticated; each command of a batch is answered
+//! with its outcome, or "not owner" when its shard is not served here.
 
 use salvo::http::header::AUTHORIZATION;
 use salvo::prelude::*;
@@ -6,8 +7,15 @@ use secrecy::ExposeSecret;
 
 use super::AppState;
 use super::problem::{Problem, write_json};
-use crate::domain::OperationCommand;
+
+use futures::future::join_all;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
 use crate::executor::ExecutionError;
+use crate::routing::{ForwardBatch, ForwardReply, ForwardResult, ForwardedCommand};
 
 /// Compares in constant time, so the secret cannot be guessed byte by byte.
 fn secret_matches(given: &[u8], expected: &[u8]) -> bool {
@@ -47,10 +55,9 @@ pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut R
         .write_to(res);
         return;
     }
-    let command: OperationCommand = match req.payload_with_max_size(state.max_body_bytes * 2).await
-    {
+    let batch: ForwardBatch = match req.payload_with_max_size(state.max_body_bytes * 512).await {
         Ok(bytes) => match serde_json::from_slice(bytes) {
-            Ok(command) => command,
+            Ok(batch) => batch,
             Err(error) => {
                 Problem::new(
                     StatusCode::BAD_REQUEST,
@@ -73,23 +80,36 @@ pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut R
             return;
         }
     };
-    let shard = state.router.shard_of(&command.wallet_id);
-    match state.executors.execute(shard, command).await {
-        Ok(outcome) => write_json(res, StatusCode::OK, "application/json", &outcome),
-        Err(ExecutionError::NotOwner) => Problem::new(
-            StatusCode::MISDIRECTED_REQUEST,
-            "not-owner",
-            "Not the owner",
-            format!("this node does not serve shard {shard}"),
-        )
-        .write_to(res),
-        Err(ExecutionError::Unavailable) => Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service-unavailable",
-            "Service unavailable",
-            "the operation could not be committed",
-        )
-        .write_to(res),
+    // All commands go to their executors at once, so they share the owner's next batches.
+    let results = join_all(
+        batch
+            .operations
+            .into_iter()
+            .map(|forwarded| execute(&state, forwarded)),
+    )
+    .await;
+    write_json(
+        res,
+        StatusCode::OK,
+        "application/json",
+        &ForwardReply { results },
+    );
+}
+
+async fn execute(state: &AppState, forwarded: ForwardedCommand) -> ForwardResult {
+    let shard = state.router.shard_of(&forwarded.command.wallet_id);
+    // Continue the trace of the request the command came from, on this node.
+    let span = tracing::info_span!("forwarded_operation", shard, operation_id = %forwarded.command.operation_id);
+    let _ = span.set_parent(TraceContextPropagator::new().extract(&forwarded.trace));
+    match state
+        .executors
+        .execute(shard, forwarded.command)
+        .instrument(span)
+        .await
+    {
+        Ok(outcome) => ForwardResult::Done(outcome),
+        Err(ExecutionError::NotOwner) => ForwardResult::NotOwner,
+        Err(ExecutionError::Unavailable) => ForwardResult::Unavailable,
     }
 }
 

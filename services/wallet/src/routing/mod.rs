@@ -5,7 +5,10 @@
 mod forward;
 mod metrics;
 
-pub use forward::{ForwardError, Forwarder, INTERNAL_OPERATIONS_PATH};
+pub use forward::{
+    ForwardBatch, ForwardError, ForwardReply, ForwardResult, ForwardedCommand, Forwarder,
+    INTERNAL_OPERATIONS_PATH,
+};
 pub use metrics::RoutingMetrics;
 
 use std::sync::Arc;
