@@ -272,8 +272,12 @@ pub struct Load {
 }
 
 impl Load {
-    /// `concurrency` clients; 70 % of the requests go to `wallets[0]` (the hot wallet).
-    pub fn start(cluster: &TestCluster, wallets: &[Uuid], concurrency: usize) -> Self {
+    /// `CLUSTER_TEST_CLIENTS` clients (40 by default); 70 % of the requests go to
+    /// `wallets[0]` (the hot wallet).
+    pub fn start(cluster: &TestCluster, wallets: &[Uuid]) -> Self {
+        let concurrency = wallet_tests::env_or("CLUSTER_TEST_CLIENTS", "40")
+            .parse()
+            .unwrap_or(40);
         let shared = Arc::new(Shared {
             targets: RwLock::new(cluster.targets()),
             records: Mutex::new(Vec::new()),

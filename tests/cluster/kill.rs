@@ -16,7 +16,7 @@ async fn killing_the_owner_of_a_hot_wallet_loses_nothing_and_answers_no_5xx() ->
         .context("the nodes disagree on the owner")?;
     let victim_id = cluster.nodes[victim].node_id.clone();
 
-    let load = Load::start(&cluster, &wallets, 40);
+    let load = Load::start(&cluster, &wallets);
     load.wait_progress(200, true).await?;
     // A load balancer stops sending to a dead pod; requests in flight to it are cut.
     load.remove_target(victim);

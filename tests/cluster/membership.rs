@@ -25,7 +25,7 @@ async fn a_join_and_a_leave_move_only_their_share_of_shards_and_lose_nothing() -
     let mut cluster = TestCluster::start(3, |_| {}).await?;
     let shards = cluster.options.shards as usize;
     let wallets = cluster.funded_wallets(8, "1000.00").await?;
-    let load = Load::start(&cluster, &wallets, 40);
+    let load = Load::start(&cluster, &wallets);
     load.wait_progress(200, false).await?;
     let three = cluster.wait_settled(3).await?;
 

@@ -18,7 +18,7 @@ async fn a_paused_owner_is_fenced_out_and_nothing_acknowledged_is_lost() -> anyh
     let victim_id = cluster.nodes[victim].node_id.clone();
     let (fence_before, _) = cluster.fence(shard).await?.context("shard never claimed")?;
 
-    let load = Load::start(&cluster, &wallets, 40);
+    let load = Load::start(&cluster, &wallets);
     load.wait_progress(200, true).await?;
     // A paused pod fails its readiness probe: the load balancer stops sending new
     // requests, but those already sent to it (and forwarded to it) wait inside it.

@@ -103,7 +103,7 @@ async fn after_a_flushall_fences_keep_rising_and_balances_stay_exact() -> anyhow
     let redis = RedisServer::start().await?;
     let mut cluster = TestCluster::start(3, |options| options.redis_url = redis.url()).await?;
     let wallets = cluster.funded_wallets(6, "1000.00").await?;
-    let load = Load::start(&cluster, &wallets, 40);
+    let load = Load::start(&cluster, &wallets);
     load.wait_progress(200, false).await?;
 
     let before = fences(&cluster).await?;
@@ -177,7 +177,7 @@ async fn during_a_redis_outage_reads_answer_and_writes_resume_after_it() -> anyh
     })
     .await?;
     let wallets = cluster.funded_wallets(6, "1000.00").await?;
-    let load = Load::start(&cluster, &wallets, 40);
+    let load = Load::start(&cluster, &wallets);
     load.wait_progress(200, false).await?;
 
     redis.stop().await?;

@@ -7,7 +7,7 @@ use crate::harness::{Load, TestCluster, audit};
 async fn a_rolling_restart_answers_every_request_without_a_5xx() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(3, |_| {}).await?;
     let wallets = cluster.funded_wallets(6, "1000.00").await?;
-    let load = Load::start(&cluster, &wallets, 40);
+    let load = Load::start(&cluster, &wallets);
     load.wait_progress(200, false).await?;
 
     for index in 0..cluster.nodes.len() {
