@@ -107,7 +107,7 @@ impl Cluster {
             fence_lost,
             held: BTreeMap::new(),
             owned: owned.clone(),
-            redis_healthy: true,
+            failed_rounds: 0,
             pending: false,
         };
         let ownership_task = tokio::spawn(owner.run(ownership_stop.clone()));
@@ -290,6 +290,16 @@ impl Renewer {
     }
 }
 
+/// Outcome of claiming one acquired shard.
+enum Claim {
+    Held(i64),
+    /// The lease went to someone else while claiming.
+    LeaseGone,
+    Failed(ClusterError),
+    /// Not tried: an earlier claim of the round failed.
+    Skipped,
+}
+
 /// State of the ownership loop; only the loop touches `held`.
 struct Owner {
     config: ClusterConfig,
@@ -303,7 +313,8 @@ struct Owner {
     /// Activated shards and their fencing tokens.
     held: BTreeMap<u32, i64>,
     owned: Arc<Mutex<Vec<u32>>>,
-    redis_healthy: bool,
+    /// Consecutive acquisition rounds that hit an error, for backoff.
+    failed_rounds: u32,
     /// Some shard HRW gives us is not held yet.
     pending: bool,
 }
@@ -328,12 +339,9 @@ impl Owner {
         // Shards HRW gives us but whose lease is still held elsewhere (a handoff in
         // progress) are retried sooner than the tick, shortening the gap in which
         // nobody serves them; one pipelined call per retry.
-        let retry_gap = (self.config.lease_ttl / 10).clamp(
-            std::time::Duration::from_millis(20),
-            std::time::Duration::from_millis(100),
-        );
         let mut view_open = true;
         loop {
+            let retry_gap = self.retry_gap();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -444,19 +452,10 @@ impl Owner {
 
     async fn acquire(&mut self, wanted: Vec<u32>) {
         let tokens = match self.leases.acquire_many(&wanted).await {
-            Ok(tokens) => {
-                if !self.redis_healthy {
-                    tracing::info!("lease acquisition recovered");
-                    self.redis_healthy = true;
-                }
-                tokens
-            }
+            Ok(tokens) => tokens,
             Err(error) => {
                 self.metrics.redis_error("lease");
-                if self.redis_healthy {
-                    tracing::warn!(%error, "lease acquisition failed; retrying");
-                    self.redis_healthy = false;
-                }
+                self.round_failed(&error);
                 return;
             }
         };
@@ -468,31 +467,74 @@ impl Owner {
         // Renewed from now on, while claims and activations run.
         self.leased
             .with(|leased| leased.extend(acquired.iter().map(|(s, _)| *s)));
+        // After the first error the rest of the round is skipped: with PostgreSQL
+        // down every claim would wait for a connection in turn, stalling this loop.
+        let aborted = AtomicBool::new(false);
         let this = &*self;
-        let claimed: Vec<(u32, Option<i64>)> = futures::stream::iter(acquired)
-            .map(|(shard, token)| async move {
-                match this.claim_and_activate(shard, token).await {
-                    Ok(fence) => (shard, fence),
-                    Err(error) => {
-                        tracing::warn!(shard, %error, "could not claim shard; releasing its lease");
-                        (shard, None)
+        let claimed: Vec<(u32, Claim)> = futures::stream::iter(acquired)
+            .map(|(shard, token)| {
+                let aborted = &aborted;
+                async move {
+                    if aborted.load(Ordering::Relaxed) {
+                        return (shard, Claim::Skipped);
+                    }
+                    match this.claim_and_activate(shard, token).await {
+                        Ok(Some(fence)) => (shard, Claim::Held(fence)),
+                        Ok(None) => (shard, Claim::LeaseGone),
+                        Err(error) => {
+                            aborted.store(true, Ordering::Relaxed);
+                            (shard, Claim::Failed(error))
+                        }
                     }
                 }
             })
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;
-        let mut failed = Vec::new();
-        for (shard, fence) in claimed {
-            match fence {
-                Some(fence) => {
+        let mut not_held = Vec::new();
+        let mut first_error = None;
+        for (shard, outcome) in claimed {
+            match outcome {
+                Claim::Held(fence) => {
                     self.held.insert(shard, fence);
                 }
-                None => failed.push(shard),
+                Claim::LeaseGone | Claim::Skipped => not_held.push(shard),
+                Claim::Failed(error) => {
+                    not_held.push(shard);
+                    first_error.get_or_insert(error);
+                }
             }
         }
-        self.release(&failed).await;
+        self.release(&not_held).await;
         self.publish();
+        match first_error {
+            Some(error) => self.round_failed(&error),
+            None => self.round_succeeded(),
+        }
+    }
+
+    fn round_failed(&mut self, error: &ClusterError) {
+        if self.failed_rounds == 0 {
+            tracing::warn!(%error, "could not acquire or claim shards; retrying with backoff");
+        }
+        self.failed_rounds = self.failed_rounds.saturating_add(1);
+    }
+
+    fn round_succeeded(&mut self) {
+        if self.failed_rounds > 0 {
+            tracing::info!("acquiring and claiming shards works again");
+            self.failed_rounds = 0;
+        }
+    }
+
+    /// Pause before retrying shards not held yet: short while a handoff is in
+    /// progress, doubling while rounds fail, never beyond a lease TTL.
+    fn retry_gap(&self) -> std::time::Duration {
+        let base = (self.config.lease_ttl / 10).clamp(
+            std::time::Duration::from_millis(20),
+            std::time::Duration::from_millis(100),
+        );
+        (base * 2u32.pow(self.failed_rounds.min(8))).min(self.config.lease_ttl)
     }
 
     /// Claims `shard` in PostgreSQL with `token` and activates it. If PostgreSQL

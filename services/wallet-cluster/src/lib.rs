@@ -98,3 +98,50 @@ impl ClusterConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ClusterConfig {
+        ClusterConfig {
+            node_id: "node-0".into(),
+            advertise_addr: "127.0.0.1:8180".into(),
+            shards: 1024,
+            lease_ttl: Duration::from_secs(5),
+            heartbeat_ttl: Duration::from_secs(5),
+            redis_prefix: "wallet".into(),
+        }
+    }
+
+    #[test]
+    fn validation_rejects_what_the_cluster_cannot_use() {
+        assert!(config().validate().is_ok());
+        let broken: [fn(&mut ClusterConfig); 6] = [
+            |c| c.node_id.clear(),
+            |c| c.node_id = "node#0".into(),
+            |c| c.shards = 0,
+            |c| c.shards = u32::MAX,
+            |c| c.lease_ttl = Duration::from_millis(1),
+            |c| c.redis_prefix.clear(),
+        ];
+        for (i, breaks) in broken.iter().enumerate() {
+            let mut c = config();
+            breaks(&mut c);
+            assert!(
+                matches!(c.validate(), Err(ClusterError::Config(_))),
+                "case {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn members_serialise_in_camel_case() {
+        let m = Member {
+            id: "node-0".into(),
+            internal_addr: "10.0.0.1:8090".into(),
+        };
+        let json = serde_json::to_string(&m).expect("json");
+        assert_eq!(json, r#"{"id":"node-0","internalAddr":"10.0.0.1:8090"}"#);
+    }
+}

@@ -244,3 +244,61 @@ async fn after_redis_forgets_everything_claims_reseed_from_postgres_and_fences_s
     flush_prefix(&redis, &prefix).await;
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_down_nothing_is_activated_and_leases_are_not_kept() {
+    let db = TestDb::new().await;
+    let redis = redis_pool();
+    let prefix = prefix();
+    let ledger = Arc::new(Ledger::default());
+    let shards = 4;
+    let proxy = TcpProxy::start(&db.server_addr()).await;
+    proxy.cut();
+
+    let a = start_node(
+        config("node-a", &prefix, shards),
+        &redis,
+        &db.pool_via(&proxy.addr),
+        &ledger,
+    );
+    // Rounds run (each acquisition takes a token) but no claim gets through, and the
+    // leases are given back rather than sat on.
+    eventually_async("a tried to claim shard 0 twice", CONVERGE, || async {
+        get(&redis, &Leases::fence_key(&prefix, 0))
+            .await
+            .and_then(|f| f.parse::<i64>().ok())
+            >= Some(2)
+    })
+    .await;
+    eventually_async("no lease kept", CONVERGE, || async {
+        let mut none = true;
+        for shard in 0..shards {
+            none &= get(&redis, &Leases::lease_key(&prefix, shard))
+                .await
+                .is_none();
+        }
+        none
+    })
+    .await;
+    assert_eq!(ledger.active_count(), 0);
+    assert_eq!(current_fence(&db.pool, 0).await.expect("read"), None);
+
+    proxy.restore();
+    eventually(
+        "a owns everything once PostgreSQL is back",
+        CONVERGE,
+        || ledger.active_count() == shards as usize,
+    )
+    .await;
+    for (shard, fence) in ledger.last_fences() {
+        assert_eq!(
+            current_fence(&db.pool, shard).await.expect("read"),
+            Some(fence)
+        );
+    }
+
+    a.cluster.shutdown().await;
+    ledger.assert_no_violations();
+    flush_prefix(&redis, &prefix).await;
+    db.drop_db().await;
+}

@@ -119,14 +119,14 @@ async fn a_member_that_stops_heartbeating_expires() {
 async fn during_a_redis_outage_the_view_and_the_shards_are_kept() {
     let db = TestDb::new().await;
     let redis = redis_pool();
-    let proxy = RedisProxy::start().await;
+    let proxy = TcpProxy::redis().await;
     let prefix = prefix();
     let ledger = Arc::new(Ledger::default());
     let shards = 8;
 
     let a = start_node(
         config("node-a", &prefix, shards),
-        &proxy.pool(),
+        &proxy.redis_pool(),
         &db.pool,
         &ledger,
     );

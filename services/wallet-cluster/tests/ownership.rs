@@ -218,3 +218,61 @@ async fn a_shard_whose_fence_moved_is_dropped_and_taken_again_with_a_higher_fenc
     flush_prefix(&redis, &prefix).await;
     db.drop_db().await;
 }
+
+/// A membership source that publishes a fixed list.
+struct Fixed(Vec<wallet_cluster::Member>);
+
+#[async_trait::async_trait]
+impl wallet_cluster::Membership for Fixed {
+    async fn run(
+        &self,
+        tx: tokio::sync::watch::Sender<Vec<wallet_cluster::Member>>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<(), wallet_cluster::ClusterError> {
+        tx.send_replace(self.0.clone());
+        shutdown.cancelled().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_missing_from_the_view_is_not_ready_and_routes_elsewhere() {
+    let db = TestDb::new().await;
+    let redis = redis_pool();
+    let prefix = prefix();
+    let ledger = Arc::new(Ledger::default());
+    let registry = prometheus::Registry::new();
+    let metrics = wallet_cluster::ClusterMetrics::register(&registry).expect("metrics");
+    let (_fence_lost, rx) = tokio::sync::mpsc::unbounded_channel();
+    let cluster = wallet_cluster::Cluster::start(
+        config("node-a", &prefix, SHARDS),
+        redis.clone(),
+        db.pool.clone(),
+        Arc::new(Fixed(members(&["node-b"]))),
+        Arc::new(FakeHost {
+            node: "node-a".into(),
+            ledger: ledger.clone(),
+        }),
+        rx,
+        metrics,
+    )
+    .expect("start");
+    eventually("view published", CONVERGE, || {
+        !cluster.snapshot().members.is_empty()
+    })
+    .await;
+    assert!(!cluster.is_ready());
+    for shard in 0..SHARDS {
+        assert_eq!(
+            cluster.owner_of(shard).map(|m| m.id).as_deref(),
+            Some("node-b")
+        );
+    }
+    cluster.shutdown().await;
+    assert_eq!(
+        ledger.activation_counts().len(),
+        0,
+        "HRW never picks a node outside the view"
+    );
+    db.drop_db().await;
+}

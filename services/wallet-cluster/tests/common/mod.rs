@@ -25,6 +25,7 @@ pub fn env(name: &str) -> String {
 pub struct TestDb {
     pub pool: PgPool,
     name: String,
+    url: String,
 }
 
 impl TestDb {
@@ -54,7 +55,26 @@ impl TestDb {
             .run(&pool)
             .await
             .expect("migrate");
-        Self { pool, name }
+        Self { pool, name, url }
+    }
+
+    /// `host:port` of the database server.
+    pub fn server_addr(&self) -> String {
+        let rest = self.url.split_once('@').expect("url with credentials").1;
+        rest.split_once('/')
+            .expect("url with a database")
+            .0
+            .to_owned()
+    }
+
+    /// A pool on this database through `proxy_addr`, failing fast when it is cut.
+    pub fn pool_via(&self, proxy_addr: &str) -> PgPool {
+        let url = self.url.replacen(&self.server_addr(), proxy_addr, 1);
+        PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_millis(500))
+            .connect_lazy(&url)
+            .expect("lazy pool")
     }
 
     /// Drops the database; only reached when the test passed, so a failure leaves it for inspection.
@@ -355,23 +375,21 @@ pub fn placement(ledger: &Ledger, shards: u32) -> BTreeMap<u32, String> {
         .collect()
 }
 
-/// A TCP proxy in front of Redis that a test can cut and restore, to play a Redis
-/// outage without disturbing anyone else's Redis.
-pub struct RedisProxy {
-    pub url: String,
+/// A TCP proxy a test can cut and restore, to play an outage of Redis or PostgreSQL
+/// without disturbing anyone else using them.
+pub struct TcpProxy {
+    /// `host:port` to connect to instead of the target.
+    pub addr: String,
     up: tokio::sync::watch::Sender<bool>,
 }
 
-impl RedisProxy {
-    pub async fn start() -> Self {
-        let target = env("REDIS_URL")
-            .trim_start_matches("redis://")
-            .trim_end_matches('/')
-            .to_owned();
+impl TcpProxy {
+    pub async fn start(target: &str) -> Self {
+        let target = target.to_owned();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind proxy");
-        let url = format!("redis://{}", listener.local_addr().expect("addr"));
+        let addr = listener.local_addr().expect("addr").to_string();
         let (up, _) = tokio::sync::watch::channel(true);
         let up_rx = up.subscribe();
         tokio::spawn(async move {
@@ -392,11 +410,21 @@ impl RedisProxy {
                 });
             }
         });
-        Self { url, up }
+        Self { addr, up }
     }
 
-    pub fn pool(&self) -> deadpool_redis::Pool {
-        deadpool_redis::Config::from_url(self.url.clone())
+    /// A proxy in front of the test Redis.
+    pub async fn redis() -> Self {
+        Self::start(
+            env("REDIS_URL")
+                .trim_start_matches("redis://")
+                .trim_end_matches('/'),
+        )
+        .await
+    }
+
+    pub fn redis_pool(&self) -> deadpool_redis::Pool {
+        deadpool_redis::Config::from_url(format!("redis://{}", self.addr))
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .expect("redis pool")
     }
