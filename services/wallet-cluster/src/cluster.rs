@@ -336,11 +336,11 @@ impl Owner {
 
         let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // Shards HRW gives us but whose lease is still held elsewhere (a handoff in
-        // progress) are retried sooner than the tick, shortening the gap in which
-        // nobody serves them; one pipelined call per retry.
         let mut view_open = true;
         loop {
+            // Shards HRW gives us but whose lease is still held elsewhere (a handoff
+            // in progress) are retried sooner than the tick, shortening the gap in
+            // which nobody serves them; one pipelined call per retry.
             let retry_gap = self.retry_gap();
             tokio::select! {
                 biased;
