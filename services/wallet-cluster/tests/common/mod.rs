@@ -31,7 +31,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> Self {
         let admin_url = env("DATABASE_ADMIN_URL");
-        let name = format!("wallet_cluster_{}", uuid::Uuid::new_v4().simple());
+        let name = format!("test_wallet_cluster_{}", uuid::Uuid::new_v4().simple());
         let admin = PgPoolOptions::new()
             .max_connections(1)
             .connect(&admin_url)
@@ -77,7 +77,8 @@ impl TestDb {
             .expect("lazy pool")
     }
 
-    /// Drops the database; only reached when the test passed, so a failure leaves it for inspection.
+    /// Drops the database; only reached when the test passed, so a failure leaves it for
+    /// inspection (scripts/test.sh drops leftover `test_%` databases).
     pub async fn drop_db(self) {
         self.pool.close().await;
         let admin = PgPoolOptions::new()
