@@ -276,3 +276,50 @@ async fn a_node_missing_from_the_view_is_not_ready_and_routes_elsewhere() {
     );
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_found_in_other_hands_at_renewal_deactivates_the_shard() {
+    let db = TestDb::new().await;
+    let redis = redis_pool();
+    let prefix = prefix();
+    let ledger = Arc::new(Ledger::default());
+    let shards = 4;
+
+    let a = start_node(config("node-a", &prefix, shards), &redis, &db.pool, &ledger);
+    eventually("a owns everything", CONVERGE, || {
+        ledger.active_count() == shards as usize
+    })
+    .await;
+    let before = ledger.last_fences()[&1];
+
+    // Another node took the lease (as after a's lease lapsed during a pause) and
+    // holds it a little while.
+    let mut conn = redis.get().await.expect("redis");
+    let _: () = redis::cmd("SET")
+        .arg(wallet_cluster::lease::Leases::lease_key(&prefix, 1))
+        .arg("intruder#0")
+        .arg("PX")
+        .arg(1500)
+        .query_async(&mut *conn)
+        .await
+        .expect("SET");
+    eventually("a lets shard 1 go", CONVERGE, || ledger.owner(1).is_none()).await;
+    assert_eq!(counter(&a.registry, "wallet_lease_losses_total"), 1.0);
+    assert_eq!(
+        ledger.active_count(),
+        shards as usize - 1,
+        "only shard 1 is affected"
+    );
+
+    // Once the intruder's lease runs out, HRW's owner takes the shard back with a new fence.
+    eventually("a takes shard 1 back", CONVERGE, || {
+        ledger.owner(1).is_some()
+    })
+    .await;
+    assert!(ledger.last_fences()[&1] > before);
+
+    a.cluster.shutdown().await;
+    ledger.assert_no_violations();
+    flush_prefix(&redis, &prefix).await;
+    db.drop_db().await;
+}
