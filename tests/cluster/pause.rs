@@ -24,12 +24,14 @@ async fn a_paused_owner_is_fenced_out_and_nothing_acknowledged_is_lost() -> anyh
     // requests, but those already sent to it (and forwarded to it) wait inside it.
     load.remove_target(victim);
     cluster.pause(victim)?;
+    let paused_at = std::time::Instant::now();
 
     // Its heartbeat and lease expire: the others name another owner and claim the shard.
     let renamed = eventually(SETTLE, || async {
         matches!(cluster.agreed_owner(hot).await, Ok(Some((_, owner))) if owner != victim)
     })
     .await;
+    let renamed_after = paused_at.elapsed();
     assert!(
         renamed,
         "the live nodes still route shard {shard} to the paused {victim_id}"
@@ -38,12 +40,19 @@ async fn a_paused_owner_is_fenced_out_and_nothing_acknowledged_is_lost() -> anyh
         matches!(cluster.fence(shard).await, Ok(Some((fence, owner))) if owner != victim_id && fence > fence_before)
     })
     .await;
+    let claimed_after = paused_at.elapsed();
     assert!(
         claimed,
         "nobody claimed shard {shard} in PostgreSQL while {victim_id} was paused: {:?}",
         cluster.fence(shard).await?
     );
     load.wait_progress(200, true).await?;
+    // Reported, not asserted: how long the hot wallet was out of reach.
+    eprintln!(
+        "paused {victim_id}: renamed after {renamed_after:?}, claimed after {claimed_after:?}, \
+         200 more operations on the hot wallet after {:?}",
+        paused_at.elapsed()
+    );
 
     // Woken up, the old owner still believes it owns the shard for a moment: whatever
     // it commits now must be refused by the fence, and its requests go elsewhere.
