@@ -88,25 +88,6 @@ impl ExecutorPool {
         answer.await.unwrap_or(Err(ExecutionError::NotOwner))
     }
 
-    pub fn serves(&self, shard: u32) -> bool {
-        self.shards
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .contains_key(&shard)
-    }
-
-    pub fn served_shards(&self) -> Vec<u32> {
-        let mut shards: Vec<u32> = self
-            .shards
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .keys()
-            .copied()
-            .collect();
-        shards.sort_unstable();
-        shards
-    }
-
     fn take(&self, shard: u32) -> Option<ShardHandle> {
         self.shards
             .write()

@@ -279,25 +279,20 @@ impl ShardExecutor {
                 continue;
             }
             if let Some(key) = command.idempotency_key.as_deref() {
-                let earlier = by_key
-                    .get(&(command.wallet_id, key))
-                    .map(|op| (*op).clone())
-                    .or_else(|| {
-                        new_keys
-                            .get(&(command.wallet_id, key.to_owned()))
-                            .map(|&index| records[index].clone())
-                    });
-                if let Some(earlier) = earlier {
+                // The key's first operation: stored earlier, or new in this very batch.
+                let first = match by_key.get(&(command.wallet_id, key)) {
+                    Some(stored) => Some((
+                        stored.request_hash.clone(),
+                        Planned::Done(CommandOutcome::Recorded((*stored).clone())),
+                    )),
+                    None => new_keys
+                        .get(&(command.wallet_id, key.to_owned()))
+                        .map(|&index| (records[index].request_hash.clone(), Planned::New(index))),
+                };
+                if let Some((first_hash, first_answer)) = first {
                     planned.push(
-                        if earlier.request_hash.as_deref() == Some(command.request_hash.as_str()) {
-                            match new_keys.get(&(command.wallet_id, key.to_owned())) {
-                                Some(&index)
-                                    if earlier.operation_id == records[index].operation_id =>
-                                {
-                                    Planned::New(index)
-                                }
-                                _ => Planned::Done(CommandOutcome::Recorded(earlier)),
-                            }
+                        if first_hash.as_deref() == Some(command.request_hash.as_str()) {
+                            first_answer
                         } else {
                             Planned::Done(CommandOutcome::IdempotencyKeyReused)
                         },

@@ -41,20 +41,20 @@ pub async fn readyz(depot: &mut Depot, res: &mut Response) {
     let Some(state) = app_state(depot, res) else {
         return;
     };
-    let (database, schema) = match state.store.schema_version().await {
+    let (database, schema_ok, schema) = match state.store.schema_version().await {
         Ok(Some(version)) if version >= REQUIRED_SCHEMA_VERSION => {
-            ("ok".to_owned(), format!("{version}"))
+            ("ok".to_owned(), true, version.to_string())
         }
         Ok(Some(version)) => (
             "ok".to_owned(),
-            format!("{version} < required {REQUIRED_SCHEMA_VERSION}"),
+            false,
+            format!("{version}, older than required"),
         ),
-        Ok(None) => ("ok".to_owned(), "not migrated".to_owned()),
-        Err(error) => (format!("unreachable: {error}"), "unknown".to_owned()),
+        Ok(None) => ("ok".to_owned(), false, "not migrated".to_owned()),
+        Err(error) => (format!("unreachable: {error}"), false, "unknown".to_owned()),
     };
-    let schema_ok = schema.parse::<i64>().is_ok();
     let cluster_ok = state.cluster.is_ready();
-    let ready = database == "ok" && schema_ok && cluster_ok;
+    let ready = schema_ok && cluster_ok;
     let status = if ready {
         StatusCode::OK
     } else {
