@@ -1,5 +1,6 @@
 //! The public API of one node against real PostgreSQL and Redis.
 
+mod commit_failures;
 mod concurrency;
 mod errors;
 mod idempotency;
