@@ -4,6 +4,7 @@ mod commit_failures;
 mod concurrency;
 mod errors;
 mod idempotency;
+mod readiness;
 mod reads;
 mod shutdown;
 mod telemetry;

@@ -12,6 +12,13 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     pub async fn create() -> anyhow::Result<Self> {
+        let db = Self::create_empty().await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// A database the migrator has not run on yet.
+    pub async fn create_empty() -> anyhow::Result<Self> {
         let admin_url = env_or(
             "DATABASE_ADMIN_URL",
             "postgres://wallet:wallet@127.0.0.1:55432/postgres",
@@ -30,7 +37,12 @@ impl TestDatabase {
             .max_connections(8)
             .connect(&url)
             .await?;
-        sqlx::migrate!("../migrations").run(&pool).await?;
         Ok(Self { name, url, pool })
+    }
+
+    /// Applies `migrations/` as the migrator would.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        sqlx::migrate!("../migrations").run(&self.pool).await?;
+        Ok(())
     }
 }

@@ -76,6 +76,16 @@ pub struct InProcessNode {
 
 impl InProcessNode {
     pub async fn start(node_id: &str, options: &NodeOptions) -> anyhow::Result<Self> {
+        let node = Self::start_unready(node_id, options).await?;
+        anyhow::ensure!(
+            node.wait_ready(Duration::from_secs(20)).await,
+            "node {node_id} did not become ready"
+        );
+        Ok(node)
+    }
+
+    /// Starts the node without waiting for it to become ready.
+    pub async fn start_unready(node_id: &str, options: &NodeOptions) -> anyhow::Result<Self> {
         let env = options.env(node_id, [0, 0, 0]);
         let config = Config::from_lookup(|name| env.get(name).cloned())?;
         let application = Application::build(config).await?;
@@ -84,18 +94,13 @@ impl InProcessNode {
         let internal_url = format!("http://{}", application.internal_addr());
         let stop = application.shutdown_token();
         let task = tokio::spawn(application.run_until_stopped());
-        let node = Self {
+        Ok(Self {
             api,
             admin_url,
             internal_url,
             stop,
             task,
-        };
-        anyhow::ensure!(
-            node.wait_ready(Duration::from_secs(20)).await,
-            "node {node_id} did not become ready"
-        );
-        Ok(node)
+        })
     }
 
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
