@@ -59,9 +59,10 @@ ensure_cluster() {
   scripts/cluster.sh up "$NODES"
 }
 
+# Only the generator: `cluster.sh up` builds the node and the migrator itself when it starts them.
 build_bench() {
-  if [ "$1" = release ]; then cargo build --release -p wallet-bench -p wallet -p wallet-migrator --bins
-  else cargo build -p wallet-bench -p wallet -p wallet-migrator --bins; fi
+  if [ "$1" = release ]; then cargo build --release -p wallet-bench
+  else cargo build -p wallet-bench; fi
 }
 
 case "$MODE" in
