@@ -53,10 +53,10 @@ impl TestCluster {
             options.redis_prefix,
             db.name
         );
-        let ids: Vec<String> = (0..size).map(|i| format!("node-{i}")).collect();
-        let nodes =
-            futures::future::try_join_all(ids.iter().map(|id| NodeProcess::start(id, &options)))
-                .await?;
+        let mut nodes = Vec::with_capacity(size);
+        for i in 0..size {
+            nodes.push(start_node(&format!("node-{i}"), &options).await?);
+        }
         let cluster = Self {
             db,
             options,
@@ -71,7 +71,7 @@ impl TestCluster {
     /// Starts one more node `node-<index>` and returns its index.
     pub async fn add_node(&mut self) -> anyhow::Result<usize> {
         let index = self.nodes.len();
-        let node = NodeProcess::start(&format!("node-{index}"), &self.options).await?;
+        let node = start_node(&format!("node-{index}"), &self.options).await?;
         self.nodes.push(node);
         Ok(index)
     }
@@ -212,6 +212,23 @@ impl TestCluster {
             .fetch_optional(&self.db.pool)
             .await?;
         Ok(row.map(|row| (row.get("fence"), row.get("owner"))))
+    }
+}
+
+/// Starts a node, again on other ports if it could not bind: ports are picked free and
+/// released before the node binds them, so another process may take one meanwhile.
+/// One at a time, so that the nodes of one cluster do not race each other for ports.
+async fn start_node(node_id: &str, options: &NodeOptions) -> anyhow::Result<NodeProcess> {
+    let mut attempt = 1;
+    loop {
+        match NodeProcess::start(node_id, options).await {
+            Ok(node) => return Ok(node),
+            Err(error) if attempt < 3 => {
+                eprintln!("{node_id} did not start ({error:#}); trying other ports");
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
     }
 }
 
