@@ -134,6 +134,14 @@ pub struct NodeProcess {
     child: Option<Child>,
 }
 
+/// Where node processes of the tests write their logs: `target/test-logs` of the workspace.
+pub fn test_log_dir() -> String {
+    env_or(
+        "WALLET_TEST_LOG_DIR",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-logs"),
+    )
+}
+
 /// Path of the `wallet` binary next to the test executable (built by `make test`).
 pub fn wallet_binary() -> anyhow::Result<PathBuf> {
     if let Ok(path) = std::env::var("WALLET_BIN") {
@@ -176,7 +184,7 @@ impl NodeProcess {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let log_dir = PathBuf::from(env_or("WALLET_TEST_LOG_DIR", "target/test-logs"));
+        let log_dir = PathBuf::from(test_log_dir());
         std::fs::create_dir_all(&log_dir)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
