@@ -163,6 +163,7 @@ impl Application {
             executors.clone(),
             forwarder,
             config.request_deadline,
+            config.lease_ttl,
             routing_metrics,
         ));
         let state = AppState {

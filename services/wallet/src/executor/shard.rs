@@ -266,6 +266,8 @@ impl ShardExecutor {
             .filter_map(|op| Some(((op.wallet_id, op.idempotency_key.as_deref()?), op)))
             .collect();
         let mut new_keys: HashMap<(Uuid, String), usize> = HashMap::new();
+        // A retried command can meet its earlier attempt in the same batch: one record for both.
+        let mut new_ids: HashMap<Uuid, usize> = HashMap::new();
         let mut next_state: HashMap<Uuid, WalletState> = HashMap::new();
         let mut records: Vec<OperationRecord> = Vec::new();
         let mut planned = Vec::with_capacity(batch.len());
@@ -276,6 +278,10 @@ impl ShardExecutor {
             let command = &pending.command;
             if let Some(previous) = by_id.get(&command.operation_id) {
                 planned.push(Planned::Done(CommandOutcome::Recorded((*previous).clone())));
+                continue;
+            }
+            if let Some(&index) = new_ids.get(&command.operation_id) {
+                planned.push(Planned::New(index));
                 continue;
             }
             if let Some(key) = command.idempotency_key.as_deref() {
@@ -332,6 +338,7 @@ impl ShardExecutor {
             if let Some(key) = &command.idempotency_key {
                 new_keys.insert((command.wallet_id, key.clone()), records.len() - 1);
             }
+            new_ids.insert(command.operation_id, records.len() - 1);
             planned.push(Planned::New(records.len() - 1));
         }
 

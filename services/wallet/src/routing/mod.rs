@@ -31,6 +31,9 @@ pub struct OperationRouter {
     executors: Arc<ExecutorPool>,
     forwarder: Forwarder,
     deadline: Duration,
+    /// Longest wait for one forward: a paused or silently dead owner loses its shards
+    /// after a lease TTL, so waiting longer than that for it only delays the retry.
+    attempt_timeout: Duration,
     metrics: RoutingMetrics,
 }
 
@@ -46,6 +49,7 @@ impl OperationRouter {
         executors: Arc<ExecutorPool>,
         forwarder: Forwarder,
         deadline: Duration,
+        attempt_timeout: Duration,
         metrics: RoutingMetrics,
     ) -> Self {
         Self {
@@ -53,6 +57,7 @@ impl OperationRouter {
             executors,
             forwarder,
             deadline,
+            attempt_timeout,
             metrics,
         }
     }
@@ -114,7 +119,11 @@ impl OperationRouter {
             };
         }
         let started = std::time::Instant::now();
-        let result = self.forwarder.forward(&owner, command, deadline).await;
+        let attempt_deadline = deadline.min(Instant::now() + self.attempt_timeout);
+        let result = self
+            .forwarder
+            .forward(&owner, command, attempt_deadline)
+            .await;
         self.metrics
             .forward_duration
             .observe(started.elapsed().as_secs_f64());
