@@ -49,7 +49,7 @@ impl TestCluster {
         // Shown only when the test fails (the harness captures it otherwise).
         eprintln!(
             "node logs: {}/{}-node-*.log, database {}",
-            wallet_tests::env_or("WALLET_TEST_LOG_DIR", "target/test-logs"),
+            wallet_tests::node::test_log_dir(),
             options.redis_prefix,
             db.name
         );
