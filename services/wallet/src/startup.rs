@@ -74,13 +74,15 @@ impl Application {
         // the shard's fence row FOR SHARE; the next owner's claim would wait on that lock
         // for as long as the pause lasts. PostgreSQL ends such a session once it has sat
         // idle in its transaction for a lease TTL, so the claim goes through and the old
-        // owner's commit fails (and is then refused by the fence).
+        // owner's commit fails (and is then refused by the fence). No statement waits on a
+        // lock for longer than that either, so a claim cannot stall the ownership loop.
+        let lease_ttl_ms = format!("{}ms", config.lease_ttl.as_millis().max(1));
         let connect = PgConnectOptions::from_str(config.database_url.expose_secret())
             .context("DATABASE_URL is not a valid PostgreSQL URL")?
-            .options([(
-                "idle_in_transaction_session_timeout",
-                format!("{}ms", config.lease_ttl.as_millis().max(1)),
-            )]);
+            .options([
+                ("idle_in_transaction_session_timeout", lease_ttl_ms.as_str()),
+                ("lock_timeout", lease_ttl_ms.as_str()),
+            ]);
         // Lazy: a node starts (and reports not ready) while the database is still coming up.
         let pool = PgPoolOptions::new()
             .max_connections(config.database_max_connections)

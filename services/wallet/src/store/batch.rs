@@ -59,11 +59,12 @@ impl CommitError {
                 sqlx::Error::Database(db) => matches!(
                     db.code().as_deref(),
                     // serialization_failure, deadlock_detected, idle-in-transaction timeout (a
-                    // paused node's session ended before COMMIT), admin shutdown / crash
-                    // recovery, cannot connect now
+                    // paused node's session ended before COMMIT), lock_timeout (a claim held
+                    // the fence row), admin shutdown / crash recovery, cannot connect now
                     Some(
                         "40001"
                             | "25P03"
+                            | "55P03"
                             | "40P01"
                             | "57P01"
                             | "57P02"
