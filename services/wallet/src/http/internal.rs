@@ -55,26 +55,21 @@ pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut R
         .write_to(res);
         return;
     }
-    let batch: ForwardBatch = match req.payload_with_max_size(state.max_body_bytes * 512).await {
-        Ok(bytes) => match serde_json::from_slice(bytes) {
-            Ok(batch) => batch,
-            Err(error) => {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed-request",
-                    "Malformed request",
-                    error.to_string(),
-                )
-                .write_to(res);
-                return;
-            }
-        },
-        Err(error) => {
+    let parsed = req
+        .payload_with_max_size(state.max_body_bytes * 512)
+        .await
+        .map_err(|error| error.to_string())
+        .and_then(|bytes| {
+            serde_json::from_slice::<ForwardBatch>(bytes).map_err(|error| error.to_string())
+        });
+    let batch = match parsed {
+        Ok(batch) => batch,
+        Err(detail) => {
             Problem::new(
                 StatusCode::BAD_REQUEST,
                 "malformed-request",
                 "Malformed request",
-                error.to_string(),
+                detail,
             )
             .write_to(res);
             return;
