@@ -41,6 +41,11 @@ enum Command {
     /// Run scenarios against a running cluster: constant, saturate-one, spike,
     /// multi (= multi-uniform multi-zipf), failover, soak, or all (everything but soak).
     Run(Box<RunArgs>),
+    /// Rewrite report.md and the plots from an existing results.json.
+    Report {
+        #[arg(long, env = "WALLET_BENCH_OUT", default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// Serve an in-memory imitation of the public API (for measuring the generator).
     FakeServer {
         #[arg(long, default_value = "127.0.0.1:18080")]
@@ -290,6 +295,17 @@ fn main() -> ExitCode {
     let outcome = rt.block_on(async {
         match cli.command {
             Command::Run(args) => run(*args).await,
+            Command::Report { out } => {
+                let results = report::read_existing(&out);
+                anyhow::ensure!(
+                    !results.is_empty(),
+                    "no results in {}",
+                    out.join("results.json").display()
+                );
+                report::write_all(&out, &results)?;
+                println!("{}", report::table(&results));
+                Ok(true)
+            }
             Command::FakeServer { addr } => {
                 let listener = tokio::net::TcpListener::bind(&addr)
                     .await

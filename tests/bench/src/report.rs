@@ -200,7 +200,7 @@ fn nice_max(v: f64) -> f64 {
         return 1.0;
     }
     let mag = 10f64.powf(v.log10().floor());
-    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+    for m in [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0] {
         if v <= m * mag {
             return m * mag;
         }
@@ -286,8 +286,10 @@ pub fn svg_chart(title: &str, y_label: &str, lines: &[Line<'_>], events: &[Event
         top + ph / 2.0,
         esc(y_label)
     );
-    for e in events {
+    for (i, e) in events.iter().enumerate() {
         let x = sx(e.t_s);
+        // Events often come close together (restart, started): stagger the labels.
+        let label_y = top + 12.0 + 14.0 * i as f64;
         let _ = writeln!(
             s,
             r##"<line x1="{x}" x2="{x}" y1="{top}" y2="{}" stroke="#c00" stroke-dasharray="4 3"/>"##,
@@ -297,7 +299,7 @@ pub fn svg_chart(title: &str, y_label: &str, lines: &[Line<'_>], events: &[Event
             s,
             r##"<text x="{}" y="{}" fill="#c00">{}</text>"##,
             x + 3.0,
-            top + 12.0,
+            label_y,
             esc(&e.what)
         );
     }
@@ -393,15 +395,19 @@ pub fn write_all(dir: &Path, results: &[ScenarioResult]) -> std::io::Result<()> 
             },
         ];
         if r.offered_rps.is_some() {
-            tput.push(Line {
-                name: "offered/s",
-                color: "#7f7f7f",
-                points: r
-                    .series
-                    .iter()
-                    .filter_map(|p| p.offered.map(|o| (t(p), o)))
-                    .collect(),
-            });
+            // Drawn first so the answered line stays visible on top of it.
+            tput.insert(
+                0,
+                Line {
+                    name: "offered/s",
+                    color: "#7f7f7f",
+                    points: r
+                        .series
+                        .iter()
+                        .filter_map(|p| p.offered.map(|o| (t(p), o)))
+                        .collect(),
+                },
+            );
         }
         std::fs::write(
             dir.join(format!("{}-throughput.svg", r.scenario)),
