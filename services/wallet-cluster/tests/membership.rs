@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,11 +25,13 @@ struct Running {
 }
 
 fn run(node: &str, prefix: &str, pool: deadpool_redis::Pool) -> Running {
+    run_with(config(node, prefix, 8), pool)
+}
+
+fn run_with(config: wallet_cluster::ClusterConfig, pool: deadpool_redis::Pool) -> Running {
     let registry = prometheus::Registry::new();
     let metrics = ClusterMetrics::register(&registry).expect("metrics");
-    let membership = Arc::new(
-        RedisMembership::new(&config(node, prefix, 8), pool, metrics).expect("membership"),
-    );
+    let membership = Arc::new(RedisMembership::new(&config, pool, metrics).expect("membership"));
     let (tx, view) = watch::channel(Vec::new());
     let stop = CancellationToken::new();
     let task = {
@@ -41,6 +44,39 @@ fn run(node: &str, prefix: &str, pool: deadpool_redis::Pool) -> Running {
         stop,
         task,
     }
+}
+
+/// Each member's expiry (Redis ms) in the member set.
+async fn expiries(redis: &deadpool_redis::Pool, prefix: &str) -> BTreeMap<String, f64> {
+    let mut conn = redis.get().await.expect("redis");
+    let entries: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(RedisMembership::key(prefix))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut *conn)
+        .await
+        .expect("ZRANGE");
+    entries
+        .into_iter()
+        .map(|(json, expiry)| {
+            let member: wallet_cluster::Member = serde_json::from_str(&json).expect("member");
+            (member.id, expiry)
+        })
+        .collect()
+}
+
+async fn exists(redis: &deadpool_redis::Pool, key: &str) -> bool {
+    let mut conn = redis.get().await.expect("redis");
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut *conn)
+        .await
+        .expect("EXISTS")
+}
+
+fn tombstone(prefix: &str, node: &str) -> String {
+    format!("{prefix}:left:{node}")
 }
 
 #[tokio::test]
@@ -190,4 +226,125 @@ async fn during_a_redis_outage_the_view_and_the_shards_are_kept() {
     ledger.assert_no_violations();
     flush_prefix(&redis, &prefix).await;
     db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_wiped_member_set_does_not_shrink_the_view() {
+    let redis = redis_pool();
+    let prefix = prefix();
+    let a = run("node-a", &prefix, redis.clone());
+    let b = run("node-b", &prefix, redis.clone());
+    eventually("both see both", CONVERGE, || {
+        ids(&a.view) == ["node-a", "node-b"] && ids(&b.view) == ["node-a", "node-b"]
+    })
+    .await;
+    let mut views = [a.view.clone(), b.view.clone()];
+    for view in &mut views {
+        view.mark_unchanged();
+    }
+
+    // What FLUSHALL or a restart without persistence does, limited to this test's keys.
+    flush_prefix(&redis, &prefix).await;
+    // The first heartbeat after the wipe finds only its own node. Once both nodes have
+    // heartbeated twice since, each has published what its first read found.
+    eventually_async("both re-registered", CONVERGE, || async {
+        expiries(&redis, &prefix).await.len() == 2
+    })
+    .await;
+    let registered = expiries(&redis, &prefix).await;
+    eventually_async("both heartbeat again", CONVERGE, || {
+        let (redis, prefix, registered) = (&redis, &prefix, &registered);
+        async move {
+            let now = expiries(redis, prefix).await;
+            now.len() == 2 && now.iter().all(|(id, e)| registered.get(id) < Some(e))
+        }
+    })
+    .await;
+    for view in &views {
+        assert!(
+            !view.has_changed().expect("membership running"),
+            "a view changed after the wipe: {:?}",
+            *view.borrow()
+        );
+    }
+    assert_eq!(ids(&a.view), ["node-a", "node-b"]);
+    assert_eq!(ids(&b.view), ["node-a", "node-b"]);
+
+    // A member lost in a wipe that never comes back still expires.
+    b.task.abort();
+    let _ = b.task.await;
+    flush_prefix(&redis, &prefix).await;
+    eventually("b expires from a's view", CONVERGE, || {
+        ids(&a.view) == ["node-a"]
+    })
+    .await;
+    a.stop.cancel();
+    a.task.await.expect("a stopped");
+    flush_prefix(&redis, &prefix).await;
+}
+
+#[tokio::test]
+async fn a_leaver_disappears_before_its_heartbeat_expires_and_may_come_back() {
+    let redis = redis_pool();
+    let prefix = prefix();
+    // A TTL far beyond the wait below: only the leave itself can make b disappear.
+    let long = |node| wallet_cluster::ClusterConfig {
+        heartbeat_ttl: Duration::from_secs(120),
+        ..config(node, &prefix, 8)
+    };
+    let a = run_with(long("node-a"), redis.clone());
+    let b = run_with(long("node-b"), redis.clone());
+    eventually("a sees both", CONVERGE, || {
+        ids(&a.view) == ["node-a", "node-b"]
+    })
+    .await;
+
+    b.stop.cancel();
+    b.task.await.expect("b stopped");
+    assert!(exists(&redis, &tombstone(&prefix, "node-b")).await);
+    eventually("a sees b leave", CONVERGE, || ids(&a.view) == ["node-a"]).await;
+
+    // Coming back clears the tombstone before registering again.
+    let b = run_with(long("node-b"), redis.clone());
+    eventually("a sees b again", CONVERGE, || {
+        ids(&a.view) == ["node-a", "node-b"]
+    })
+    .await;
+    assert!(!exists(&redis, &tombstone(&prefix, "node-b")).await);
+    for node in [a, b] {
+        node.stop.cancel();
+        node.task.await.expect("stopped");
+    }
+    flush_prefix(&redis, &prefix).await;
+}
+
+#[tokio::test]
+async fn a_member_that_dies_without_leaving_expires_after_its_ttl() {
+    let redis = redis_pool();
+    let prefix = prefix();
+    let a = run("node-a", &prefix, redis.clone());
+    let b = run("node-b", &prefix, redis.clone());
+    eventually("a sees both", CONVERGE, || {
+        ids(&a.view) == ["node-a", "node-b"]
+    })
+    .await;
+
+    // A crash: the task stops mid-loop, without deregistering.
+    b.task.abort();
+    let _ = b.task.await;
+    assert!(!exists(&redis, &tombstone(&prefix, "node-b")).await);
+    eventually("b expires from a's view", CONVERGE, || {
+        ids(&a.view) == ["node-a"]
+    })
+    .await;
+    assert_eq!(
+        expiries(&redis, &prefix)
+            .await
+            .into_keys()
+            .collect::<Vec<_>>(),
+        ["node-a"]
+    );
+    a.stop.cancel();
+    a.task.await.expect("a stopped");
+    flush_prefix(&redis, &prefix).await;
 }
