@@ -81,8 +81,19 @@ async fn a_batch_that_cannot_commit_fails_alone_and_leaves_the_balance_exact() -
         StatusCode::OK
     );
 
-    let failed = node.api.operate(wallet, "DEPOSIT", "66.66", None).await?;
+    // Other wallets' operations, committed alongside in the same transactions, go through.
+    let neighbour = node.api.create_wallet().await?;
+    let poisoned = node.api.operate(wallet, "DEPOSIT", "66.66", None);
+    let neighbours = futures::future::join_all(
+        (0..100).map(|_| node.api.operate(neighbour, "DEPOSIT", "1.00", None)),
+    );
+    let (failed, neighbours) = tokio::join!(poisoned, neighbours);
+    let failed = failed?;
     assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE, "{failed:?}");
+    for answer in neighbours {
+        assert_eq!(answer?.status, StatusCode::OK);
+    }
+    assert_eq!(node.api.balance(neighbour).await?.to_string(), "100.00");
     assert_eq!(
         failed.body["type"],
         "https://wallet.dev/problems/service-unavailable"

@@ -47,6 +47,8 @@ pub struct Config {
     pub heartbeat_ttl: Duration,
     pub request_deadline: Duration,
     pub batch_max: usize,
+    /// Transactions a node commits at once; each takes the batches of many shards.
+    pub commit_lanes: usize,
     pub max_body_bytes: usize,
     pub redis_prefix: String,
     pub membership: MembershipSource,
@@ -98,6 +100,10 @@ impl Config {
             return Err(invalid("WALLET_SHARDS", "0", "must be at least 1"));
         }
         let batch_max: usize = parse(&get, "WALLET_BATCH_MAX", 512)?;
+        let commit_lanes: usize = parse(&get, "WALLET_COMMIT_LANES", 4)?;
+        if commit_lanes == 0 {
+            return Err(invalid("WALLET_COMMIT_LANES", "0", "must be at least 1"));
+        }
         if batch_max == 0 {
             return Err(invalid("WALLET_BATCH_MAX", "0", "must be at least 1"));
         }
@@ -128,6 +134,7 @@ impl Config {
             heartbeat_ttl: millis(&get, "WALLET_HEARTBEAT_TTL_MS", 5_000)?,
             request_deadline: millis(&get, "WALLET_REQUEST_DEADLINE_MS", 10_000)?,
             batch_max,
+            commit_lanes,
             max_body_bytes: parse(&get, "WALLET_MAX_BODY_BYTES", 16 * 1024)?,
             redis_prefix: get("WALLET_REDIS_PREFIX").unwrap_or_else(|| "wallet".to_owned()),
             membership,

@@ -116,6 +116,7 @@ impl Application {
         let executors = ExecutorPool::new(
             store.clone(),
             config.batch_max,
+            config.commit_lanes,
             executor_metrics,
             fence_lost_tx,
         );

@@ -4,6 +4,7 @@
 //! A request is answered only after its batch committed, and the cache is only
 //! updated after a commit, so it is never ahead of the database.
 
+mod committer;
 mod metrics;
 mod shard;
 
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CommandOutcome, OperationCommand};
 use crate::store::Store;
+use committer::Committer;
 use shard::ShardExecutor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +46,7 @@ struct ShardHandle {
 /// The shards this node serves, each with its executor task.
 pub struct ExecutorPool {
     store: Store,
+    committer: Committer,
     batch_max: usize,
     metrics: ExecutorMetrics,
     shards: RwLock<HashMap<u32, ShardHandle>>,
@@ -52,14 +55,20 @@ pub struct ExecutorPool {
 }
 
 impl ExecutorPool {
+    /// Needs a Tokio runtime: it starts `commit_lanes` commit lanes.
     pub fn new(
         store: Store,
         batch_max: usize,
+        commit_lanes: usize,
         metrics: ExecutorMetrics,
         fence_lost: mpsc::UnboundedSender<u32>,
     ) -> Arc<Self> {
+        // A transaction takes up to this many operations from the batches of many shards.
+        let committer =
+            Committer::start(store.clone(), commit_lanes, batch_max * 4, metrics.clone());
         Arc::new(Self {
             store,
+            committer,
             batch_max,
             metrics,
             shards: RwLock::new(HashMap::new()),
@@ -131,6 +140,7 @@ impl wallet_cluster::ShardHost for ExecutorPool {
             shard,
             fence,
             self.store.clone(),
+            self.committer.clone(),
             self.batch_max,
             self.metrics.clone(),
             self.fence_lost.clone(),

@@ -1,5 +1,6 @@
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
 use rust_decimal::Decimal;
@@ -8,11 +9,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::committer::Committer;
 use super::{ExecutionError, ExecutorMetrics, Pending};
 use crate::domain::{
     CommandOutcome, MAX_BALANCE, OperationRecord, OperationStatus, OperationType, RejectionReason,
 };
-use crate::store::{BatchWrite, CommitError, Store, WalletState, WalletUpdate};
+use crate::store::{CommitError, ShardFence, Store, WalletState, WalletUpdate};
 
 /// Attempts of one batch when the failure says a retry is safe.
 const MAX_ATTEMPTS: u32 = 4;
@@ -23,6 +25,7 @@ pub(super) struct ShardExecutor {
     shard: u32,
     fence: i64,
     store: Store,
+    committer: Committer,
     batch_max: usize,
     metrics: ExecutorMetrics,
     fence_lost: mpsc::UnboundedSender<u32>,
@@ -54,6 +57,7 @@ impl ShardExecutor {
         shard: u32,
         fence: i64,
         store: Store,
+        committer: Committer,
         batch_max: usize,
         metrics: ExecutorMetrics,
         fence_lost: mpsc::UnboundedSender<u32>,
@@ -62,6 +66,7 @@ impl ShardExecutor {
             shard,
             fence,
             store,
+            committer,
             batch_max,
             metrics,
             fence_lost,
@@ -114,12 +119,12 @@ impl ShardExecutor {
                     }
                     return Flow::Continue;
                 }
-                Err(CommitError::Fenced {
-                    shard,
-                    ours,
-                    current,
-                }) => {
-                    tracing::warn!(shard, ours, ?current, "batch rejected by the shard fence");
+                Err(error) if matches!(*error, CommitError::Fenced { .. }) => {
+                    tracing::warn!(
+                        shard = self.shard,
+                        fence = self.fence,
+                        "batch rejected by the shard fence"
+                    );
                     self.metrics.fence_rejections.inc();
                     self.metrics
                         .batch_failures
@@ -136,9 +141,9 @@ impl ShardExecutor {
                         self.cache.remove(&pending.command.wallet_id);
                     }
                     let retry = (error.is_transient()
-                        || matches!(error, CommitError::StaleVersion))
+                        || matches!(*error, CommitError::StaleVersion))
                         && attempt < MAX_ATTEMPTS;
-                    let reason = if matches!(error, CommitError::StaleVersion) {
+                    let reason = if matches!(*error, CommitError::StaleVersion) {
                         "stale_version"
                     } else if error.is_transient() {
                         "transient"
@@ -150,12 +155,12 @@ impl ShardExecutor {
                         .with_label_values(&[reason])
                         .inc();
                     if retry {
-                        tracing::warn!(error = %error_chain(&error), attempt, "batch commit failed, retrying");
+                        tracing::warn!(error = %error_chain(&*error), attempt, "batch commit failed, retrying");
                         tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))).await;
                         attempt += 1;
                         continue;
                     }
-                    tracing::error!(error = %error_chain(&error), attempt, "batch commit failed");
+                    tracing::error!(error = %error_chain(&*error), attempt, "batch commit failed");
                     for pending in batch {
                         let _ = pending.reply.send(Err(ExecutionError::Unavailable));
                     }
@@ -169,29 +174,22 @@ impl ShardExecutor {
         &mut self,
         batch: &[Pending],
         retrying: bool,
-    ) -> Result<Vec<CommandOutcome>, CommitError> {
-        self.load_missing(batch).await?;
-        let existing = self.existing_operations(batch, retrying).await?;
+    ) -> Result<Vec<CommandOutcome>, Arc<CommitError>> {
+        self.load_missing(batch).await.map_err(Arc::new)?;
+        let existing = self
+            .existing_operations(batch, retrying)
+            .await
+            .map_err(Arc::new)?;
         let plan = self.plan(batch, &existing);
 
         if !plan.records.is_empty() {
-            let started = Instant::now();
-            self.store
-                .commit_batch(BatchWrite {
-                    shard: self.shard,
-                    fence: self.fence,
-                    operations: &plan.records,
-                    wallets: &plan.updates,
-                })
-                .instrument(tracing::info_span!(
-                    "commit",
-                    operations = plan.records.len()
-                ))
+            let fence = ShardFence {
+                shard: self.shard,
+                fence: self.fence,
+            };
+            self.committer
+                .commit(fence, plan.records.clone(), plan.updates)
                 .await?;
-            self.metrics
-                .commit_duration
-                .observe(started.elapsed().as_secs_f64());
-            self.metrics.batch_size.observe(plan.records.len() as f64);
         }
         if self.cache.len() > MAX_CACHED_WALLETS {
             self.cache.clear();

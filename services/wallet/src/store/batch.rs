@@ -1,4 +1,4 @@
-//! The one transaction a batch of operations commits in.
+//! The one transaction a group of shard batches commits in.
 
 use rust_decimal::Decimal;
 use sqlx::Row;
@@ -17,22 +17,24 @@ pub struct WalletUpdate {
     pub expected_version: i64,
 }
 
-pub struct BatchWrite<'a> {
+/// A shard and the fencing token its batches were planned under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardFence {
     pub shard: u32,
     pub fence: i64,
+}
+
+pub struct BatchWrite<'a> {
+    pub fences: &'a [ShardFence],
     pub operations: &'a [OperationRecord],
     pub wallets: &'a [WalletUpdate],
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
-    /// Another node claimed the shard with a newer fence: this node must stop serving it.
-    #[error("shard {shard} is fenced: ours is {ours}, current is {current:?}")]
-    Fenced {
-        shard: u32,
-        ours: i64,
-        current: Option<i64>,
-    },
+    /// Another node claimed these shards with a newer fence: this node must stop serving them.
+    #[error("shards {shards:?} are fenced: another node claimed them")]
+    Fenced { shards: Vec<u32> },
     /// A wallet changed under the cache (should not happen while the fence holds).
     #[error("wallet versions changed under the cache")]
     StaleVersion,
@@ -82,27 +84,38 @@ impl CommitError {
 }
 
 impl Store {
-    /// Fence check, every operation, one update per touched wallet: all or nothing.
+    /// Fence check of every shard, every operation, one update per touched wallet: all or nothing.
     pub async fn commit_batch(&self, batch: BatchWrite<'_>) -> Result<(), CommitError> {
         let mut tx = self.pool.begin().await?;
-        // FOR SHARE: a concurrent claim of the shard waits for this commit, and a claim that
+        // FOR SHARE: a concurrent claim of a shard waits for this commit, and a claim that
         // already happened is seen here, so a stale owner can never commit after it.
-        let current: Option<i64> =
-            sqlx::query("SELECT fence FROM shard_fences WHERE shard = $1 FOR SHARE")
-                .bind(
-                    i32::try_from(batch.shard)
-                        .map_err(|_| StoreError::Corrupt(format!("shard {}", batch.shard)))?,
-                )
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|row| row.try_get("fence"))
-                .transpose()?;
-        if current != Some(batch.fence) {
-            return Err(CommitError::Fenced {
-                shard: batch.shard,
-                ours: batch.fence,
-                current,
-            });
+        let shards = batch
+            .fences
+            .iter()
+            .map(|fence| i32::try_from(fence.shard))
+            .collect::<Result<Vec<i32>, _>>()
+            .map_err(|_| StoreError::Corrupt("shard number out of range".to_owned()))?;
+        let rows =
+            sqlx::query("SELECT shard, fence FROM shard_fences WHERE shard = ANY($1) FOR SHARE")
+                .bind(&shards)
+                .fetch_all(&mut *tx)
+                .await?;
+        let mut current = std::collections::HashMap::with_capacity(rows.len());
+        for row in rows {
+            current.insert(
+                row.try_get::<i32, _>("shard")?,
+                row.try_get::<i64, _>("fence")?,
+            );
+        }
+        let fenced: Vec<u32> = batch
+            .fences
+            .iter()
+            .zip(&shards)
+            .filter(|(fence, shard)| current.get(*shard) != Some(&fence.fence))
+            .map(|(fence, _)| fence.shard)
+            .collect();
+        if !fenced.is_empty() {
+            return Err(CommitError::Fenced { shards: fenced });
         }
 
         let ops = batch.operations;

@@ -4,7 +4,7 @@
 
 mod batch;
 
-pub use batch::{BatchWrite, CommitError, WalletUpdate};
+pub use batch::{BatchWrite, CommitError, ShardFence, WalletUpdate};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
