@@ -47,7 +47,13 @@ ensure_cluster() {
   fi
   local running; running=$(nodes_running)
   if [ "$running" = "$NODES" ]; then
-    log "all $NODES nodes are already running (.data/run): benchmarking them as they are, leaving them up"
+    # The failover scenario restarts a node with cluster.sh: keep the build the nodes run.
+    local exe; exe=$(readlink "/proc/$(cat "$DATA_DIR/run/node-0.pid")/exe" || true)
+    case "$exe" in
+      */target/release/wallet) export PROFILE=release ;;
+      */target/debug/wallet) export PROFILE=debug ;;
+    esac
+    log "all $NODES nodes are already running ($PROFILE build): benchmarking them as they are, leaving them up"
     return 0
   elif [ "$running" != 0 ]; then
     echo "only $running of $NODES nodes are running (.data/run/node-*.pid); stop them (make down) or start the rest first" >&2

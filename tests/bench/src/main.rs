@@ -257,6 +257,12 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
                     eprintln!("[wallet-bench] {name}: CONSISTENCY CHECK FAILED");
                     ok = false;
                 }
+                if !r.action_ok {
+                    eprintln!(
+                        "[wallet-bench] {name}: the failover action did not happen (see events)"
+                    );
+                    ok = false;
+                }
                 if args.strict {
                     for v in scenarios::strict_violations(&r) {
                         eprintln!("[wallet-bench] strict: {v}");

@@ -38,6 +38,9 @@ pub struct ScenarioResult {
     pub mean_ms: f64,
     #[serde(default)]
     pub longest_gap_ms: f64,
+    /// False when the scenario's side action (kill and restart) did not happen.
+    #[serde(default = "yes")]
+    pub action_ok: bool,
     /// CPU seconds used by the generator itself during the load.
     #[serde(default)]
     pub generator_cpu_s: f64,
@@ -96,6 +99,10 @@ pub fn merge(existing: Vec<ScenarioResult>, new: &[ScenarioResult]) -> Vec<Scena
         .collect();
     out.extend(new.iter().cloned());
     out
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn fmt_rps(v: Option<f64>) -> String {
@@ -478,6 +485,7 @@ mod tests {
             p999_ms: 9.0,
             mean_ms: 1.7,
             longest_gap_ms: 3.0,
+            action_ok: true,
             generator_cpu_s: 1.0,
             nodes_cpu_s: None,
             connections: 128,

@@ -291,11 +291,17 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         ),
     };
     let cpu_after = cpu_now(ctx);
+    // A failover run in which nothing was killed proves nothing: it must fail.
+    let mut action_ok = true;
     if let Some(k) = killer {
-        match k.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => push_event(&events, start, format!("failover action failed: {e:#}")),
-            Err(e) => push_event(&events, start, format!("failover action panicked: {e}")),
+        let failure = match k.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("failover action failed: {e:#}")),
+            Err(e) => Some(format!("failover action panicked: {e}")),
+        };
+        if let Some(f) = failure {
+            push_event(&events, start, f);
+            action_ok = false;
         }
     }
     if let Some(h) = sampler {
@@ -330,6 +336,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         p999_ms: summary.p999_ms,
         mean_ms: summary.mean_ms,
         longest_gap_ms: summary.longest_gap_ms,
+        action_ok,
         generator_cpu_s: round1(cpu_after.0 - cpu_before.0),
         // A node restarted during the load has a new pid: only compare like with like.
         nodes_cpu_s: (cpu_before.1.is_some() && cpu_before.2 == cpu_after.2)
@@ -398,7 +405,7 @@ mod tests {
         let mut r: ScenarioResult = serde_json::from_value(serde_json::json!({
             "scenario": "constant", "offered_rps": 200.0, "achieved_rps": 200.0, "p50_ms": 1.0, "p95_ms": 1.0,
             "p99_ms": 1.0, "max_ms": 1.0, "status_counts": {"200": 990, "409": 10}, "consistency_ok": true,
-            "duration_s": 5.0, "requests": 1000, "p999_ms": 1.0, "mean_ms": 1.0, "connections": 8, "wallets": 1,
+            "duration_s": 5.0, "requests": 1000, "action_ok": true, "p999_ms": 1.0, "mean_ms": 1.0, "connections": 8, "wallets": 1,
             "targets": [], "reroutes": 0, "consistency": null, "events": [], "rss_samples": [], "series": []
         }))
         .expect("result");
