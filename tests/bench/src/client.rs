@@ -29,7 +29,11 @@ pub enum ClientError {
     Request(#[from] http::Error),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("idempotency key is not a valid header value")]
+    BadKey,
 }
+
+const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
 impl ClientError {
     /// True when no byte of the request left this process: the server cannot
@@ -37,7 +41,10 @@ impl ClientError {
     pub fn never_sent(&self) -> bool {
         matches!(
             self,
-            ClientError::Connect { .. } | ClientError::ConnectTimeout(_) | ClientError::BadUrl(_)
+            ClientError::Connect { .. }
+                | ClientError::ConnectTimeout(_)
+                | ClientError::BadUrl(_)
+                | ClientError::BadKey
         )
     }
 }
@@ -151,6 +158,17 @@ impl Conn {
         body: Bytes,
         timeout: Duration,
     ) -> Result<(u16, Bytes), ClientError> {
+        self.send_keyed(method, uri, body, None, timeout).await
+    }
+
+    async fn send_keyed(
+        &mut self,
+        method: Method,
+        uri: Uri,
+        body: Bytes,
+        idempotency_key: Option<HeaderValue>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), ClientError> {
         let host = self.target.host.clone();
         let fut = async {
             let sender = self.ready().await?;
@@ -158,6 +176,9 @@ impl Conn {
                 .method(method)
                 .uri(uri)
                 .header(header::HOST, host);
+            if let Some(key) = idempotency_key {
+                builder = builder.header(IDEMPOTENCY_KEY, key);
+            }
             if !body.is_empty() {
                 builder = builder.header(
                     header::CONTENT_TYPE,
@@ -184,15 +205,24 @@ impl Conn {
         }
     }
 
+    /// POSTs an operation, with an `Idempotency-Key` header when `key` is given
+    /// (a retry with the same key gets the first answer instead of a second operation).
     pub async fn post_operation(
         &mut self,
         body: Bytes,
+        key: Option<&str>,
         timeout: Duration,
     ) -> Result<(u16, Bytes), ClientError> {
-        self.send(
+        let key = match key.map(HeaderValue::from_str) {
+            None => None,
+            Some(Ok(v)) => Some(v),
+            Some(Err(_)) => return Err(ClientError::BadKey),
+        };
+        self.send_keyed(
             Method::POST,
             Uri::from_static(OPERATION_PATH),
             body,
+            key,
             timeout,
         )
         .await

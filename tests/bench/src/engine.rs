@@ -46,6 +46,19 @@ pub struct LoadConfig {
     pub targets: Vec<Arc<Target>>,
     pub timeout: Duration,
     pub seed: u64,
+    /// When set, every operation carries `Idempotency-Key: <prefix>-<n>` and a
+    /// request without an answer (or with a 5xx) is retried with the same key.
+    pub idempotency_prefix: Option<String>,
+}
+
+/// Retries of one request whose outcome was unknown (only with idempotency keys).
+const MAX_RETRIES: u8 = 3;
+
+fn unknown_outcome(answer: &Result<(u16, bytes::Bytes), crate::client::ClientError>) -> bool {
+    match answer {
+        Ok((status, _)) => *status >= 500,
+        Err(e) => !e.never_sent(),
+    }
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +68,8 @@ pub struct RunOutput {
     pub elapsed: Duration,
     /// Requests that could not connect to their target and went to the next one.
     pub reroutes: u64,
+    /// Requests sent again with the same idempotency key after an unknown outcome.
+    pub retries: u64,
     pub connects: u64,
 }
 
@@ -96,9 +111,11 @@ fn record_answer(
 
 #[derive(Debug, Clone, Copy)]
 struct Job {
+    seq: u64,
     sched_us: u64,
     op: Op,
     attempts: u8,
+    retries: u8,
 }
 
 struct Shared {
@@ -109,6 +126,7 @@ struct Shared {
     total: u64,
     all_done: Notify,
     timeout: Duration,
+    idempotency_prefix: Option<String>,
 }
 
 impl Shared {
@@ -119,9 +137,11 @@ impl Shared {
     }
 }
 
+#[derive(Default)]
 struct WorkerOut {
     records: Vec<Record>,
     reroutes: u64,
+    retries: u64,
     connects: u64,
 }
 
@@ -135,8 +155,7 @@ async fn open_worker(
     let mut conn = Conn::new(target);
     let mut out = WorkerOut {
         records: Vec::with_capacity(1024),
-        reroutes: 0,
-        connects: 0,
+        ..WorkerOut::default()
     };
     let n_targets = shared.queues.len();
     loop {
@@ -146,7 +165,13 @@ async fn open_worker(
             () = stop.cancelled() => break,
         };
         let body = shared.workload.body(job.op);
-        let answer = conn.post_operation(body, shared.timeout).await;
+        let key = shared
+            .idempotency_prefix
+            .as_ref()
+            .map(|p| format!("{p}-{}", job.seq));
+        let answer = conn
+            .post_operation(body, key.as_deref(), shared.timeout)
+            .await;
         if let Err(e) = &answer
             && e.never_sent()
             && usize::from(job.attempts) + 1 < n_targets
@@ -160,6 +185,21 @@ async fn open_worker(
             };
             out.reroutes += 1;
             if shared.queues[next].send(rerouted).is_ok() {
+                continue;
+            }
+        }
+        if key.is_some() && job.retries < MAX_RETRIES && unknown_outcome(&answer) {
+            // Safe to send again: the key makes the server answer a replay with the
+            // first outcome. Another node, since this one may be the one that died.
+            let retried = Job {
+                retries: job.retries + 1,
+                ..job
+            };
+            out.retries += 1;
+            if shared.queues[(target_idx + 1) % n_targets]
+                .send(retried)
+                .is_ok()
+            {
                 continue;
             }
         }
@@ -192,6 +232,7 @@ pub async fn open_loop(
         total,
         all_done: Notify::new(),
         timeout: cfg.timeout,
+        idempotency_prefix: cfg.idempotency_prefix.clone(),
     });
     let stop = CancellationToken::new();
     let mut handles = Vec::new();
@@ -213,9 +254,11 @@ pub async fn open_loop(
         let now_us = micros(start.elapsed());
         while let Some((i, sched_us)) = offsets.next_if(|(_, s)| *s <= now_us) {
             let job = Job {
+                seq: i as u64,
                 sched_us,
                 op: workload.next(&mut rng),
                 attempts: 0,
+                retries: 0,
             };
             // Receivers live as long as `shared`, so the send cannot fail.
             let _ = shared.queues[i % n_targets].send(job);
@@ -238,6 +281,7 @@ async fn collect(handles: Vec<tokio::task::JoinHandle<WorkerOut>>) -> RunOutput 
         if let Ok(w) = h.await {
             out.records.extend(w.records);
             out.reroutes += w.reroutes;
+            out.retries += w.retries;
             out.connects += w.connects;
         }
     }
@@ -268,29 +312,43 @@ pub async fn closed_loop(
         let targets = cfg.targets.clone();
         let workload = workload.clone();
         let timeout = cfg.timeout;
+        let prefix = cfg.idempotency_prefix.clone();
         let mut rng = Rng::new(cfg.seed ^ (c as u64).wrapping_mul(0x9E37_79B9));
         handles.push(tokio::spawn(async move {
             let mut t = c % n_targets;
             let mut conn = Conn::new(targets[t].clone());
             let mut out = WorkerOut {
                 records: Vec::with_capacity(4096),
-                reroutes: 0,
-                connects: 0,
+                ..WorkerOut::default()
             };
+            let mut sent = 0u64;
             loop {
                 let sent_us = micros(start.elapsed());
                 if sent_us >= end_us {
                     break;
                 }
                 let op = workload.next(&mut rng);
-                let mut answer = conn.post_operation(workload.body(op), timeout).await;
-                let mut tries = 1;
-                while matches!(&answer, Err(e) if e.never_sent()) && tries < n_targets {
+                let key = prefix.as_ref().map(|p| format!("{p}-c{c}-{sent}"));
+                sent += 1;
+                let mut answer = conn
+                    .post_operation(workload.body(op), key.as_deref(), timeout)
+                    .await;
+                let (mut tries, mut retries) = (1, 0);
+                loop {
+                    if matches!(&answer, Err(e) if e.never_sent()) && tries < n_targets {
+                        tries += 1;
+                        out.reroutes += 1;
+                    } else if key.is_some() && retries < MAX_RETRIES && unknown_outcome(&answer) {
+                        retries += 1;
+                        out.retries += 1;
+                    } else {
+                        break;
+                    }
                     t = (t + 1) % n_targets;
                     conn.retarget(targets[t].clone());
-                    out.reroutes += 1;
-                    tries += 1;
-                    answer = conn.post_operation(workload.body(op), timeout).await;
+                    answer = conn
+                        .post_operation(workload.body(op), key.as_deref(), timeout)
+                        .await;
                 }
                 let failed_to_connect = matches!(&answer, Err(e) if e.never_sent());
                 let latency = micros(start.elapsed()).saturating_sub(sent_us);
@@ -366,6 +424,7 @@ mod tests {
             targets,
             timeout: Duration::from_secs(5),
             seed: 1,
+            idempotency_prefix: None,
         };
         let schedule = Schedule::constant(400.0, Duration::from_millis(500));
         let out = open_loop(&cfg, workload, &schedule, 8, Instant::now()).await;
@@ -392,6 +451,7 @@ mod tests {
             targets: vec![live, dead],
             timeout: Duration::from_secs(5),
             seed: 2,
+            idempotency_prefix: None,
         };
         let out = open_loop(
             &cfg,
@@ -406,6 +466,66 @@ mod tests {
         assert_all_answered(&out.records, true);
     }
 
+    /// A node that accepts connections and closes them without answering.
+    async fn mute_target() -> Arc<Target> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        Arc::new(Target::parse(&format!("http://{addr}")).expect("target"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unanswered_requests_are_unknown_or_retried_with_their_key() {
+        let live = fake_target().await;
+        let mute = mute_target().await;
+        let workload = setup(std::slice::from_ref(&live), 1).await;
+        let schedule = Schedule::constant(200.0, Duration::from_millis(500));
+        let mut cfg = LoadConfig {
+            targets: vec![live, mute],
+            timeout: Duration::from_secs(5),
+            seed: 4,
+            idempotency_prefix: None,
+        };
+        let out = open_loop(&cfg, workload.clone(), &schedule, 4, Instant::now()).await;
+        assert_eq!(out.records.len(), 100);
+        assert_eq!(out.retries, 0);
+        let errors = out
+            .records
+            .iter()
+            .filter(|r| r.status == STATUS_ERROR)
+            .count();
+        assert_eq!(errors, 50, "every request sent to the mute node is unknown");
+
+        cfg.idempotency_prefix = Some("test".to_owned());
+        let out = open_loop(&cfg, workload, &schedule, 4, Instant::now()).await;
+        assert_eq!(out.records.len(), 100);
+        assert_eq!(out.retries, 50);
+        assert_all_answered(&out.records, true);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closed_loop_retries_an_unanswered_request_on_the_next_target() {
+        let live = fake_target().await;
+        let mute = mute_target().await;
+        let workload = setup(std::slice::from_ref(&live), 1).await;
+        let cfg = LoadConfig {
+            targets: vec![live, mute],
+            timeout: Duration::from_secs(5),
+            seed: 5,
+            idempotency_prefix: Some("test".to_owned()),
+        };
+        // Connection 1 starts on the mute node, fails once and moves on.
+        let out = closed_loop(&cfg, workload, 2, Duration::from_secs(1), Instant::now()).await;
+        assert!(out.retries >= 1);
+        assert_all_answered(&out.records, false);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn closed_loop_sends_back_to_back_until_the_end() {
         let targets = vec![fake_target().await];
@@ -414,6 +534,7 @@ mod tests {
             targets,
             timeout: Duration::from_secs(5),
             seed: 3,
+            idempotency_prefix: None,
         };
         let out = closed_loop(&cfg, workload, 4, Duration::from_secs(1), Instant::now()).await;
         // How many requests fit in the second depends on the machine; that each

@@ -161,6 +161,10 @@ struct RunArgs {
     /// Share of withdrawals far above any balance (answered 409, recorded REJECTED).
     #[arg(long, env = "WALLET_BENCH_REJECT_RATIO", default_value_t = 0.01)]
     reject_ratio: f64,
+    /// Send an Idempotency-Key with every operation and retry unanswered ones (and 5xx)
+    /// with the same key, up to 3 times; result rows get the suffix "-idem".
+    #[arg(long, env = "WALLET_BENCH_IDEMPOTENCY_KEYS")]
+    idempotency_keys: bool,
     /// Longest wait for in-flight operations to settle before checking.
     #[arg(long, env = "WALLET_BENCH_SETTLE_MAX", value_parser = parse_duration, default_value = "30s")]
     settle_max: Duration,
@@ -214,6 +218,10 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             targets: targets(&args.urls)?,
             timeout: args.timeout,
             seed: args.seed,
+            // Unique per run: keys of an earlier run must not be replayed.
+            idempotency_prefix: args
+                .idempotency_keys
+                .then(|| format!("bench-{}", uuid::Uuid::new_v4().simple())),
         },
         admin: targets(&args.admin_urls)?,
         pool,

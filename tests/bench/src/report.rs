@@ -51,6 +51,9 @@ pub struct ScenarioResult {
     pub wallets: usize,
     pub targets: Vec<String>,
     pub reroutes: u64,
+    /// Requests sent again with the same idempotency key (`--idempotency-keys`).
+    #[serde(default)]
+    pub retries: u64,
     pub consistency: serde_json::Value,
     pub events: Vec<Event>,
     pub rss_samples: Vec<RssSample>,
@@ -156,12 +159,13 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
         let _ = writeln!(s, "## {}\n", r.scenario);
         let _ = writeln!(
             s,
-            "{} requests over {} target(s), {} connection(s), {} wallet(s), {} rerouted after a refused connection; p99.9 {:.2} ms, mean {:.2} ms, longest gap between successful answers {:.0} ms; CPU during the load: generator {:.1} s, nodes {}.\n",
+            "{} requests over {} target(s), {} connection(s), {} wallet(s), {} rerouted after a refused connection, {} retried with their idempotency key; p99.9 {:.2} ms, mean {:.2} ms, longest gap between successful answers {:.0} ms; CPU during the load: generator {:.1} s, nodes {}.\n",
             r.requests,
             r.targets.len(),
             r.connections,
             r.wallets,
             r.reroutes,
+            r.retries,
             r.p999_ms,
             r.mean_ms,
             r.longest_gap_ms,
@@ -492,6 +496,7 @@ mod tests {
             wallets: 1,
             targets: vec!["http://127.0.0.1:8080".to_owned()],
             reroutes: 0,
+            retries: 0,
             consistency: serde_json::json!({"ok": ok, "problems": if ok { vec![] } else { vec!["balance off"] }}),
             events: vec![Event {
                 t_s: 15.0,

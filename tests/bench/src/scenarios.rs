@@ -322,7 +322,11 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
     let events = std::mem::take(&mut *events.lock().unwrap_or_else(|p| p.into_inner()));
     let rss_samples = std::mem::take(&mut *rss.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(ScenarioResult {
-        scenario: name.to_owned(),
+        scenario: if ctx.load.idempotency_prefix.is_some() {
+            format!("{name}-idem")
+        } else {
+            name.to_owned()
+        },
         offered_rps: offered.map(|sch| (sch.offered_rps() * 10.0).round() / 10.0),
         achieved_rps: summary.achieved_rps,
         p50_ms: summary.p50_ms,
@@ -345,6 +349,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         wallets: wallets.len(),
         targets: ctx.load.targets.iter().map(|t| t.base.clone()).collect(),
         reroutes: out.reroutes,
+        retries: out.retries,
         consistency: check_json(consistency.as_ref()),
         events,
         rss_samples,
@@ -385,7 +390,7 @@ async fn verify(
 /// The smoke rule: outside the failover scenario, no 5xx and no request without
 /// an answer is acceptable.
 pub fn strict_violations(r: &ScenarioResult) -> Vec<String> {
-    if r.scenario == "failover" {
+    if r.scenario.starts_with("failover") {
         return Vec::new();
     }
     r.status_counts

@@ -56,7 +56,7 @@ async fn seed_one(
     let body = Bytes::from(operation_body(wallet, Kind::Deposit, cents));
     let mut last = String::new();
     for _ in 0..ATTEMPTS {
-        match conn.post_operation(body.clone(), timeout).await {
+        match conn.post_operation(body.clone(), None, timeout).await {
             Ok((200, _)) => return Ok(()),
             // A 5xx or a lost answer may still have been applied: retrying could
             // deposit twice, which the check tolerates because it snapshots the
