@@ -100,7 +100,7 @@ impl Config {
             return Err(invalid("WALLET_SHARDS", "0", "must be at least 1"));
         }
         let batch_max: usize = parse(&get, "WALLET_BATCH_MAX", 512)?;
-        let commit_lanes: usize = parse(&get, "WALLET_COMMIT_LANES", 4)?;
+        let commit_lanes: usize = parse(&get, "WALLET_COMMIT_LANES", 1)?;
         if commit_lanes == 0 {
             return Err(invalid("WALLET_COMMIT_LANES", "0", "must be at least 1"));
         }
