@@ -508,6 +508,13 @@ impl Audit {
             .collect()
     }
 
+    /// Every request answered, none with a 5xx or an unexpected status.
+    pub fn assert_all_answered_without_errors(&self) {
+        assert_eq!(self.server_errors(), 0, "{:?}", self.by_status);
+        assert!(self.unexpected(&[]).is_empty(), "{:?}", self.by_status);
+        assert_eq!(self.transport_errors, 0, "{:?}", self.first_transport_error);
+    }
+
     pub fn server_errors(&self) -> usize {
         self.by_status
             .iter()
