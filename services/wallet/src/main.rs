@@ -1,6 +1,11 @@
 use anyhow::Context;
 use wallet::{Application, Config, telemetry};
 
+// Every request allocates (bodies, JSON, futures); glibc's malloc showed up as a tenth of
+// the node's CPU under load, mimalloc costs a fraction of that.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::from_env().context("configuration")?;
