@@ -75,17 +75,41 @@ async fn spans_arrive_at_the_otlp_receiver_with_the_callers_trace_id() -> anyhow
     let mut second = NodeProcess::start("node-b", &options).await?;
     let wallet = first.api.create_wallet().await?;
 
-    // Send the operation to the node that does NOT own the wallet, so it is forwarded.
-    let owner: serde_json::Value =
-        reqwest::get(format!("{}/cluster/owner/{wallet}", first.admin_url))
-            .await?
+    // Send the operation to the node that does NOT own the wallet, so it is forwarded;
+    // first wait until both nodes see each other and agree on the owner.
+    let owner_seen_by = |admin_url: String| async move {
+        let answer: serde_json::Value = reqwest::get(format!("{admin_url}/cluster/owner/{wallet}"))
+            .await
+            .ok()?
             .json()
-            .await?;
-    let entry = if owner["owner"] == "node-a" {
-        &second
-    } else {
-        &first
+            .await
+            .ok()?;
+        Some(answer["owner"].clone())
     };
+    let agreed = eventually(Duration::from_secs(20), || {
+        let (a, b) = (first.admin_url.clone(), second.admin_url.clone());
+        async move {
+            let views = (owner_seen_by(a.clone()).await, owner_seen_by(b).await);
+            let members: Option<serde_json::Value> = async {
+                reqwest::get(format!("{a}/cluster"))
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()
+            }
+            .await;
+            let both_members = members
+                .is_some_and(|m| m["members"].as_array().is_some_and(|list| list.len() == 2));
+            both_members && views.0.is_some() && views.0 == views.1
+        }
+    })
+    .await;
+    assert!(agreed, "the two nodes did not agree on the wallet's owner");
+    let owner = owner_seen_by(first.admin_url.clone())
+        .await
+        .unwrap_or_default();
+    let entry = if owner == "node-a" { &second } else { &first };
     let trace_id = uuid::Uuid::new_v4().simple().to_string();
     let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
     let answer = wallet_tests::ApiClient::answer(
