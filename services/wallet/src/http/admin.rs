@@ -4,23 +4,9 @@ use prometheus::Encoder;
 use salvo::prelude::*;
 use serde_json::json;
 
-use super::AppState;
+use super::app_state;
 use super::problem::{Problem, write_json};
 use crate::store::REQUIRED_SCHEMA_VERSION;
-
-fn app_state(depot: &Depot, res: &mut Response) -> Option<AppState> {
-    let state = depot.get_typed::<AppState>().ok().cloned();
-    if state.is_none() {
-        Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal-error",
-            "Internal error",
-            "state missing",
-        )
-        .write_to(res);
-    }
-    state
-}
 
 /// Alive: the process answers. Nothing external is checked, so a database outage
 /// does not make Kubernetes restart every pod.

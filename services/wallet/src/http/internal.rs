@@ -5,8 +5,8 @@ use salvo::http::header::AUTHORIZATION;
 use salvo::prelude::*;
 use secrecy::ExposeSecret;
 
-use super::AppState;
 use super::problem::{Problem, write_json};
+use super::{AppState, app_state};
 
 use futures::future::join_all;
 use opentelemetry::propagation::TextMapPropagator;
@@ -29,14 +29,7 @@ fn secret_matches(given: &[u8], expected: &[u8]) -> bool {
 
 #[handler]
 pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut Response) {
-    let Ok(state) = depot.get_typed::<AppState>().cloned() else {
-        Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal-error",
-            "Internal error",
-            "state missing",
-        )
-        .write_to(res);
+    let Some(state) = app_state(depot, res) else {
         return;
     };
     let expected = format!("Bearer {}", state.internal_secret.expose_secret());

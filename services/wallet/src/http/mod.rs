@@ -43,6 +43,21 @@ pub struct AppState {
     pub registry: prometheus::Registry,
 }
 
+/// The handlers' shared state; without it (a wiring bug) the answer is an opaque 500.
+fn app_state(depot: &Depot, res: &mut Response) -> Option<AppState> {
+    let state = depot.get_typed::<AppState>().ok().cloned();
+    if state.is_none() {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal-error",
+            "Internal error",
+            "state missing",
+        )
+        .write_to(res);
+    }
+    state
+}
+
 /// A route whose metrics label is its template (`{wallet_id}`), never the raw path.
 fn route(template: &'static str) -> Router {
     Router::with_path(template.trim_start_matches('/')).hoop(RouteTemplate(template))
