@@ -44,6 +44,7 @@ struct Inner {
     config: ClusterConfig,
     view: watch::Receiver<Vec<Member>>,
     membership: Arc<dyn Membership>,
+    usable: watch::Receiver<bool>,
     owned: Arc<Mutex<Vec<u32>>>,
     shutting_down: AtomicBool,
     membership_stop: CancellationToken,
@@ -65,13 +66,19 @@ impl Cluster {
     ///
     /// `fence_lost` carries shards whose PostgreSQL fence the executor found moved
     /// on: they are deactivated and dropped at once.
+    ///
+    /// `usable` says whether this node can use its database now. While it is false the
+    /// node is not a member (so the others take its shards), takes no shards, and is not
+    /// ready.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: ClusterConfig,
         redis: deadpool_redis::Pool,
         db: PgPool,
         membership: Arc<dyn Membership>,
         host: Arc<dyn ShardHost>,
-        fence_lost: mpsc::UnboundedReceiver<u32>,
+        fence_lost: mpsc::Receiver<u32>,
+        usable: watch::Receiver<bool>,
         metrics: ClusterMetrics,
     ) -> Result<Cluster, ClusterError> {
         config.validate()?;
@@ -82,8 +89,9 @@ impl Cluster {
 
         let source = membership.clone();
         let stop = membership_stop.clone();
+        let eligible = usable.clone();
         let membership_task = tokio::spawn(async move {
-            if let Err(error) = source.run(tx, stop).await {
+            if let Err(error) = source.run(tx, stop, eligible).await {
                 tracing::error!(%error, "membership stopped");
             }
         });
@@ -104,6 +112,7 @@ impl Cluster {
             host,
             metrics,
             view: view.clone(),
+            usable: usable.clone(),
             fence_lost,
             held: BTreeMap::new(),
             owned: owned.clone(),
@@ -117,6 +126,7 @@ impl Cluster {
                 config,
                 view,
                 membership,
+                usable,
                 owned,
                 shutting_down: AtomicBool::new(false),
                 membership_stop,
@@ -157,9 +167,14 @@ impl Cluster {
         rendezvous_owner(shard, &view).cloned()
     }
 
-    /// Registered in the membership and not shutting down.
+    /// The live members as this node sees them, to follow their changes.
+    pub fn watch_members(&self) -> watch::Receiver<Vec<Member>> {
+        self.inner.view.clone()
+    }
+
+    /// Registered in the membership, able to use the database, and not shutting down.
     pub fn is_ready(&self) -> bool {
-        if self.inner.shutting_down.load(Ordering::SeqCst) {
+        if self.inner.shutting_down.load(Ordering::SeqCst) || !*self.inner.usable.borrow() {
             return false;
         }
         let view = self.inner.view.borrow();
@@ -236,6 +251,7 @@ impl Leased {
 struct Renewer {
     leases: Arc<Leases>,
     leased: Arc<Leased>,
+    host: Arc<dyn ShardHost>,
     metrics: ClusterMetrics,
     lost: mpsc::UnboundedSender<u32>,
     period: std::time::Duration,
@@ -253,6 +269,16 @@ impl Renewer {
             }
             let _round = self.leased.renew_lock.lock().await;
             let shards: Vec<u32> = self.leased.with(|s| s.iter().copied().collect());
+            // Self-fencing: a shard whose commit has stalled (a database this node cannot
+            // reach, packets dropped) is no longer renewed, so its lease expires and
+            // another node takes it over instead of waiting for this one.
+            let (stalled, shards): (Vec<u32>, Vec<u32>) =
+                shards.into_iter().partition(|shard| self.host.stalled(*shard));
+            for shard in stalled {
+                tracing::warn!(shard, "commits of the shard stalled; no longer renewing its lease");
+                self.leased.with(|s| s.remove(&shard));
+                let _ = self.lost.send(shard);
+            }
             if shards.is_empty() {
                 continue;
             }
@@ -309,7 +335,8 @@ struct Owner {
     host: Arc<dyn ShardHost>,
     metrics: ClusterMetrics,
     view: watch::Receiver<Vec<Member>>,
-    fence_lost: mpsc::UnboundedReceiver<u32>,
+    usable: watch::Receiver<bool>,
+    fence_lost: mpsc::Receiver<u32>,
     /// Activated shards and their fencing tokens.
     held: BTreeMap<u32, i64>,
     owned: Arc<Mutex<Vec<u32>>>,
@@ -327,6 +354,7 @@ impl Owner {
             Renewer {
                 leases: self.leases.clone(),
                 leased: self.leased.clone(),
+                host: self.host.clone(),
                 metrics: self.metrics.clone(),
                 lost: lost_tx,
                 period: self.config.lease_ttl / 3,
@@ -337,6 +365,7 @@ impl Owner {
         let mut tick = tokio::time::interval(self.config.lease_ttl / 3);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut view_open = true;
+        let mut usable_open = true;
         loop {
             // Shards HRW gives us but whose lease is still held elsewhere (a handoff
             // in progress) are retried sooner than the tick, shortening the gap in
@@ -352,6 +381,9 @@ impl Owner {
                 Some(shard) = lease_lost.recv() => {
                     self.on_lease_lost(shard).await;
                     continue;
+                }
+                changed = self.usable.changed(), if usable_open => {
+                    usable_open = changed.is_ok();
                 }
                 changed = self.view.changed(), if view_open => {
                     if changed.is_err() {
@@ -406,8 +438,11 @@ impl Owner {
             self.hand_off(moved).await;
         }
 
+        // A node that cannot use its database claims nothing: its claims and commits
+        // would only stall.
+        let usable = *self.usable.borrow();
         let wanted: Vec<u32> = (0..self.config.shards)
-            .filter(|s| !self.held.contains_key(s) && is_mine(*s))
+            .filter(|s| usable && !self.held.contains_key(s) && is_mine(*s))
             .collect();
         self.pending = !wanted.is_empty();
         if self.pending {

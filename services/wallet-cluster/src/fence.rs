@@ -38,22 +38,6 @@ pub async fn current_fence(db: &PgPool, shard: u32) -> Result<Option<i64>, Clust
     Ok(fence)
 }
 
-/// Inside a batch transaction: whether `fence` is still the shard's fence, locking the
-/// row `FOR SHARE` so a new owner's claim waits until this transaction ends (the
-/// check Temporal makes on `range_id`). Pass `&mut *tx` for a transaction.
-pub async fn fence_is_current(
-    conn: &mut sqlx::PgConnection,
-    shard: u32,
-    fence: i64,
-) -> Result<bool, ClusterError> {
-    let stored =
-        sqlx::query_scalar::<_, i64>("SELECT fence FROM shard_fences WHERE shard = $1 FOR SHARE")
-            .bind(shard_param(shard)?)
-            .fetch_optional(conn)
-            .await?;
-    Ok(stored == Some(fence))
-}
-
 fn shard_param(shard: u32) -> Result<i32, ClusterError> {
     i32::try_from(shard).map_err(|_| ClusterError::Config(format!("shard {shard} out of range")))
 }

@@ -12,11 +12,11 @@
 //!     Redis => Arc::new(RedisMembership::new(&config, redis.clone(), metrics.clone())?),
 //!     Kubernetes => Arc::new(EndpointSliceMembership::new(kube::Client::try_default().await?, &ns, &svc)),
 //! };
-//! let (fence_lost_tx, fence_lost_rx) = tokio::sync::mpsc::unbounded_channel();
-//! let cluster = Cluster::start(config, redis, db, membership, executor_pool, fence_lost_rx, metrics)?;
+//! let (fence_lost_tx, fence_lost_rx) = tokio::sync::mpsc::channel(shards);
+//! let cluster = Cluster::start(config, redis, db, membership, executor_pool, fence_lost_rx, usable, metrics)?;
 //! // per request: cluster.owner_of(cluster.shard_of(&wallet_id))
-//! // per batch (executor): fence::fence_is_current(&mut *tx, shard, fence), on false
-//! //   metrics.fence_rejections().inc() and fence_lost_tx.send(shard)
+//! // per batch (executor, in the node's store): SELECT fence ... FOR SHARE, on a
+//! //   mismatch metrics.fence_rejections().inc() and fence_lost_tx.send(shard)
 //! // on SIGTERM: cluster.shutdown().await
 //! ```
 
@@ -58,8 +58,14 @@ pub trait ShardHost: Send + Sync + 'static {
     async fn activate(&self, shard: u32, fence: i64);
     /// This node lost or is handing over `shard`: stop taking work, finish the batch in
     /// flight, fail what is still queued as "not owner". Returns once nothing of the
-    /// shard can commit any more.
+    /// shard can commit any more, or (a commit that got no answer) once the fence
+    /// guarantees it: the next owner's claim waits for that transaction to end.
     async fn deactivate(&self, shard: u32);
+    /// Whether the shard's commits have stalled past the host's limit: the cluster
+    /// layer then stops renewing its lease.
+    fn stalled(&self, _shard: u32) -> bool {
+        false
+    }
 }
 
 /// Settings of the cluster layer.

@@ -151,7 +151,8 @@ async fn reflector_follows_serving_endpoints_of_the_headless_service() {
     let stop = CancellationToken::new();
     let task = {
         let (m, stop) = (membership.clone(), stop.clone());
-        tokio::spawn(async move { m.run(tx, stop).await })
+        let (_eligible, eligible) = watch::channel(true);
+        tokio::spawn(async move { m.run(tx, stop, eligible).await })
     };
 
     wait_for(

@@ -21,6 +21,8 @@ struct Running {
     membership: Arc<RedisMembership>,
     view: watch::Receiver<Vec<wallet_cluster::Member>>,
     stop: CancellationToken,
+    /// Whether the node can use its database; false makes it leave until it is true again.
+    eligible: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -34,14 +36,16 @@ fn run_with(config: wallet_cluster::ClusterConfig, pool: deadpool_redis::Pool) -
     let membership = Arc::new(RedisMembership::new(&config, pool, metrics).expect("membership"));
     let (tx, view) = watch::channel(Vec::new());
     let stop = CancellationToken::new();
+    let (eligible, eligible_rx) = watch::channel(true);
     let task = {
         let (m, stop) = (membership.clone(), stop.clone());
-        tokio::spawn(async move { m.run(tx, stop).await.expect("run") })
+        tokio::spawn(async move { m.run(tx, stop, eligible_rx).await.expect("run") })
     };
     Running {
         membership,
         view,
         stop,
+        eligible,
         task,
     }
 }
@@ -306,6 +310,42 @@ async fn a_leaver_disappears_before_its_heartbeat_expires_and_may_come_back() {
 
     // Coming back clears the tombstone before registering again.
     let b = run_with(long("node-b"), redis.clone());
+    eventually("a sees b again", CONVERGE, || {
+        ids(&a.view) == ["node-a", "node-b"]
+    })
+    .await;
+    assert!(!exists(&redis, &tombstone(&prefix, "node-b")).await);
+    for node in [a, b] {
+        node.stop.cancel();
+        node.task.await.expect("stopped");
+    }
+    flush_prefix(&redis, &prefix).await;
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_use_its_database_leaves_at_once_and_rejoins_when_it_can() {
+    let redis = redis_pool();
+    let prefix = prefix();
+    // A TTL far beyond the wait below: only leaving can make b disappear this soon.
+    let long = |node| wallet_cluster::ClusterConfig {
+        heartbeat_ttl: Duration::from_secs(120),
+        ..config(node, &prefix, 8)
+    };
+    let a = run_with(long("node-a"), redis.clone());
+    let b = run_with(long("node-b"), redis.clone());
+    eventually("both see both", CONVERGE, || {
+        ids(&a.view) == ["node-a", "node-b"] && ids(&b.view) == ["node-a", "node-b"]
+    })
+    .await;
+
+    b.eligible.send_replace(false);
+    eventually("a sees b leave", CONVERGE, || ids(&a.view) == ["node-a"]).await;
+    eventually("b no longer counts itself", CONVERGE, || {
+        !b.membership.is_registered(&b.view.borrow(), "node-b")
+    })
+    .await;
+
+    b.eligible.send_replace(true);
     eventually("a sees b again", CONVERGE, || {
         ids(&a.view) == ["node-a", "node-b"]
     })

@@ -202,7 +202,7 @@ async fn a_shard_whose_fence_moved_is_dropped_and_taken_again_with_a_higher_fenc
     let before = ledger.last_fences()[&2];
 
     // The executor saw the fence move (it reports the shard); the node lets go at once.
-    a.fence_lost.send(2).expect("channel open");
+    a.fence_lost.send(2).await.expect("channel open");
     eventually("shard 2 dropped", CONVERGE, || ledger.owner(2).is_none()).await;
     assert_eq!(counter(&a.registry, "wallet_lease_losses_total"), 1.0);
 
@@ -228,6 +228,7 @@ impl wallet_cluster::Membership for Fixed {
         &self,
         tx: tokio::sync::watch::Sender<Vec<wallet_cluster::Member>>,
         shutdown: tokio_util::sync::CancellationToken,
+        _eligible: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), wallet_cluster::ClusterError> {
         tx.send_replace(self.0.clone());
         shutdown.cancelled().await;
@@ -243,7 +244,8 @@ async fn a_node_missing_from_the_view_is_not_ready_and_routes_elsewhere() {
     let ledger = Arc::new(Ledger::default());
     let registry = prometheus::Registry::new();
     let metrics = wallet_cluster::ClusterMetrics::register(&registry).expect("metrics");
-    let (_fence_lost, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (_fence_lost, rx) = tokio::sync::mpsc::channel(16);
+    let (_usable, usable) = tokio::sync::watch::channel(true);
     let cluster = wallet_cluster::Cluster::start(
         config("node-a", &prefix, SHARDS),
         redis.clone(),
@@ -254,6 +256,7 @@ async fn a_node_missing_from_the_view_is_not_ready_and_routes_elsewhere() {
             ledger: ledger.clone(),
         }),
         rx,
+        usable,
         metrics,
     )
     .expect("start");

@@ -30,6 +30,17 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Limits of the three listeners.
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerLimits {
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub public_connections: usize,
+    pub internal_connections: usize,
+    pub admin_connections: usize,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub node_id: String,
@@ -39,7 +50,20 @@ pub struct Config {
     /// Internal `host:port` peers use; `None` means "the bound internal address".
     pub advertise_addr: Option<String>,
     pub database_url: SecretString,
+    /// Connections of the API's reads and wallet creation.
     pub database_max_connections: u32,
+    /// Connections of the executors' batch transactions and their planning reads.
+    pub database_commit_connections: u32,
+    /// Connections of fence claims, the health check and the schema check.
+    pub database_control_connections: u32,
+    /// Client-side bound of one batch transaction; also the server's statement timeout.
+    pub commit_timeout: std::time::Duration,
+    /// Client-side bound of one read.
+    pub read_timeout: std::time::Duration,
+    /// A shard whose batch has been committing this long stops renewing its lease.
+    pub commit_stall: std::time::Duration,
+    /// Health checks failing for this long make the database unusable for the node.
+    pub database_unusable_after: std::time::Duration,
     pub redis_url: SecretString,
     pub internal_secret: SecretString,
     pub shards: u32,
@@ -47,9 +71,16 @@ pub struct Config {
     pub heartbeat_ttl: Duration,
     pub request_deadline: Duration,
     pub batch_max: usize,
+    /// Commands waiting in one shard's queue before more are refused as overloaded.
+    pub shard_queue_max: usize,
+    /// Wallets whose committed state the node caches, across all its shards.
+    pub cache_wallets: usize,
     /// Transactions a node commits at once; each takes the batches of many shards.
     pub commit_lanes: usize,
     pub max_body_bytes: usize,
+    pub listeners: ListenerLimits,
+    /// The last bound on any request's handler.
+    pub handler_timeout: std::time::Duration,
     pub redis_prefix: String,
     pub membership: MembershipSource,
     pub kubernetes_service: Option<String>,
@@ -107,6 +138,44 @@ impl Config {
         if batch_max == 0 {
             return Err(invalid("WALLET_BATCH_MAX", "0", "must be at least 1"));
         }
+        let lease_ttl = millis(&get, "WALLET_LEASE_TTL_MS", 5_000)?;
+        let request_deadline = millis(&get, "WALLET_REQUEST_DEADLINE_MS", 10_000)?;
+        let commit_timeout = millis(&get, "WALLET_COMMIT_TIMEOUT_MS", 2_000)?;
+        if commit_timeout.is_zero() || commit_timeout >= lease_ttl {
+            return Err(invalid(
+                "WALLET_COMMIT_TIMEOUT_MS",
+                &commit_timeout.as_millis().to_string(),
+                "must be above 0 and below WALLET_LEASE_TTL_MS",
+            ));
+        }
+        let default_stall = (lease_ttl / 2).min(Duration::from_millis(1_500));
+        let commit_stall = millis(&get, "WALLET_COMMIT_STALL_MS", default_stall.as_millis() as u64)?;
+        // A write is answered (or given up on) by the router within its deadline plus
+        // the resolution window; the handler timeout is only a last bound behind that.
+        let write_bound = request_deadline + resolve_window(lease_ttl, commit_timeout);
+        let handler_timeout = millis(
+            &get,
+            "WALLET_HANDLER_TIMEOUT_MS",
+            (write_bound + Duration::from_secs(5)).as_millis() as u64,
+        )?;
+        if handler_timeout <= write_bound {
+            return Err(invalid(
+                "WALLET_HANDLER_TIMEOUT_MS",
+                &handler_timeout.as_millis().to_string(),
+                &format!(
+                    "must be above the request deadline plus the resolution window ({} ms)",
+                    write_bound.as_millis()
+                ),
+            ));
+        }
+        let listeners = ListenerLimits {
+            header_timeout: millis(&get, "WALLET_HEADER_TIMEOUT_MS", 5_000)?,
+            body_timeout: millis(&get, "WALLET_BODY_TIMEOUT_MS", 10_000)?,
+            idle_timeout: millis(&get, "WALLET_IDLE_TIMEOUT_MS", 60_000)?,
+            public_connections: parse(&get, "WALLET_MAX_CONNECTIONS", 4_096)?,
+            internal_connections: parse(&get, "WALLET_INTERNAL_MAX_CONNECTIONS", 1_024)?,
+            admin_connections: 64,
+        };
         Ok(Self {
             node_id,
             public_addr: parse(
@@ -127,15 +196,25 @@ impl Config {
             advertise_addr: get("WALLET_ADVERTISE_ADDR"),
             database_url: SecretString::from(required("DATABASE_URL")?),
             database_max_connections: parse(&get, "DATABASE_MAX_CONNECTIONS", 16)?,
+            database_commit_connections: parse(&get, "DATABASE_COMMIT_CONNECTIONS", 8)?,
+            database_control_connections: parse(&get, "DATABASE_CONTROL_CONNECTIONS", 4)?,
+            commit_timeout,
+            read_timeout: millis(&get, "WALLET_READ_TIMEOUT_MS", 5_000)?,
+            commit_stall,
+            database_unusable_after: millis(&get, "WALLET_DB_UNUSABLE_AFTER_MS", 2_000)?,
             redis_url: SecretString::from(required("REDIS_URL")?),
             internal_secret: SecretString::from(required("WALLET_INTERNAL_SECRET")?),
             shards,
-            lease_ttl: millis(&get, "WALLET_LEASE_TTL_MS", 5_000)?,
+            lease_ttl,
             heartbeat_ttl: millis(&get, "WALLET_HEARTBEAT_TTL_MS", 5_000)?,
-            request_deadline: millis(&get, "WALLET_REQUEST_DEADLINE_MS", 10_000)?,
+            request_deadline,
             batch_max,
+            shard_queue_max: parse(&get, "WALLET_SHARD_QUEUE_MAX", 1_024)?,
+            cache_wallets: parse(&get, "WALLET_CACHE_WALLETS", 500_000)?,
             commit_lanes,
             max_body_bytes: parse(&get, "WALLET_MAX_BODY_BYTES", 16 * 1024)?,
+            listeners,
+            handler_timeout,
             redis_prefix: get("WALLET_REDIS_PREFIX").unwrap_or_else(|| "wallet".to_owned()),
             membership,
             kubernetes_service: get("WALLET_K8S_SERVICE"),
@@ -145,6 +224,19 @@ impl Config {
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             service_name: get("OTEL_SERVICE_NAME").unwrap_or_else(|| "wallet".to_owned()),
         })
+    }
+}
+
+/// How long after its deadline a write that may have committed is still looked up: a
+/// silent owner is replaced within about a lease TTL, its successor's claim waits for the
+/// old transaction (another TTL at most), and the look-up is one more commit.
+pub fn resolve_window(lease_ttl: Duration, commit_timeout: Duration) -> Duration {
+    lease_ttl * 2 + commit_timeout
+}
+
+impl Config {
+    pub fn resolve_window(&self) -> Duration {
+        resolve_window(self.lease_ttl, self.commit_timeout)
     }
 }
 

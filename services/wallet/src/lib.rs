@@ -6,10 +6,12 @@
 pub mod config;
 pub mod domain;
 pub mod executor;
+pub mod health;
 pub mod http;
 pub mod routing;
 pub mod startup;
 pub mod store;
+pub mod submit;
 pub mod telemetry;
 
 pub use config::Config;

@@ -21,11 +21,13 @@ use wallet_cluster::{
     Cluster, ClusterConfig, ClusterMetrics, EndpointSliceMembership, Membership, RedisMembership,
 };
 
-use crate::config::{Config, MembershipSource};
-use crate::executor::{ExecutorMetrics, ExecutorPool};
+use crate::config::{Config, ListenerLimits, MembershipSource};
+use crate::executor::{ExecutorMetrics, ExecutorPool, ExecutorSettings};
+use crate::health;
 use crate::http::{self, AppState, HttpMetrics};
-use crate::routing::{Forwarder, OperationRouter, RoutingMetrics};
-use crate::store::Store;
+use crate::routing::{ForwardTimeouts, Forwarder, OperationRouter, RoutingMetrics};
+use crate::store::{Pools, Store, Timeouts};
+use salvo::fuse::FuseConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -45,8 +47,87 @@ pub struct Application {
     admin: tokio::net::TcpListener,
     state: AppState,
     http_metrics: HttpMetrics,
+    limits: ListenerLimits,
     shutdown_grace: Duration,
     stop: CancellationToken,
+}
+
+/// The node's three pools (see `Pools`), lazy: a node starts, and reports not ready,
+/// while the database is still coming up.
+fn database_pools(config: &Config) -> Result<Pools, StartupError> {
+    // No transaction of the node idles between its statements, so a session idle in a
+    // transaction for a commit timeout belongs to a paused or cut-off node: PostgreSQL
+    // ends it, releasing its fence lock, so the next owner's claim goes through and the
+    // old owner's commit fails (and is then refused by the fence). No statement waits on
+    // a lock longer than a lease TTL either, so a claim cannot stall the ownership loop.
+    // The server's keepalive probes find a silently vanished node sooner still.
+    let lease_ttl_ms = format!("{}ms", config.lease_ttl.as_millis().max(1));
+    let commit_ms = format!("{}ms", config.commit_timeout.as_millis().max(1));
+    let connect = PgConnectOptions::from_str(config.database_url.expose_secret())
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?
+        .options([
+            ("idle_in_transaction_session_timeout", commit_ms.as_str()),
+            ("lock_timeout", lease_ttl_ms.as_str()),
+            ("statement_timeout", lease_ttl_ms.as_str()),
+            ("tcp_keepalives_idle", "5"),
+            ("tcp_keepalives_interval", "2"),
+            ("tcp_keepalives_count", "3"),
+            ("tcp_user_timeout", "10000"),
+        ]);
+    let pool = |size: u32| {
+        PgPoolOptions::new()
+            .max_connections(size.max(1))
+            .acquire_timeout(config.commit_timeout)
+            .connect_lazy_with(connect.clone())
+    };
+    Ok(Pools {
+        reads: pool(config.database_max_connections),
+        commits: pool(config.database_commit_connections),
+        control: pool(config.database_control_connections),
+    })
+}
+
+fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool, StartupError> {
+    Ok(
+        deadpool_redis::Config::from_url(config.redis_url.expose_secret())
+            .builder()
+            .context("REDIS_URL is not a valid Redis URL")?
+            .max_size(32)
+            .wait_timeout(Some(Duration::from_secs(2)))
+            .create_timeout(Some(Duration::from_secs(2)))
+            .recycle_timeout(Some(Duration::from_secs(2)))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
+            .context("Redis pool")?,
+    )
+}
+
+async fn membership(
+    config: &Config,
+    cluster_config: &ClusterConfig,
+    redis: &deadpool_redis::Pool,
+    metrics: &ClusterMetrics,
+) -> Result<Arc<dyn Membership>, StartupError> {
+    Ok(match config.membership {
+        MembershipSource::Redis => Arc::new(
+            RedisMembership::new(cluster_config, redis.clone(), metrics.clone())
+                .context("Redis membership")?,
+        ),
+        MembershipSource::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client")?;
+            let namespace = config
+                .kubernetes_namespace
+                .clone()
+                .context("POD_NAMESPACE must be set")?;
+            let service = config
+                .kubernetes_service
+                .clone()
+                .context("WALLET_K8S_SERVICE must be set")?;
+            Arc::new(EndpointSliceMembership::new(client, &namespace, &service))
+        }
+    })
 }
 
 async fn bind(
@@ -70,35 +151,15 @@ impl Application {
             .clone()
             .unwrap_or_else(|| advertised(internal_addr));
 
-        // A paused or partitioned node can be stuck inside a batch transaction that holds
-        // the shard's fence row FOR SHARE; the next owner's claim would wait on that lock
-        // for as long as the pause lasts. PostgreSQL ends such a session once it has sat
-        // idle in its transaction for a lease TTL, so the claim goes through and the old
-        // owner's commit fails (and is then refused by the fence). No statement waits on a
-        // lock for longer than that either, so a claim cannot stall the ownership loop.
-        let lease_ttl_ms = format!("{}ms", config.lease_ttl.as_millis().max(1));
-        let connect = PgConnectOptions::from_str(config.database_url.expose_secret())
-            .context("DATABASE_URL is not a valid PostgreSQL URL")?
-            .options([
-                ("idle_in_transaction_session_timeout", lease_ttl_ms.as_str()),
-                ("lock_timeout", lease_ttl_ms.as_str()),
-            ]);
-        // Lazy: a node starts (and reports not ready) while the database is still coming up.
-        let pool = PgPoolOptions::new()
-            .max_connections(config.database_max_connections)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect_lazy_with(connect);
-        let store = Store::new(pool.clone());
-        let redis = deadpool_redis::Config::from_url(config.redis_url.expose_secret())
-            .builder()
-            .context("REDIS_URL is not a valid Redis URL")?
-            .max_size(32)
-            .wait_timeout(Some(Duration::from_secs(2)))
-            .create_timeout(Some(Duration::from_secs(2)))
-            .recycle_timeout(Some(Duration::from_secs(2)))
-            .runtime(deadpool_redis::Runtime::Tokio1)
-            .build()
-            .context("Redis pool")?;
+        let pools = database_pools(&config)?;
+        let store = Store::new(
+            pools.clone(),
+            Timeouts {
+                commit: config.commit_timeout,
+                read: config.read_timeout,
+            },
+        );
+        let redis = redis_pool(&config)?;
 
         let cluster_metrics = ClusterMetrics::register(&registry).context("cluster metrics")?;
         let executor_metrics =
@@ -112,13 +173,27 @@ impl Application {
             ))
             .context("process metrics")?;
 
-        let (fence_lost_tx, fence_lost_rx) = mpsc::unbounded_channel();
+        // One message per shard at most is in flight: a bound that never blocks.
+        let (fence_lost_tx, fence_lost_rx) = mpsc::channel(config.shards as usize);
         let executors = ExecutorPool::new(
             store.clone(),
-            config.batch_max,
-            config.commit_lanes,
+            ExecutorSettings {
+                batch_max: config.batch_max,
+                queue_max: config.shard_queue_max,
+                commit_lanes: config.commit_lanes,
+                cache_wallets: config.cache_wallets,
+                stall_after: config.commit_stall,
+                shards: config.shards,
+            },
             executor_metrics,
             fence_lost_tx,
+        );
+        let stop = CancellationToken::new();
+        let health = health::start(
+            store.clone(),
+            config.database_unusable_after,
+            executors.clone(),
+            stop.child_token(),
         );
         let cluster_config = ClusterConfig {
             node_id: config.node_id.clone(),
@@ -128,45 +203,33 @@ impl Application {
             heartbeat_ttl: config.heartbeat_ttl,
             redis_prefix: config.redis_prefix.clone(),
         };
-        let membership: Arc<dyn Membership> = match config.membership {
-            MembershipSource::Redis => Arc::new(
-                RedisMembership::new(&cluster_config, redis.clone(), cluster_metrics.clone())
-                    .context("Redis membership")?,
-            ),
-            MembershipSource::Kubernetes => {
-                let client = kube::Client::try_default()
-                    .await
-                    .context("Kubernetes client")?;
-                let namespace = config
-                    .kubernetes_namespace
-                    .clone()
-                    .context("POD_NAMESPACE must be set")?;
-                let service = config
-                    .kubernetes_service
-                    .clone()
-                    .context("WALLET_K8S_SERVICE must be set")?;
-                Arc::new(EndpointSliceMembership::new(client, &namespace, &service))
-            }
-        };
+        let membership = membership(&config, &cluster_config, &redis, &cluster_metrics).await?;
         let cluster = Arc::new(
             Cluster::start(
                 cluster_config,
                 redis,
-                pool,
+                pools.control,
                 membership,
                 executors.clone(),
                 fence_lost_rx,
+                health.usable.clone(),
                 cluster_metrics,
             )
             .context("cluster layer")?,
         );
-        let forwarder = Forwarder::new(config.internal_secret.clone()).context("HTTP client")?;
+        let forwarder = Forwarder::new(
+            config.internal_secret.clone(),
+            ForwardTimeouts {
+                answer_grace: config.lease_ttl + config.commit_timeout,
+                attempt: config.lease_ttl,
+            },
+        )
+        .context("HTTP client")?;
         let router = Arc::new(OperationRouter::new(
             cluster.clone(),
             executors.clone(),
             forwarder,
-            config.request_deadline,
-            config.lease_ttl,
+            config.resolve_window(),
             routing_metrics,
         ));
         let state = AppState {
@@ -174,7 +237,10 @@ impl Application {
             router,
             executors,
             cluster,
+            health: health.report,
             max_body_bytes: config.max_body_bytes,
+            request_deadline: config.request_deadline,
+            handler_timeout: config.handler_timeout,
             internal_secret: config.internal_secret.clone(),
             registry,
         };
@@ -184,8 +250,9 @@ impl Application {
             admin,
             state,
             http_metrics,
+            limits: config.listeners,
             shutdown_grace: config.shutdown_grace,
-            stop: CancellationToken::new(),
+            stop,
         })
     }
 
@@ -219,6 +286,7 @@ impl Application {
             admin,
             state,
             http_metrics,
+            limits,
             shutdown_grace,
             stop,
         } = self;
@@ -227,12 +295,21 @@ impl Application {
         let (public_server, public_handle) = server(
             public,
             http::public_service(state.clone(), http_metrics.clone()),
+            &limits,
+            limits.public_connections,
         )?;
         let (internal_server, internal_handle) = server(
             internal,
             http::internal_service(state.clone(), http_metrics.clone()),
+            &limits,
+            limits.internal_connections,
         )?;
-        let (admin_server, admin_handle) = server(admin, http::admin_service(state, http_metrics))?;
+        let (admin_server, admin_handle) = server(
+            admin,
+            http::admin_service(state, http_metrics),
+            &limits,
+            limits.admin_connections,
+        )?;
         let public_server = tokio::spawn(public_server);
         let other_servers =
             tokio::spawn(async move { tokio::join!(internal_server, admin_server) });
@@ -256,6 +333,7 @@ impl Application {
         executors.stop_all().await;
         internal_handle.stop_graceful(Duration::from_secs(2));
         admin_handle.stop_graceful(Duration::from_secs(1));
+        stop.cancel();
         let _ = other_servers.await;
         tracing::info!("stopped");
         Ok(())
@@ -273,12 +351,24 @@ fn advertised(addr: SocketAddr) -> String {
 
 type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
+/// A listener's server with its bounds: header, body and idle timeouts (a slow or
+/// silent client is closed, never kept), and a connection cap (beyond it the accept
+/// loop waits, leaving new connections in the kernel's backlog).
 fn server(
     listener: tokio::net::TcpListener,
     service: Service,
+    limits: &ListenerLimits,
+    max_connections: usize,
 ) -> anyhow::Result<(Serving, ServerHandle)> {
     let acceptor = TcpAcceptor::try_from(listener).context("listener")?;
-    let server = Server::new(acceptor);
+    let fuse = FuseConfig::default()
+        .with_http1_header_timeout(limits.header_timeout)
+        .with_request_body_timeout(limits.body_timeout)
+        .with_connection_idle_timeout(limits.idle_timeout)
+        .with_write_stall_timeout(limits.body_timeout);
+    let server = Server::new(acceptor)
+        .fuse_config(fuse)
+        .max_connections(max_connections.max(1));
     let handle = server.handle();
     Ok((Box::pin(server.serve(service)), handle))
 }

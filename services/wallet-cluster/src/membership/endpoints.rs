@@ -89,6 +89,7 @@ impl Membership for EndpointSliceMembership {
         &self,
         tx: watch::Sender<Vec<Member>>,
         shutdown: CancellationToken,
+        _eligible: watch::Receiver<bool>,
     ) -> Result<(), ClusterError> {
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &self.namespace);
         let config = watcher::Config::default()

@@ -18,10 +18,15 @@ pub trait Membership: Send + Sync + 'static {
     /// Publishes the live members, sorted by id, into `tx` whenever they change, until
     /// `shutdown` fires; then leaves the membership where the source allows it and
     /// returns. Transient failures are logged and retried, keeping the last view.
+    ///
+    /// While `eligible` is false (this node cannot reach its database) the node is not
+    /// a member, so the others take its shards; sources driven by readiness (Kubernetes)
+    /// get that from the readiness probe instead.
     async fn run(
         &self,
         tx: watch::Sender<Vec<Member>>,
         shutdown: CancellationToken,
+        eligible: watch::Receiver<bool>,
     ) -> Result<(), ClusterError>;
 
     /// Asks for a re-read as soon as possible (a peer answered 421). Push-based

@@ -148,9 +148,10 @@ impl RedisMembership {
         &self,
         seen: &mut BTreeMap<String, Seen>,
         tombstone_cleared: &mut bool,
+        register: bool,
     ) -> Result<Vec<Member>, ClusterError> {
         let mut conn = self.pool.get().await?;
-        if !*tombstone_cleared {
+        if register && !*tombstone_cleared {
             // Back after leaving: a later loss of this run's entry must not read as a leave.
             let _: i64 = redis::cmd("DEL")
                 .arg(&self.tombstone)
@@ -158,7 +159,7 @@ impl RedisMembership {
                 .await?;
             *tombstone_cleared = true;
         }
-        let read = self.heartbeat(&mut conn, true).await?;
+        let read = self.heartbeat(&mut conn, register).await?;
         // Checked after the script rather than in it, which keeps the script on one key
         // (Redis Cluster). No race: a leaver writes its tombstone before its ZREM.
         let left = self.tombstoned(&mut conn, &vanished(seen, &read)).await?;
@@ -260,6 +261,7 @@ impl Membership for RedisMembership {
         &self,
         tx: watch::Sender<Vec<Member>>,
         shutdown: CancellationToken,
+        mut eligible: watch::Receiver<bool>,
     ) -> Result<(), ClusterError> {
         // Heartbeat at least three times per TTL, and read often enough that joins
         // and leaves are seen within a quarter second: a handoff waits on exactly that.
@@ -269,10 +271,16 @@ impl Membership for RedisMembership {
         let mut healthy = true;
         let mut seen = BTreeMap::new();
         let mut tombstone_cleared = false;
+        let mut registered = false;
+        let mut eligible_open = true;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
+                changed = eligible.changed(), if eligible_open => {
+                    // Nobody reports eligibility any more: keep the last value.
+                    eligible_open = changed.is_ok();
+                }
                 _ = self.refresh.notified() => {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -281,8 +289,27 @@ impl Membership for RedisMembership {
                 }
             }
             last_read = Instant::now();
-            match self.poll(&mut seen, &mut tombstone_cleared).await {
+            let register = *eligible.borrow_and_update();
+            if registered && !register {
+                // Leave at once, tombstone first, so that the others take the shards now.
+                match self.leave().await {
+                    Ok(()) => {
+                        tracing::warn!("database unusable: left the membership until it recovers");
+                        registered = false;
+                        tombstone_cleared = false;
+                    }
+                    Err(error) => {
+                        self.metrics.redis_error("membership");
+                        tracing::warn!(%error, "could not leave the membership");
+                    }
+                }
+            }
+            match self.poll(&mut seen, &mut tombstone_cleared, register).await {
                 Ok(members) => {
+                    if register && !registered {
+                        tracing::info!("registered in the membership");
+                        registered = true;
+                    }
                     if !healthy {
                         tracing::info!("membership heartbeat recovered");
                         healthy = true;

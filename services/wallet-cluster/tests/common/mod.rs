@@ -256,7 +256,7 @@ impl ShardHost for FakeHost {
 /// A node of the test cluster with Redis membership.
 pub struct Node {
     pub cluster: Cluster,
-    pub fence_lost: mpsc::UnboundedSender<u32>,
+    pub fence_lost: mpsc::Sender<u32>,
     pub metrics: ClusterMetrics,
     pub registry: prometheus::Registry,
 }
@@ -275,7 +275,8 @@ pub fn start_node(
         node: cfg.node_id.clone(),
         ledger: ledger.clone(),
     });
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(1024);
+    let (_usable, usable) = tokio::sync::watch::channel(true);
     let cluster = Cluster::start(
         cfg,
         redis.clone(),
@@ -283,6 +284,7 @@ pub fn start_node(
         membership,
         host,
         rx,
+        usable,
         metrics.clone(),
     )
     .expect("start cluster");

@@ -95,10 +95,13 @@ pub struct OperationCommand {
     pub idempotency_key: Option<String>,
     /// Fingerprint of the request body, to tell a replay from a key reused for another request.
     pub request_hash: String,
-    /// Set when this command may have reached an owner before (a retry after an
-    /// ambiguous failure): the owner then looks the operation id up first.
+    /// The command must be planned before this moment or not at all.
+    pub deadline: Deadline,
+    /// Set once an earlier attempt may have been committed: the owner then looks the
+    /// operation id up before anything else, so the retry finds it instead of applying
+    /// it twice, and an expired command is only reported as not applied after that look-up.
     #[serde(default)]
-    pub resubmitted: bool,
+    pub may_exist: bool,
 }
 
 impl OperationCommand {
@@ -106,6 +109,37 @@ impl OperationCommand {
         let canonical = format!("{wallet_id}|{}|{}", operation_type.as_str(), amount);
         format!("{:032x}", xxhash_rust::xxh3::xxh3_128(canonical.as_bytes()))
     }
+}
+
+/// The moment after which a command is no longer planned, as Unix milliseconds.
+///
+/// Wall-clock time, so that it means the same on every node a command passes through
+/// however long it was delayed on the way (node clocks are assumed to agree to well
+/// under a second, as NTP keeps them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Deadline(u64);
+
+impl Deadline {
+    pub fn after(budget: std::time::Duration) -> Self {
+        Self(unix_millis().saturating_add(budget.as_millis() as u64))
+    }
+
+    pub fn has_passed(self) -> bool {
+        unix_millis() >= self.0
+    }
+
+    /// Time left until the deadline, zero once it has passed.
+    pub fn remaining(self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.0.saturating_sub(unix_millis()))
+    }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// One row of the audit trail.

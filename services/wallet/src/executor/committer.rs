@@ -26,7 +26,9 @@ pub(super) struct ShardCommit {
 
 #[derive(Clone)]
 pub(super) struct Committer {
-    queue: mpsc::UnboundedSender<ShardCommit>,
+    /// Bounded by the number of shards: a shard has at most one batch in flight, so a
+    /// send never waits.
+    queue: mpsc::Sender<ShardCommit>,
 }
 
 impl Committer {
@@ -34,9 +36,10 @@ impl Committer {
         store: Store,
         lanes: usize,
         max_operations: usize,
+        shards: usize,
         metrics: ExecutorMetrics,
     ) -> Self {
-        let (queue, commits) = mpsc::unbounded_channel();
+        let (queue, commits) = mpsc::channel(shards.max(1));
         tokio::spawn(run(
             store,
             commits,
@@ -56,7 +59,7 @@ impl Committer {
     ) -> Result<(), Arc<CommitError>> {
         let (reply, answer) = oneshot::channel();
         let stopped = || {
-            Arc::new(CommitError::Store(crate::store::StoreError::Corrupt(
+            Arc::new(CommitError::Failed(crate::store::StoreError::Corrupt(
                 "commit lanes stopped".into(),
             )))
         };
@@ -67,14 +70,21 @@ impl Committer {
                 updates,
                 reply,
             })
+            .await
             .map_err(|_| stopped())?;
-        answer.await.unwrap_or_else(|_| Err(stopped()))
+        // The lane answers every commit it took; without an answer the commit may
+        // have been sent, so it counts as ambiguous.
+        answer.await.unwrap_or_else(|_| {
+            Err(Arc::new(CommitError::Ambiguous(
+                crate::store::StoreError::Corrupt("commit lane stopped mid-commit".into()),
+            )))
+        })
     }
 }
 
 async fn run(
     store: Store,
-    mut commits: mpsc::UnboundedReceiver<ShardCommit>,
+    mut commits: mpsc::Receiver<ShardCommit>,
     lanes: usize,
     max_operations: usize,
     metrics: ExecutorMetrics,
@@ -133,7 +143,8 @@ async fn commit_group(store: &Store, mut group: Vec<ShardCommit>, metrics: &Exec
                     return;
                 }
             }
-            Err(error) if group.len() > 1 && !error.is_transient() => {
+            // Never split an ambiguous commit: it may have committed as a whole.
+            Err(error @ CommitError::Failed(_)) if group.len() > 1 && !error.is_transient() => {
                 // Something in one shard's batch breaks the transaction: commit each shard
                 // alone, so the others do not fail with it.
                 tracing::warn!(error = %error, shards = group.len(), "group commit failed; committing shards one by one");

@@ -1,7 +1,7 @@
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Why a batch did not commit: the `reason` label of `wallet_batch_failures_total`.
-pub const FAILURE_REASONS: [&str; 4] = ["fenced", "stale_version", "transient", "error"];
+pub const FAILURE_REASONS: [&str; 5] = ["fenced", "stale_version", "transient", "ambiguous", "error"];
 
 /// Metrics of the group-commit executors, registered into the node's registry.
 #[derive(Clone)]
@@ -11,6 +11,11 @@ pub struct ExecutorMetrics {
     pub commit_duration: Histogram,
     pub batch_failures: IntCounterVec,
     pub fence_rejections: IntCounter,
+    /// Commands refused because their shard's queue was full.
+    pub overloaded: IntCounter,
+    /// Commands dropped unplanned: their deadline passed or their caller left.
+    pub dropped: IntCounterVec,
+    pub cached_wallets: IntGauge,
 }
 
 impl ExecutorMetrics {
@@ -55,6 +60,27 @@ impl ExecutorMetrics {
         for reason in FAILURE_REASONS {
             batch_failures.with_label_values(&[reason]);
         }
+        let overloaded = IntCounter::new(
+            "wallet_shard_queue_full_total",
+            "Commands refused (503 overloaded, not applied) because their shard's queue was full",
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "wallet_commands_dropped_total",
+                "Commands dropped before they were planned, never applied, by reason",
+            ),
+            &["reason"],
+        )?;
+        for reason in ["expired", "caller_gone"] {
+            dropped.with_label_values(&[reason]);
+        }
+        let cached_wallets = IntGauge::new(
+            "wallet_cached_wallets",
+            "Wallets in the node's cache of committed state",
+        )?;
+        registry.register(Box::new(overloaded.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(cached_wallets.clone()))?;
         registry.register(Box::new(operations.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(commit_duration.clone()))?;
@@ -65,6 +91,9 @@ impl ExecutorMetrics {
             commit_duration,
             batch_failures,
             fence_rejections,
+            overloaded,
+            dropped,
+            cached_wallets,
         })
     }
 }

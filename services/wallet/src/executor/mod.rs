@@ -4,6 +4,7 @@
 //! A request is answered only after its batch committed, and the cache is only
 //! updated after a commit, so it is never ahead of the database.
 
+mod cache;
 mod committer;
 mod metrics;
 mod shard;
@@ -11,7 +12,9 @@ mod shard;
 pub use metrics::ExecutorMetrics;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -19,27 +22,68 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CommandOutcome, OperationCommand};
 use crate::store::Store;
+use crate::submit::{MayExist, NotApplied, Submit, Undelivered};
+use cache::WalletCache;
 use committer::Committer;
 use shard::ShardExecutor;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ExecutionError {
-    /// This node does not (or no longer) serve the shard; the caller should re-route.
-    #[error("this node does not own the shard")]
-    NotOwner,
-    /// The batch could not be committed after the retries that are safe.
-    #[error("the operation could not be committed")]
-    Unavailable,
+/// Bounds and sizes of the executors.
+#[derive(Clone, Copy, Debug)]
+pub struct ExecutorSettings {
+    /// Most operations of one shard in one batch.
+    pub batch_max: usize,
+    /// Commands waiting in one shard's queue; beyond it a command is refused as overloaded.
+    pub queue_max: usize,
+    /// Transactions committed at once.
+    pub commit_lanes: usize,
+    /// Wallets the node caches, across all its shards.
+    pub cache_wallets: usize,
+    /// A shard whose batch has been committing (or being looked up) this long is stalled:
+    /// the cluster layer stops renewing its lease, so another node takes it over.
+    pub stall_after: Duration,
+    /// Shards of the installation: the bound of the committer's queue, which holds at
+    /// most one batch per shard.
+    pub shards: u32,
 }
 
 pub(crate) struct Pending {
     command: OperationCommand,
-    reply: oneshot::Sender<Result<CommandOutcome, ExecutionError>>,
+    reply: oneshot::Sender<Result<CommandOutcome, Undelivered>>,
+}
+
+/// Since when a shard's batch has been in a commit or a look-up (0: it is not).
+#[derive(Default)]
+pub(crate) struct Stall {
+    since_ms: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl Stall {
+    fn now_ms(&self) -> u64 {
+        // +1 so that 0 always means "not committing".
+        self.epoch.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    }
+
+    pub(crate) fn begin(&self) {
+        self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn end(&self) {
+        self.since_ms.store(0, Ordering::Relaxed);
+    }
+
+    fn longer_than(&self, limit: Duration) -> bool {
+        match self.since_ms.load(Ordering::Relaxed) {
+            0 => false,
+            since => self.now_ms().saturating_sub(since) > limit.as_millis() as u64,
+        }
+    }
 }
 
 struct ShardHandle {
-    queue: mpsc::UnboundedSender<Pending>,
+    queue: mpsc::Sender<Pending>,
     stop: CancellationToken,
+    stall: Arc<Stall>,
     task: JoinHandle<()>,
 }
 
@@ -47,54 +91,60 @@ struct ShardHandle {
 pub struct ExecutorPool {
     store: Store,
     committer: Committer,
-    batch_max: usize,
+    settings: ExecutorSettings,
+    cache: Arc<WalletCache>,
     metrics: ExecutorMetrics,
     shards: RwLock<HashMap<u32, ShardHandle>>,
     /// Tells the cluster layer that a shard's fence moved on, so it drops the lease.
-    fence_lost: mpsc::UnboundedSender<u32>,
+    fence_lost: mpsc::Sender<u32>,
 }
 
 impl ExecutorPool {
-    /// Needs a Tokio runtime: it starts `commit_lanes` commit lanes.
+    /// Needs a Tokio runtime: it starts the commit lanes.
     pub fn new(
         store: Store,
-        batch_max: usize,
-        commit_lanes: usize,
+        settings: ExecutorSettings,
         metrics: ExecutorMetrics,
-        fence_lost: mpsc::UnboundedSender<u32>,
+        fence_lost: mpsc::Sender<u32>,
     ) -> Arc<Self> {
         // A transaction takes up to this many operations from the batches of many shards.
-        let committer =
-            Committer::start(store.clone(), commit_lanes, batch_max * 4, metrics.clone());
+        let committer = Committer::start(
+            store.clone(),
+            settings.commit_lanes,
+            settings.batch_max * 4,
+            settings.shards as usize,
+            metrics.clone(),
+        );
         Arc::new(Self {
             store,
             committer,
-            batch_max,
+            settings,
+            cache: Arc::new(WalletCache::new(settings.cache_wallets)),
             metrics,
             shards: RwLock::new(HashMap::new()),
             fence_lost,
         })
     }
 
-    /// Queues `command` on its shard's executor and waits for the committed outcome.
-    pub async fn execute(
-        &self,
-        shard: u32,
-        command: OperationCommand,
-    ) -> Result<CommandOutcome, ExecutionError> {
-        let (reply, answer) = oneshot::channel();
-        let queue = {
-            let shards = self
-                .shards
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            shards.get(&shard).map(|handle| handle.queue.clone())
-        };
-        let queue = queue.ok_or(ExecutionError::NotOwner)?;
-        queue
-            .send(Pending { command, reply })
-            .map_err(|_| ExecutionError::NotOwner)?;
-        answer.await.unwrap_or(Err(ExecutionError::NotOwner))
+    /// Whether any shard's commit has stalled past the limit.
+    pub fn any_stalled(&self) -> bool {
+        self.shards
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .any(|handle| handle.stall.longer_than(self.settings.stall_after))
+    }
+
+    /// Wallets cached now.
+    pub fn cached_wallets(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Brings `wallet_cached_wallets` up to date (before a scrape).
+    pub fn set_cached_wallets_gauge(&self) {
+        self.metrics
+            .cached_wallets
+            .set(i64::try_from(self.cache.len()).unwrap_or(i64::MAX));
     }
 
     fn take(&self, shard: u32) -> Option<ShardHandle> {
@@ -104,7 +154,8 @@ impl ExecutorPool {
             .remove(&shard)
     }
 
-    /// Stops a shard's executor: the batch in flight finishes, the rest is answered "not owner".
+    /// Stops a shard's executor: the batch in flight finishes (or, if its commit cannot
+    /// be looked up, is answered "may exist"), the rest is answered "not owner".
     async fn stop(handle: ShardHandle) {
         handle.stop.cancel();
         drop(handle.queue);
@@ -129,27 +180,74 @@ impl ExecutorPool {
 }
 
 #[async_trait::async_trait]
+impl Submit for ExecutorPool {
+    /// Queues `command` on its shard's executor and waits for the committed outcome. No
+    /// timeout here: a queued command is planned before its deadline or dropped, and a
+    /// planned one is answered once its batch's outcome is known.
+    async fn submit(
+        &self,
+        shard: u32,
+        command: OperationCommand,
+    ) -> Result<CommandOutcome, Undelivered> {
+        let (reply, answer) = oneshot::channel();
+        let queue = {
+            let shards = self
+                .shards
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            shards.get(&shard).map(|handle| handle.queue.clone())
+        };
+        let queue = queue.ok_or(Undelivered::NotOwner)?;
+        queue
+            .try_send(Pending { command, reply })
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => {
+                    self.metrics.overloaded.inc();
+                    Undelivered::NotApplied(NotApplied::Overloaded)
+                }
+                mpsc::error::TrySendError::Closed(_) => Undelivered::NotOwner,
+            })?;
+        // Every queued command is answered; a dropped reply means the task died
+        // mid-batch, after which nobody can say whether the batch committed.
+        answer
+            .await
+            .unwrap_or(Err(Undelivered::MayExist(MayExist::CommitUnresolved)))
+    }
+}
+
+#[async_trait::async_trait]
 impl wallet_cluster::ShardHost for ExecutorPool {
     async fn activate(&self, shard: u32, fence: i64) {
         if let Some(previous) = self.take(shard) {
             Self::stop(previous).await;
         }
-        let (queue, receiver) = mpsc::unbounded_channel();
+        let (queue, receiver) = mpsc::channel(self.settings.queue_max.max(1));
         let stop = CancellationToken::new();
+        let stall = Arc::new(Stall::default());
         let executor = ShardExecutor::new(
             shard,
             fence,
             self.store.clone(),
             self.committer.clone(),
-            self.batch_max,
+            self.cache.clone(),
+            self.settings.batch_max,
             self.metrics.clone(),
             self.fence_lost.clone(),
+            stall.clone(),
         );
         let task = tokio::spawn(executor.run(receiver, stop.clone()));
         self.shards
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(shard, ShardHandle { queue, stop, task });
+            .insert(
+                shard,
+                ShardHandle {
+                    queue,
+                    stop,
+                    stall,
+                    task,
+                },
+            );
         tracing::info!(shard, fence, "serving shard");
     }
 
@@ -158,5 +256,13 @@ impl wallet_cluster::ShardHost for ExecutorPool {
             Self::stop(handle).await;
             tracing::info!(shard, "stopped serving shard");
         }
+    }
+
+    fn stalled(&self, shard: u32) -> bool {
+        self.shards
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&shard)
+            .is_some_and(|handle| handle.stall.longer_than(self.settings.stall_after))
     }
 }

@@ -9,38 +9,46 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::cache::WalletCache;
 use super::committer::Committer;
-use super::{ExecutionError, ExecutorMetrics, Pending};
+use super::{ExecutorMetrics, Pending, Stall};
 use crate::domain::{
     CommandOutcome, MAX_BALANCE, OperationRecord, OperationStatus, OperationType, RejectionReason,
 };
-use crate::store::{CommitError, ShardFence, Store, WalletState, WalletUpdate};
+use crate::store::{
+    CommitError, Resolution, ShardFence, Store, StoreError, WalletState, WalletUpdate,
+};
+use crate::submit::{MayExist, NotApplied, Undelivered};
 
 /// Attempts of one batch when the failure says a retry is safe.
 const MAX_ATTEMPTS: u32 = 4;
-/// Beyond this many cached wallets the cache starts over; it is only a cache.
-const MAX_CACHED_WALLETS: usize = 200_000;
 
 pub(super) struct ShardExecutor {
     shard: u32,
     fence: i64,
     store: Store,
     committer: Committer,
+    cache: Arc<WalletCache>,
     batch_max: usize,
     metrics: ExecutorMetrics,
-    fence_lost: mpsc::UnboundedSender<u32>,
-    /// Committed state of the wallets this shard has seen, loaded fresh after the claim.
-    cache: HashMap<Uuid, WalletState>,
+    fence_lost: mpsc::Sender<u32>,
+    stall: Arc<Stall>,
 }
 
 enum Flow {
     Continue,
+    /// The PostgreSQL fence moved on: another node owns the shard now.
     Fenced,
+    /// Stopped while a commit's outcome was still being looked up.
+    Stopped,
 }
 
 /// What one command turns into while a batch is planned.
 enum Planned {
+    /// Settled without writing: found from an earlier request, or refused.
     Done(CommandOutcome),
+    /// Its deadline passed before it was planned (after the look-up, if it may exist).
+    Expired,
     /// Index into the batch's new operation records.
     New(usize),
 }
@@ -52,33 +60,48 @@ struct Plan {
     next_state: HashMap<Uuid, WalletState>,
 }
 
+/// What planning needs from the cache and the database.
+struct Prepared {
+    states: HashMap<Uuid, WalletState>,
+    existing: Vec<OperationRecord>,
+}
+
+/// How a planned batch ended.
+enum Committed {
+    Yes,
+    /// Certainly not committed.
+    No(Arc<CommitError>),
+    /// The shard was stopped before the outcome could be looked up.
+    Unknown,
+}
+
 impl ShardExecutor {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         shard: u32,
         fence: i64,
         store: Store,
         committer: Committer,
+        cache: Arc<WalletCache>,
         batch_max: usize,
         metrics: ExecutorMetrics,
-        fence_lost: mpsc::UnboundedSender<u32>,
+        fence_lost: mpsc::Sender<u32>,
+        stall: Arc<Stall>,
     ) -> Self {
         Self {
             shard,
             fence,
             store,
             committer,
+            cache,
             batch_max,
             metrics,
             fence_lost,
-            cache: HashMap::new(),
+            stall,
         }
     }
 
-    pub(super) async fn run(
-        mut self,
-        mut queue: mpsc::UnboundedReceiver<Pending>,
-        stop: CancellationToken,
-    ) {
+    pub(super) async fn run(self, mut queue: mpsc::Receiver<Pending>, stop: CancellationToken) {
         loop {
             let first = tokio::select! {
                 biased;
@@ -97,104 +120,229 @@ impl ShardExecutor {
                 }
             }
             let span = tracing::info_span!("batch", shard = self.shard, size = batch.len());
-            if let Flow::Fenced = self.process(batch).instrument(span).await {
-                // The Postgres fence moved on: another node owns the shard now.
-                let _ = self.fence_lost.send(self.shard);
-                break;
+            match self.process(batch, &stop).instrument(span).await {
+                Flow::Continue => {}
+                Flow::Fenced => {
+                    let _ = self.fence_lost.send(self.shard).await;
+                    break;
+                }
+                Flow::Stopped => break,
             }
         }
         queue.close();
+        // Never planned: certainly not applied, and the owner is elsewhere now.
         while let Ok(pending) = queue.try_recv() {
-            let _ = pending.reply.send(Err(ExecutionError::NotOwner));
+            let _ = pending.reply.send(Err(Undelivered::NotOwner));
         }
     }
 
-    async fn process(&mut self, batch: Vec<Pending>) -> Flow {
+    /// Plans, commits and answers one batch, retrying what is safe to retry.
+    async fn process(&self, mut batch: Vec<Pending>, stop: &CancellationToken) -> Flow {
         let mut attempt = 1;
         loop {
-            match self.try_commit(&batch, attempt > 1).await {
-                Ok(outcomes) => {
-                    for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                        let _ = pending.reply.send(Ok(outcome));
-                    }
-                    return Flow::Continue;
-                }
-                Err(error) if matches!(*error, CommitError::Fenced { .. }) => {
-                    tracing::warn!(
-                        shard = self.shard,
-                        fence = self.fence,
-                        "batch rejected by the shard fence"
-                    );
-                    self.metrics.fence_rejections.inc();
-                    self.metrics
-                        .batch_failures
-                        .with_label_values(&["fenced"])
-                        .inc();
-                    for pending in batch {
-                        let _ = pending.reply.send(Err(ExecutionError::NotOwner));
-                    }
-                    return Flow::Fenced;
-                }
+            batch = self.admit(batch);
+            if batch.is_empty() {
+                return Flow::Continue;
+            }
+            let prepared = match self.prepare(&batch, attempt > 1).await {
+                Ok(prepared) => prepared,
                 Err(error) => {
-                    // Whatever the batch touched may or may not be in the database now.
-                    for pending in &batch {
-                        self.cache.remove(&pending.command.wallet_id);
-                    }
-                    let retry = (error.is_transient()
-                        || matches!(*error, CommitError::StaleVersion))
-                        && attempt < MAX_ATTEMPTS;
-                    let reason = if matches!(*error, CommitError::StaleVersion) {
-                        "stale_version"
-                    } else if error.is_transient() {
-                        "transient"
-                    } else {
-                        "error"
-                    };
+                    // Nothing was written; the batch can be planned again.
                     self.metrics
                         .batch_failures
-                        .with_label_values(&[reason])
+                        .with_label_values(&[if error.is_transient() {
+                            "transient"
+                        } else {
+                            "error"
+                        }])
                         .inc();
-                    if retry {
-                        tracing::warn!(error = %error_chain(&*error), attempt, "batch commit failed, retrying");
-                        tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))).await;
+                    if error.is_transient() && attempt < MAX_ATTEMPTS {
+                        tracing::warn!(error = %error_chain(&error), attempt, "loading a batch's wallets failed, retrying");
+                        if !self.pause(attempt, stop).await {
+                            return self.unplanned(batch, Flow::Stopped);
+                        }
                         attempt += 1;
                         continue;
                     }
-                    tracing::error!(error = %error_chain(&*error), attempt, "batch commit failed");
-                    for pending in batch {
-                        let _ = pending.reply.send(Err(ExecutionError::Unavailable));
-                    }
+                    tracing::error!(error = %error_chain(&error), attempt, "loading a batch's wallets failed");
+                    return self.unplanned(batch, Flow::Continue);
+                }
+            };
+            let plan = self.plan(&batch, &prepared);
+            if plan.records.is_empty() {
+                self.answer(batch, plan, None);
+                return Flow::Continue;
+            }
+            self.stall.begin();
+            let committed = self.commit(&plan, stop).await;
+            self.stall.end();
+            let error = match committed {
+                Committed::Yes => {
+                    self.remember(&plan);
+                    self.answer(batch, plan, None);
                     return Flow::Continue;
                 }
+                Committed::Unknown => {
+                    self.forget(&plan);
+                    self.answer(
+                        batch,
+                        plan,
+                        Some(Undelivered::MayExist(MayExist::CommitUnresolved)),
+                    );
+                    return Flow::Stopped;
+                }
+                Committed::No(error) => error,
+            };
+            self.forget(&plan);
+            self.metrics
+                .batch_failures
+                .with_label_values(&[error.metric_label()])
+                .inc();
+            if let CommitError::Fenced { .. } = *error {
+                tracing::warn!(
+                    shard = self.shard,
+                    fence = self.fence,
+                    "batch rejected by the shard fence"
+                );
+                self.metrics.fence_rejections.inc();
+                self.answer(batch, plan, Some(Undelivered::NotOwner));
+                return Flow::Fenced;
             }
+            if error.is_transient() && attempt < MAX_ATTEMPTS {
+                tracing::warn!(error = %error_chain(&*error), attempt, "batch commit failed, retrying");
+                if !self.pause(attempt, stop).await {
+                    self.answer(batch, plan, Some(Undelivered::NotOwner));
+                    return Flow::Stopped;
+                }
+                attempt += 1;
+                continue;
+            }
+            tracing::error!(error = %error_chain(&*error), attempt, "batch commit failed");
+            self.answer(
+                batch,
+                plan,
+                Some(Undelivered::NotApplied(NotApplied::CommitFailed)),
+            );
+            return Flow::Continue;
         }
     }
 
-    async fn try_commit(
-        &mut self,
-        batch: &[Pending],
-        retrying: bool,
-    ) -> Result<Vec<CommandOutcome>, Arc<CommitError>> {
-        self.load_missing(batch).await.map_err(Arc::new)?;
-        let existing = self
-            .existing_operations(batch, retrying)
-            .await
-            .map_err(Arc::new)?;
-        let plan = self.plan(batch, &existing);
+    /// Drops what must not be planned: commands whose caller gave up (nobody would
+    /// hear the answer, so they are never committed), and expired commands that cannot
+    /// exist yet. Expired commands that may exist are kept for their look-up.
+    fn admit(&self, batch: Vec<Pending>) -> Vec<Pending> {
+        batch
+            .into_iter()
+            .filter_map(|pending| {
+                if pending.reply.is_closed() {
+                    self.metrics
+                        .dropped
+                        .with_label_values(&["caller_gone"])
+                        .inc();
+                    return None;
+                }
+                if pending.command.deadline.has_passed() && !pending.command.may_exist {
+                    self.metrics.dropped.with_label_values(&["expired"]).inc();
+                    let _ = pending
+                        .reply
+                        .send(Err(Undelivered::NotApplied(NotApplied::Expired)));
+                    return None;
+                }
+                Some(pending)
+            })
+            .collect()
+    }
 
-        if !plan.records.is_empty() {
-            let fence = ShardFence {
-                shard: self.shard,
-                fence: self.fence,
+    /// Sleeps before a retry; `false` if the shard was stopped meanwhile.
+    async fn pause(&self, attempt: u32, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            () = stop.cancelled() => false,
+            () = tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))) => true,
+        }
+    }
+
+    /// Answers a batch that could not be planned: nothing of it was written now, but
+    /// commands that may exist from an earlier attempt were not looked up either.
+    fn unplanned(&self, batch: Vec<Pending>, flow: Flow) -> Flow {
+        for pending in batch {
+            let answer = if pending.command.may_exist {
+                Undelivered::MayExist(MayExist::CommitUnresolved)
+            } else {
+                Undelivered::NotApplied(NotApplied::CommitFailed)
             };
-            self.committer
-                .commit(fence, plan.records.clone(), plan.updates)
-                .await?;
+            let _ = pending.reply.send(Err(answer));
         }
-        if self.cache.len() > MAX_CACHED_WALLETS {
-            self.cache.clear();
+        flow
+    }
+
+    /// Commits the plan; an ambiguous commit is looked up until its outcome is known
+    /// or the shard is stopped.
+    async fn commit(&self, plan: &Plan, stop: &CancellationToken) -> Committed {
+        let fence = ShardFence {
+            shard: self.shard,
+            fence: self.fence,
+        };
+        let error = match self
+            .committer
+            .commit(fence, plan.records.clone(), plan.updates.clone())
+            .await
+        {
+            Ok(()) => return Committed::Yes,
+            Err(error) => error,
+        };
+        if !matches!(*error, CommitError::Ambiguous(_)) {
+            return Committed::No(error);
         }
-        self.cache.extend(plan.next_state);
+        tracing::warn!(error = %error_chain(&*error), shard = self.shard, "commit got no answer; looking it up");
+        self.metrics
+            .batch_failures
+            .with_label_values(&["ambiguous"])
+            .inc();
+        let ids: Vec<Uuid> = plan.records.iter().map(|r| r.operation_id).collect();
+        let shards = [self.shard];
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let looked_up = tokio::select! {
+                biased;
+                () = stop.cancelled() => return Committed::Unknown,
+                looked_up = self.store.resolve(&shards, &ids) => looked_up,
+            };
+            match looked_up {
+                Ok(Resolution::Committed) => return Committed::Yes,
+                // Safe to plan again: the next attempt's fence check says if we still own it.
+                Ok(Resolution::Absent) => {
+                    return Committed::No(Arc::new(CommitError::Failed(StoreError::Timeout(
+                        "a commit that did not happen",
+                    ))));
+                }
+                Err(lookup) => {
+                    tracing::warn!(error = %error_chain(&lookup), shard = self.shard, "looking up an ambiguous commit failed; retrying");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return Committed::Unknown,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// The committed state goes into the cache. A wallet whose only operations were
+    /// refused is not promoted there.
+    fn remember(&self, plan: &Plan) {
+        let applied: HashSet<Uuid> = plan
+            .records
+            .iter()
+            .filter(|record| record.status == OperationStatus::Applied)
+            .map(|record| record.wallet_id)
+            .collect();
+        for (wallet_id, state) in &plan.next_state {
+            if applied.contains(wallet_id) {
+                self.cache.put(self.fence, *wallet_id, *state);
+            } else {
+                self.cache.refresh(self.fence, *wallet_id, *state);
+            }
+        }
         for record in &plan.records {
             let result = match record.status {
                 OperationStatus::Applied => "applied",
@@ -205,39 +353,60 @@ impl ShardExecutor {
                 .with_label_values(&[record.operation_type.as_str(), result])
                 .inc();
         }
-        Ok(plan
-            .planned
-            .into_iter()
-            .map(|planned| match planned {
-                Planned::Done(outcome) => outcome,
-                Planned::New(index) => CommandOutcome::Recorded(plan.records[index].clone()),
-            })
-            .collect())
     }
 
-    async fn load_missing(&mut self, batch: &[Pending]) -> Result<(), CommitError> {
-        let missing: Vec<Uuid> = batch
-            .iter()
-            .map(|pending| pending.command.wallet_id)
-            .filter(|id| !self.cache.contains_key(id))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        if !missing.is_empty() {
-            self.cache.extend(self.store.wallets(&missing).await?);
+    /// After a failed or unknown commit the touched wallets are loaded afresh.
+    fn forget(&self, plan: &Plan) {
+        for wallet_id in plan.next_state.keys() {
+            self.cache.remove(wallet_id);
         }
-        Ok(())
     }
 
-    /// Operations recorded before under the same id (a retried request) or idempotency key.
-    async fn existing_operations(
-        &self,
-        batch: &[Pending],
-        retrying: bool,
-    ) -> Result<Vec<OperationRecord>, CommitError> {
+    /// Answers every command of a planned batch; `failure` is the answer of the new
+    /// records when the batch did not commit.
+    fn answer(&self, batch: Vec<Pending>, plan: Plan, failure: Option<Undelivered>) {
+        for (pending, planned) in batch.into_iter().zip(plan.planned) {
+            let answer = match planned {
+                Planned::Done(outcome) => Ok(outcome),
+                Planned::Expired => {
+                    self.metrics.dropped.with_label_values(&["expired"]).inc();
+                    Err(Undelivered::NotApplied(NotApplied::Expired))
+                }
+                Planned::New(index) => match failure {
+                    None => Ok(CommandOutcome::Recorded(plan.records[index].clone())),
+                    Some(failure) => Err(failure),
+                },
+            };
+            let _ = pending.reply.send(answer);
+        }
+    }
+
+    /// The batch's wallets (cached, or loaded) and the operations recorded before under
+    /// the same ids (commands that may exist, or every one on a retry) or keys.
+    async fn prepare(&self, batch: &[Pending], retrying: bool) -> Result<Prepared, StoreError> {
+        let mut states = HashMap::new();
+        let mut missing = HashSet::new();
+        for pending in batch {
+            let wallet_id = pending.command.wallet_id;
+            if states.contains_key(&wallet_id) || missing.contains(&wallet_id) {
+                continue;
+            }
+            match self.cache.get(self.fence, &wallet_id) {
+                Some(state) => {
+                    states.insert(wallet_id, state);
+                }
+                None => {
+                    missing.insert(wallet_id);
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let missing: Vec<Uuid> = missing.into_iter().collect();
+            states.extend(self.store.wallets(&missing).await?);
+        }
         let ids: Vec<Uuid> = batch
             .iter()
-            .filter(|pending| retrying || pending.command.resubmitted)
+            .filter(|pending| retrying || pending.command.may_exist)
             .map(|pending| pending.command.operation_id)
             .collect();
         let keyed: Vec<(Uuid, String)> = batch
@@ -249,17 +418,23 @@ impl ShardExecutor {
                 ))
             })
             .collect();
-        if ids.is_empty() && keyed.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(self.store.existing_operations(&ids, &keyed).await?)
+        let existing = if ids.is_empty() && keyed.is_empty() {
+            Vec::new()
+        } else {
+            self.store.existing_operations(&ids, &keyed).await?
+        };
+        Ok(Prepared { states, existing })
     }
 
-    /// Applies the batch in arrival order to a copy of the cached balances.
-    fn plan(&self, batch: &[Pending], existing: &[OperationRecord]) -> Plan {
-        let by_id: HashMap<Uuid, &OperationRecord> =
-            existing.iter().map(|op| (op.operation_id, op)).collect();
-        let by_key: HashMap<(Uuid, &str), &OperationRecord> = existing
+    /// Applies the batch in arrival order to a copy of the wallets' committed state.
+    fn plan(&self, batch: &[Pending], prepared: &Prepared) -> Plan {
+        let by_id: HashMap<Uuid, &OperationRecord> = prepared
+            .existing
+            .iter()
+            .map(|op| (op.operation_id, op))
+            .collect();
+        let by_key: HashMap<(Uuid, &str), &OperationRecord> = prepared
+            .existing
             .iter()
             .filter_map(|op| Some(((op.wallet_id, op.idempotency_key.as_deref()?), op)))
             .collect();
@@ -304,9 +479,15 @@ impl ShardExecutor {
                     continue;
                 }
             }
+            // Checked after the look-ups: a command that may exist is only reported
+            // expired once it is known not to be in the database.
+            if command.deadline.has_passed() {
+                planned.push(Planned::Expired);
+                continue;
+            }
             let Some(state) = next_state
                 .get(&command.wallet_id)
-                .or_else(|| self.cache.get(&command.wallet_id))
+                .or_else(|| prepared.states.get(&command.wallet_id))
                 .copied()
             else {
                 planned.push(Planned::Done(CommandOutcome::WalletNotFound));
@@ -343,7 +524,7 @@ impl ShardExecutor {
         let updates = next_state
             .iter()
             .filter_map(|(wallet_id, next)| {
-                let before = self.cache.get(wallet_id)?;
+                let before = prepared.states.get(wallet_id)?;
                 Some(WalletUpdate {
                     wallet_id: *wallet_id,
                     balance: next.balance,

@@ -20,27 +20,28 @@ pub async fn healthz(res: &mut Response) {
     );
 }
 
-/// Ready: the database answers, its schema is new enough, and this node is a
-/// registered member that can route.
+/// Ready: the database is usable (as the health monitor sees it: a blip shorter than
+/// `WALLET_DB_UNUSABLE_AFTER_MS` does not count), its schema is new enough, and this node
+/// is a registered member that can route. Read from state, never from a query of its
+/// own, so probes cannot pile onto a slow database.
 #[handler]
 pub async fn readyz(depot: &mut Depot, res: &mut Response) {
     let Some(state) = app_state(depot, res) else {
         return;
     };
-    let (database, schema_ok, schema) = match state.store.schema_version().await {
-        Ok(Some(version)) if version >= REQUIRED_SCHEMA_VERSION => {
-            ("ok".to_owned(), true, version.to_string())
-        }
-        Ok(Some(version)) => (
-            "ok".to_owned(),
-            false,
-            format!("{version}, older than required"),
-        ),
-        Ok(None) => ("ok".to_owned(), false, "not migrated".to_owned()),
-        Err(error) => (format!("unreachable: {error}"), false, "unknown".to_owned()),
+    let health = state.health.borrow().clone();
+    let schema = match health.schema_version {
+        Some(version) if health.schema_ok() => version.to_string(),
+        Some(version) => format!("{version}, older than required"),
+        None => "not migrated or not read yet".to_owned(),
+    };
+    let database = match (&health.problem, health.usable) {
+        (None, _) => "ok".to_owned(),
+        (Some(problem), true) => format!("usable, last check failed: {problem}"),
+        (Some(problem), false) => format!("unusable: {problem}"),
     };
     let cluster_ok = state.cluster.is_ready();
-    let ready = schema_ok && cluster_ok;
+    let ready = health.schema_ok() && cluster_ok;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -65,6 +66,9 @@ pub async fn metrics(depot: &mut Depot, res: &mut Response) {
     let Some(state) = app_state(depot, res) else {
         return;
     };
+    state
+        .executors
+        .set_cached_wallets_gauge();
     let encoder = prometheus::TextEncoder::new();
     let mut buffer = Vec::new();
     if let Err(error) = encoder.encode(&state.registry.gather(), &mut buffer) {

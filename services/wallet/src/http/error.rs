@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::problem::Problem;
 use super::views::OperationView;
 use crate::domain::OperationRecord;
+use crate::submit::NotApplied;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -32,8 +33,13 @@ pub enum ApiError {
     BalanceLimitExceeded(Box<OperationRecord>),
     #[error("idempotency key reused with a different request")]
     IdempotencyKeyReused,
-    #[error("no owner answered within the request deadline")]
-    Unavailable,
+    /// Certainly not applied, now or later: the client may retry.
+    #[error("not applied: {0}")]
+    NotApplied(NotApplied),
+    /// The outcome could not be found out in time. Never answered: the connection is
+    /// closed instead, the one ambiguous outcome an Idempotency-Key resolves.
+    #[error("the operation's outcome could not be found out in time")]
+    OutcomeUnknown,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -50,7 +56,8 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::WalletNotFound(_) | Self::OperationNotFound { .. } => StatusCode::NOT_FOUND,
             Self::InsufficientFunds(_) => StatusCode::CONFLICT,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotApplied(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -115,11 +122,23 @@ impl ApiError {
                 "Idempotency key reused",
                 "this Idempotency-Key was used before with a different request",
             ),
-            Self::Unavailable => Problem::new(
+            Self::NotApplied(NotApplied::Overloaded) => Problem::new(
+                status,
+                "overloaded",
+                "Overloaded",
+                "too many operations are waiting; this one was not applied, retry later",
+            ),
+            Self::NotApplied(_) => Problem::new(
                 status,
                 "service-unavailable",
                 "Service unavailable",
-                "the wallet's owner could not be reached in time; retry later",
+                "the wallet's owner could not take the operation in time; it was not applied, retry later",
+            ),
+            Self::OutcomeUnknown => Problem::new(
+                status,
+                "internal-error",
+                "Internal error",
+                "the request could not be completed",
             ),
             // Opaque on purpose: the full chain goes to the log, not to the client.
             Self::Unexpected(_) => Problem::new(
@@ -141,18 +160,67 @@ fn rejected(problem: Problem, record: &OperationRecord) -> Problem {
         .with("operation", serde_json::to_value(&view).unwrap_or_default())
 }
 
-#[async_trait]
-impl Writer for ApiError {
-    async fn write(self, _req: &mut Request, _depot: &mut Depot, res: &mut Response) {
+impl ApiError {
+    /// Writes the answer, or for `OutcomeUnknown` closes the connection without one.
+    fn respond(self, req: &mut Request, res: &mut Response, operation_id: Option<Uuid>) {
+        if let Self::OutcomeUnknown = self {
+            tracing::error!(
+                operation_id = ?operation_id,
+                "closing the connection without an answer: the operation's outcome is unknown"
+            );
+            if let Some(conn) = req.extensions().get::<salvo::ConnCtrl>() {
+                conn.abort();
+            }
+        }
         let status = self.status();
         if status.is_server_error() {
             tracing::error!(error = ?anyhow_chain(&self), status = status.as_u16(), "request failed");
         }
-        if let Self::Unavailable = self {
+        if let Self::NotApplied(_) = self {
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        self.problem().write_to(res);
+        let mut problem = self.problem();
+        if let Some(operation_id) = operation_id {
+            problem = problem.with_default("operationId", operation_id.to_string());
+        }
+        problem.write_to(res);
+    }
+}
+
+#[async_trait]
+impl Writer for ApiError {
+    async fn write(self, req: &mut Request, _depot: &mut Depot, res: &mut Response) {
+        self.respond(req, res, None);
+    }
+}
+
+/// An error of `POST /api/v1/wallet`: every answer names the operation id the node
+/// gave the request (a recorded operation's own id where there is one), so a client
+/// can look it up.
+#[derive(Debug)]
+pub struct OperationError {
+    pub error: ApiError,
+    pub operation_id: Uuid,
+}
+
+#[async_trait]
+impl Writer for OperationError {
+    async fn write(self, req: &mut Request, _depot: &mut Depot, res: &mut Response) {
+        self.error.respond(req, res, Some(self.operation_id));
+    }
+}
+
+impl EndpointOutRegister for OperationError {
+    fn register(_components: &mut Components, _operation: &mut Operation) {}
+}
+
+impl From<crate::routing::RoutingError> for ApiError {
+    fn from(error: crate::routing::RoutingError) -> Self {
+        match error {
+            crate::routing::RoutingError::NotApplied { reason, .. } => Self::NotApplied(reason),
+            crate::routing::RoutingError::Unresolved { .. } => Self::OutcomeUnknown,
+        }
     }
 }
 

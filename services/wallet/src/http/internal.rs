@@ -1,5 +1,5 @@
 //! The owner's side of forwarding: authenticated; each command of a batch is answered
-//! with its outcome, or "not owner" when its shard is not served here.
+//! with its outcome or why it has none (`Undelivered`), as the local executor said.
 
 use salvo::http::header::AUTHORIZATION;
 use salvo::prelude::*;
@@ -14,8 +14,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::executor::ExecutionError;
-use crate::routing::{ForwardBatch, ForwardReply, ForwardResult, ForwardedCommand};
+use crate::routing::{ForwardBatch, ForwardReply, ForwardResult, ForwardedCommand, MAX_FORWARD_BATCH};
+use crate::submit::Submit;
 
 /// Compares in constant time, so the secret cannot be guessed byte by byte.
 fn secret_matches(given: &[u8], expected: &[u8]) -> bool {
@@ -56,7 +56,17 @@ pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut R
             serde_json::from_slice::<ForwardBatch>(bytes).map_err(|error| error.to_string())
         });
     let batch = match parsed {
-        Ok(batch) => batch,
+        Ok(batch) if batch.operations.len() <= MAX_FORWARD_BATCH => batch,
+        Ok(batch) => {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-request",
+                "Malformed request",
+                format!("{} commands in one batch; at most {MAX_FORWARD_BATCH}", batch.operations.len()),
+            )
+            .write_to(res);
+            return;
+        }
         Err(detail) => {
             Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -69,6 +79,9 @@ pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut R
         }
     };
     // All commands go to their executors at once, so they share the owner's next batches.
+    // They go through the same interface the router uses for this node's own shards; if
+    // the sender gives up and closes the connection, these futures are dropped and
+    // commands not planned yet are dropped with them.
     let results = join_all(
         batch
             .operations
@@ -89,16 +102,12 @@ async fn execute(state: &AppState, forwarded: ForwardedCommand) -> ForwardResult
     // Continue the trace of the request the command came from, on this node.
     let span = tracing::info_span!("forwarded_operation", shard, operation_id = %forwarded.command.operation_id);
     let _ = span.set_parent(TraceContextPropagator::new().extract(&forwarded.trace));
-    match state
+    state
         .executors
-        .execute(shard, forwarded.command)
+        .submit(shard, forwarded.command)
         .instrument(span)
         .await
-    {
-        Ok(outcome) => ForwardResult::Done(outcome),
-        Err(ExecutionError::NotOwner) => ForwardResult::NotOwner,
-        Err(ExecutionError::Unavailable) => ForwardResult::Unavailable,
-    }
+        .into()
 }
 
 #[cfg(test)]

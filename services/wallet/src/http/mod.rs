@@ -5,6 +5,7 @@ mod admin;
 mod error;
 mod input;
 mod internal;
+mod limits;
 mod observe;
 mod problem;
 mod views;
@@ -38,7 +39,13 @@ pub struct AppState {
     pub router: Arc<OperationRouter>,
     pub executors: Arc<ExecutorPool>,
     pub cluster: Arc<Cluster>,
+    /// The database as the health monitor last saw it.
+    pub health: tokio::sync::watch::Receiver<crate::health::DatabaseHealth>,
     pub max_body_bytes: usize,
+    /// How long a write may wait to be planned by its shard's owner.
+    pub request_deadline: std::time::Duration,
+    /// The last bound on any request's handler.
+    pub handler_timeout: std::time::Duration,
     pub internal_secret: SecretString,
     pub registry: prometheus::Registry,
 }
@@ -88,6 +95,7 @@ pub fn openapi() -> OpenApi {
 fn service(router: Router, state: AppState, metrics: HttpMetrics, port: &'static str) -> Service {
     let router = Router::new()
         .hoop(Observe::new(metrics, port))
+        .hoop(limits::HandlerTimeout::new(state.handler_timeout))
         .hoop(salvo::affix_state::inject(state))
         .push(router);
     Service::new(router).catcher(Catcher::default().hoop(observe::problem_catcher))

@@ -40,6 +40,14 @@ impl Problem {
         self
     }
 
+    /// Adds `name` unless the problem has it already.
+    pub fn with_default(mut self, name: &str, value: impl Into<Value>) -> Self {
+        self.extensions
+            .entry(name.to_owned())
+            .or_insert_with(|| value.into());
+        self
+    }
+
     pub fn write_to(&self, res: &mut Response) {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         write_json(res, status, PROBLEM_JSON, self);

@@ -5,14 +5,14 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use salvo::prelude::*;
 use uuid::Uuid;
 
-use super::error::ApiError;
+use super::error::{ApiError, OperationError};
 use super::problem::write_json;
 use super::views::{
     CreateWalletRequest, OperationPage, OperationRequestDoc, OperationView, WalletView,
 };
 use super::{AppState, input};
 use crate::domain::{
-    CommandOutcome, OperationCommand, OperationRecord, OperationStatus, RejectionReason,
+    CommandOutcome, Deadline, OperationCommand, OperationRecord, OperationStatus, RejectionReason,
 };
 
 const JSON: &str = "application/json";
@@ -133,7 +133,8 @@ pub async fn get_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, A
 /// Deposit into or withdraw from a wallet.
 ///
 /// Answered after the operation is committed. A withdrawal the balance does not cover is
-/// recorded as REJECTED (reason INSUFFICIENT_FUNDS) and answered 409.
+/// recorded as REJECTED (reason INSUFFICIENT_FUNDS) and answered 409. Every 5xx means
+/// the operation was not applied and never will be; every answer carries `operationId`.
 #[endpoint(
     tags("operations"),
     request_body = OperationRequestDoc,
@@ -145,10 +146,28 @@ pub async fn get_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, A
         (status_code = 409, description = "Insufficient funds; the rejection is recorded", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 413, description = "Body too large", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 422, description = "Invalid values, or a reused key", body = super::problem::Problem, content_type = "application/problem+json"),
-        (status_code = 503, description = "No owner reachable within the request deadline", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 503, description = "Not applied, now or later (overloaded, or no owner took it before its deadline); Retry-After says when to retry", body = super::problem::Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn post_operation(req: &mut Request, depot: &mut Depot) -> Result<Reply, ApiError> {
+pub async fn post_operation(
+    req: &mut Request,
+    depot: &mut Depot,
+) -> Result<Reply, OperationError> {
+    // Chosen first, so that every answer, even a refusal of the input, can name it.
+    let operation_id = Uuid::now_v7();
+    operate(req, depot, operation_id)
+        .await
+        .map_err(|error| OperationError {
+            error,
+            operation_id,
+        })
+}
+
+async fn operate(
+    req: &mut Request,
+    depot: &mut Depot,
+    operation_id: Uuid,
+) -> Result<Reply, ApiError> {
     let state = state(depot)?;
     let key = input::idempotency_key(req)?;
     let bytes = input::body(req, state.max_body_bytes)
@@ -156,7 +175,7 @@ pub async fn post_operation(req: &mut Request, depot: &mut Depot) -> Result<Repl
         .ok_or_else(|| ApiError::MalformedJson("the request body is empty".to_owned()))?;
     let request = input::operation(&bytes)?;
     let command = OperationCommand {
-        operation_id: Uuid::now_v7(),
+        operation_id,
         wallet_id: request.wallet_id,
         operation_type: request.operation_type,
         amount: request.amount,
@@ -166,14 +185,11 @@ pub async fn post_operation(req: &mut Request, depot: &mut Depot) -> Result<Repl
             request.operation_type,
             request.amount,
         ),
-        resubmitted: false,
+        deadline: Deadline::after(state.request_deadline),
+        may_exist: false,
     };
     let wallet_id = command.wallet_id;
-    let outcome = state
-        .router
-        .execute(command)
-        .await
-        .map_err(|_| ApiError::Unavailable)?;
+    let outcome = state.router.execute(command).await?;
     match outcome {
         CommandOutcome::Recorded(record) => recorded(record),
         CommandOutcome::WalletNotFound => Err(ApiError::WalletNotFound(wallet_id)),

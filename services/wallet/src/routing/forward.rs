@@ -1,10 +1,14 @@
-//! The client side of the internal port. Commands for the same owner are coalesced:
-//! one task per peer sends whatever queued while its previous requests were in
-//! flight as ONE request, so a hot wallet reached through any node costs one internal
-//! round trip per batch, not per operation. Each command keeps its own trace context.
+//! The remote implementation of [`Submit`]: the client side of the internal port.
+//!
+//! Commands for the same owner are coalesced: one task per peer sends whatever queued
+//! while its previous requests were in flight as ONE request, so a hot wallet reached
+//! through any node costs one internal round trip per batch, not per operation. Each
+//! command keeps its own deadline and trace context. Every queue is bounded; a full one
+//! refuses the command at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -12,18 +16,20 @@ use reqwest::StatusCode;
 use reqwest::header::AUTHORIZATION;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use wallet_cluster::Member;
 
 use crate::domain::{CommandOutcome, OperationCommand};
+use crate::submit::{MayExist, NotApplied, Submit, Undelivered};
 
 pub const INTERNAL_OPERATIONS_PATH: &str = "/internal/v1/operations";
 /// Most commands in one internal request.
-const MAX_FORWARD_BATCH: usize = 256;
+pub const MAX_FORWARD_BATCH: usize = 256;
 /// Internal requests in flight to one peer at a time.
 const MAX_IN_FLIGHT_PER_PEER: usize = 8;
+/// Commands waiting for one peer; beyond it a command is refused as overloaded.
+const PEER_QUEUE_MAX: usize = 4096;
 
 /// One forwarded command with the trace context of the request it came from.
 #[derive(Debug, Serialize, Deserialize)]
@@ -45,10 +51,16 @@ pub struct ForwardBatch {
 #[serde(rename_all = "camelCase", tag = "result", content = "outcome")]
 pub enum ForwardResult {
     Done(CommandOutcome),
-    /// The shard is not served by this node (the HTTP 421 of a single command).
-    NotOwner,
-    /// The batch could not be committed; the operation may or may not be in.
-    Unavailable,
+    Undelivered(Undelivered),
+}
+
+impl From<Result<CommandOutcome, Undelivered>> for ForwardResult {
+    fn from(result: Result<CommandOutcome, Undelivered>) -> Self {
+        match result {
+            Ok(outcome) => Self::Done(outcome),
+            Err(undelivered) => Self::Undelivered(undelivered),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,117 +69,169 @@ pub struct ForwardReply {
     pub results: Vec<ForwardResult>,
 }
 
+/// How a whole internal request failed, and what that says about its commands.
 #[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    #[error("the peer no longer owns the shard")]
-    Misdirected,
+enum RequestError {
     #[error("the peer could not be reached: {0}")]
     Unreachable(String),
-    #[error("the request to the peer failed midway: {0}")]
-    Interrupted(String),
-    #[error("the peer could not commit the operation")]
-    PeerUnavailable,
-    #[error("the peer refused the shared secret")]
+    #[error("the peer refused the internal secret")]
     Unauthorized,
+    #[error("no answer before the timeout")]
+    Timeout,
+    #[error("the request failed midway: {0}")]
+    Interrupted(String),
     #[error("the peer answered {0}")]
     UnexpectedStatus(StatusCode),
-    #[error("the deadline passed before the peer answered")]
-    Timeout,
 }
 
-impl ForwardError {
-    /// Whether the peer may have committed the operation before the failure.
-    pub fn maybe_applied(&self) -> bool {
-        matches!(
-            self,
-            Self::Interrupted(_)
-                | Self::PeerUnavailable
-                | Self::Timeout
-                | Self::UnexpectedStatus(_)
-        )
+impl RequestError {
+    fn undelivered(&self) -> Undelivered {
+        match self {
+            // Nothing reached the owner's executors.
+            Self::Unreachable(_) | Self::Unauthorized => {
+                Undelivered::NotApplied(NotApplied::Unreachable)
+            }
+            Self::Timeout => Undelivered::MayExist(MayExist::OwnerSilent),
+            Self::Interrupted(_) | Self::UnexpectedStatus(_) => {
+                Undelivered::MayExist(MayExist::AnswerLost)
+            }
+        }
     }
 }
 
 struct Job {
     item: ForwardedCommand,
-    deadline: Instant,
-    reply: oneshot::Sender<Result<CommandOutcome, ForwardError>>,
+    reply: oneshot::Sender<Result<CommandOutcome, Undelivered>>,
 }
 
+/// Bounds of one forward.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardTimeouts {
+    /// How long after a command's deadline its owner may still be answering: the
+    /// batch it is in commits and, if ambiguous, is looked up.
+    pub answer_grace: Duration,
+    /// Longest wait for one internal request: a paused or silently dead owner loses its
+    /// shards after a lease TTL, so waiting longer for it only delays the retry.
+    pub attempt: Duration,
+}
+
+/// The peers of this node, one [`Peer`] per internal address.
 #[derive(Clone)]
 pub struct Forwarder {
     client: reqwest::Client,
     secret: SecretString,
-    peers: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>>,
+    timeouts: ForwardTimeouts,
+    peers: Arc<Mutex<HashMap<String, Arc<Peer>>>>,
 }
 
 impl Forwarder {
-    pub fn new(secret: SecretString) -> Result<Self, reqwest::Error> {
+    pub fn new(secret: SecretString, timeouts: ForwardTimeouts) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(MAX_IN_FLIGHT_PER_PEER * 2)
             .tcp_nodelay(true)
-            .connect_timeout(std::time::Duration::from_secs(1))
+            .connect_timeout(Duration::from_secs(1))
             .build()?;
         Ok(Self {
             client,
             secret,
+            timeouts,
             peers: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
-    pub async fn forward(
-        &self,
-        owner: &Member,
-        command: &OperationCommand,
-        deadline: Instant,
-    ) -> Result<CommandOutcome, ForwardError> {
-        if deadline <= Instant::now() {
-            return Err(ForwardError::Timeout);
-        }
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            item: ForwardedCommand {
-                command: command.clone(),
-                trace: trace_context(),
-            },
-            deadline,
-            reply,
-        };
-        self.peer(&owner.internal_addr)
-            .send(job)
-            .map_err(|_| ForwardError::Unreachable("peer queue closed".into()))?;
-        answer.await.unwrap_or(Err(ForwardError::Interrupted(
-            "forwarding task stopped".into(),
-        )))
+    /// Drops the peers of members that left, whenever the view changes (needs a
+    /// Tokio runtime). A dropped peer's task ends once its requests in flight are answered.
+    pub fn follow(&self, mut members: watch::Receiver<Vec<Member>>) {
+        let peers = Arc::downgrade(&self.peers);
+        tokio::spawn(async move {
+            while members.changed().await.is_ok() {
+                let Some(peers) = peers.upgrade() else {
+                    return;
+                };
+                let live: std::collections::HashSet<String> = members
+                    .borrow_and_update()
+                    .iter()
+                    .map(|member| member.internal_addr.clone())
+                    .collect();
+                peers
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .retain(|addr, _| live.contains(addr));
+            }
+        });
     }
 
-    /// The queue of the task that talks to `addr`, started on first use.
-    fn peer(&self, addr: &str) -> mpsc::UnboundedSender<Job> {
+    /// Peers with a forwarding task now.
+    pub fn peer_count(&self) -> usize {
+        self.peers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+
+    /// The peer at `addr`, its task started on first use.
+    pub fn peer(&self, addr: &str) -> Arc<Peer> {
         let mut peers = self
             .peers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(queue) = peers.get(addr).filter(|queue| !queue.is_closed()) {
-            return queue.clone();
+        if let Some(peer) = peers.get(addr).filter(|peer| !peer.queue.is_closed()) {
+            return peer.clone();
         }
-        let (queue, jobs) = mpsc::unbounded_channel();
+        let (queue, jobs) = mpsc::channel(PEER_QUEUE_MAX);
         let url = format!("http://{addr}{INTERNAL_OPERATIONS_PATH}");
         tokio::spawn(peer_loop(
             url,
             jobs,
             self.client.clone(),
             self.secret.clone(),
+            self.timeouts,
         ));
-        peers.insert(addr.to_owned(), queue.clone());
-        queue
+        let peer = Arc::new(Peer { queue });
+        peers.insert(addr.to_owned(), peer.clone());
+        peer
+    }
+}
+
+/// One other node, reached over its internal port.
+pub struct Peer {
+    queue: mpsc::Sender<Job>,
+}
+
+#[async_trait::async_trait]
+impl Submit for Peer {
+    async fn submit(
+        &self,
+        _shard: u32,
+        command: OperationCommand,
+    ) -> Result<CommandOutcome, Undelivered> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            item: ForwardedCommand {
+                command,
+                trace: trace_context(),
+            },
+            reply,
+        };
+        self.queue.try_send(job).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => Undelivered::NotApplied(NotApplied::Overloaded),
+            mpsc::error::TrySendError::Closed(_) => {
+                Undelivered::NotApplied(NotApplied::Unreachable)
+            }
+        })?;
+        // The task answers every job it took; a lost reply means it stopped mid-request.
+        answer
+            .await
+            .unwrap_or(Err(Undelivered::MayExist(MayExist::AnswerLost)))
     }
 }
 
 async fn peer_loop(
     url: String,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
+    mut jobs: mpsc::Receiver<Job>,
     client: reqwest::Client,
     secret: SecretString,
+    timeouts: ForwardTimeouts,
 ) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PEER));
     let authorization = format!("Bearer {}", secret.expose_secret());
@@ -190,22 +254,35 @@ async fn peer_loop(
         let url = url.clone();
         let authorization = authorization.clone();
         tokio::spawn(async move {
-            send_batch(&client, &url, &authorization, batch).await;
+            send_batch(&client, &url, &authorization, batch, timeouts).await;
             drop(permit);
         });
     }
 }
 
-async fn send_batch(client: &reqwest::Client, url: &str, authorization: &str, batch: Vec<Job>) {
-    let now = Instant::now();
-    let (live, expired): (Vec<Job>, Vec<Job>) =
-        batch.into_iter().partition(|job| job.deadline > now);
+async fn send_batch(
+    client: &reqwest::Client,
+    url: &str,
+    authorization: &str,
+    batch: Vec<Job>,
+    timeouts: ForwardTimeouts,
+) {
+    // The owner would drop these unplanned; commands that may exist still go, for
+    // their look-up.
+    let (live, expired): (Vec<Job>, Vec<Job>) = batch
+        .into_iter()
+        .partition(|job| job.item.command.may_exist || !job.item.command.deadline.has_passed());
     for job in expired {
-        let _ = job.reply.send(Err(ForwardError::Timeout));
+        let _ = job
+            .reply
+            .send(Err(Undelivered::NotApplied(NotApplied::Expired)));
     }
-    let Some(deadline) = live.iter().map(|job| job.deadline).min() else {
+    // Wait as long as the latest command may still be answered, and no longer than
+    // one attempt: an owner that stays silent that long is replaced.
+    let Some(latest) = live.iter().map(|job| job.item.command.deadline).max() else {
         return;
     };
+    let timeout = (latest.remaining() + timeouts.answer_grace).min(timeouts.attempt);
     let (items, replies): (Vec<ForwardedCommand>, Vec<_>) =
         live.into_iter().map(|job| (job.item, job.reply)).unzip();
     let result = request(
@@ -213,7 +290,7 @@ async fn send_batch(client: &reqwest::Client, url: &str, authorization: &str, ba
         url,
         authorization,
         ForwardBatch { operations: items },
-        deadline,
+        timeout,
     )
     .await;
     match result {
@@ -221,8 +298,7 @@ async fn send_batch(client: &reqwest::Client, url: &str, authorization: &str, ba
             for (result, reply_to) in reply.results.into_iter().zip(replies) {
                 let _ = reply_to.send(match result {
                     ForwardResult::Done(outcome) => Ok(outcome),
-                    ForwardResult::NotOwner => Err(ForwardError::Misdirected),
-                    ForwardResult::Unavailable => Err(ForwardError::PeerUnavailable),
+                    ForwardResult::Undelivered(undelivered) => Err(undelivered),
                 });
             }
         }
@@ -233,30 +309,15 @@ async fn send_batch(client: &reqwest::Client, url: &str, authorization: &str, ba
                 "peer answered a different number of results"
             );
             for reply_to in replies {
-                let _ = reply_to.send(Err(ForwardError::Interrupted(
-                    "malformed peer answer".into(),
-                )));
+                let _ = reply_to.send(Err(Undelivered::MayExist(MayExist::AnswerLost)));
             }
         }
         Err(error) => {
+            tracing::debug!(%url, %error, "internal request failed");
+            let undelivered = error.undelivered();
             for reply_to in replies {
-                let _ = reply_to.send(Err(error.duplicate()));
+                let _ = reply_to.send(Err(undelivered));
             }
-        }
-    }
-}
-
-impl ForwardError {
-    /// The same error for every command of a failed batch.
-    fn duplicate(&self) -> Self {
-        match self {
-            Self::Misdirected => Self::Misdirected,
-            Self::Unreachable(text) => Self::Unreachable(text.clone()),
-            Self::Interrupted(text) => Self::Interrupted(text.clone()),
-            Self::PeerUnavailable => Self::PeerUnavailable,
-            Self::Unauthorized => Self::Unauthorized,
-            Self::UnexpectedStatus(status) => Self::UnexpectedStatus(*status),
-            Self::Timeout => Self::Timeout,
         }
     }
 }
@@ -266,9 +327,8 @@ async fn request(
     url: &str,
     authorization: &str,
     batch: ForwardBatch,
-    deadline: Instant,
-) -> Result<ForwardReply, ForwardError> {
-    let timeout = deadline.saturating_duration_since(Instant::now());
+    timeout: Duration,
+) -> Result<ForwardReply, RequestError> {
     let response = client
         .post(url)
         .header(AUTHORIZATION, authorization)
@@ -281,19 +341,20 @@ async fn request(
         StatusCode::OK => response.json::<ForwardReply>().await.map_err(classify),
         StatusCode::UNAUTHORIZED => {
             tracing::error!(%url, "peer refused the internal secret: check WALLET_INTERNAL_SECRET");
-            Err(ForwardError::Unauthorized)
+            Err(RequestError::Unauthorized)
         }
-        status => Err(ForwardError::UnexpectedStatus(status)),
+        status => Err(RequestError::UnexpectedStatus(status)),
     }
 }
 
-fn classify(error: reqwest::Error) -> ForwardError {
-    if error.is_timeout() {
-        ForwardError::Timeout
-    } else if error.is_connect() {
-        ForwardError::Unreachable(error.to_string())
+fn classify(error: reqwest::Error) -> RequestError {
+    // Connect first: a connect timeout is also a timeout, but nothing was sent.
+    if error.is_connect() {
+        RequestError::Unreachable(error.to_string())
+    } else if error.is_timeout() {
+        RequestError::Timeout
     } else {
-        ForwardError::Interrupted(error.to_string())
+        RequestError::Interrupted(error.to_string())
     }
 }
 

@@ -5,6 +5,7 @@ pub struct RoutingMetrics {
     pub forwards: IntCounterVec,
     pub forward_duration: Histogram,
     pub deadline_exceeded: IntCounter,
+    pub unresolved: IntCounter,
 }
 
 impl RoutingMetrics {
@@ -27,10 +28,15 @@ impl RoutingMetrics {
         )?;
         let deadline_exceeded = IntCounter::new(
             "wallet_deadline_exceeded_total",
-            "Requests answered 503 because no owner answered within the request deadline",
+            "Requests answered 503 (not applied) because their deadline passed before an owner planned them",
         )?;
+        let unresolved = IntCounter::new(
+            "wallet_outcome_unresolved_total",
+            "Requests whose outcome no owner could look up in time: the connection was closed without an answer",
+        )?;
+        registry.register(Box::new(unresolved.clone()))?;
         // Every outcome from the start, so dashboards and alerts see zeros, not gaps.
-        for outcome in ["ok", "misdirected", "unreachable", "error"] {
+        for outcome in ["ok", "not_owner", "not_applied", "may_exist"] {
             forwards.with_label_values(&[outcome]);
         }
         registry.register(Box::new(forwards.clone()))?;
@@ -40,6 +46,7 @@ impl RoutingMetrics {
             forwards,
             forward_duration,
             deadline_exceeded,
+            unresolved,
         })
     }
 }

@@ -1,13 +1,20 @@
-//! Sends each operation to the executor of its shard's owner: in-process when this
-//! node owns the shard, over the internal port otherwise, retrying across ownership
-//! changes until the request deadline.
+//! Sends each command to its shard's owner through the one submission interface:
+//! the local executor pool when this node owns the shard, a forwarder peer otherwise,
+//! retrying across ownership changes until the command's deadline.
+//!
+//! The router never abandons an attempt in flight: it waits for every attempt's
+//! answer, each of which arrives in bounded time. A command one attempt may have
+//! committed is retried with `may_exist`, so the owner looks it up first; the router
+//! answers "not applied" only when no attempt may have committed it, or when the owner
+//! looked it up after its deadline (when no copy can be planned any more) and did not
+//! find it.
 
 mod forward;
 mod metrics;
 
 pub use forward::{
-    ForwardBatch, ForwardError, ForwardReply, ForwardResult, ForwardedCommand, Forwarder,
-    INTERNAL_OPERATIONS_PATH,
+    ForwardBatch, ForwardReply, ForwardResult, ForwardTimeouts, ForwardedCommand, Forwarder,
+    INTERNAL_OPERATIONS_PATH, MAX_FORWARD_BATCH, Peer,
 };
 pub use metrics::RoutingMetrics;
 
@@ -18,46 +25,43 @@ use tokio::time::Instant;
 use wallet_cluster::Cluster;
 
 use crate::domain::{CommandOutcome, OperationCommand};
-use crate::executor::{ExecutionError, ExecutorPool};
+use crate::executor::ExecutorPool;
+use crate::submit::{NotApplied, Submit, Undelivered};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
-    #[error("no owner of shard {shard} answered within the request deadline")]
-    DeadlineExceeded { shard: u32 },
+    /// Certainly not applied, now or later.
+    #[error("shard {shard}: not applied: {reason}")]
+    NotApplied { shard: u32, reason: NotApplied },
+    /// An attempt may have committed the command and no owner could say within the
+    /// resolution window. Only a broken connection may answer this.
+    #[error("shard {shard}: the outcome could not be found out in time")]
+    Unresolved { shard: u32 },
 }
 
 pub struct OperationRouter {
     cluster: Arc<Cluster>,
-    executors: Arc<ExecutorPool>,
+    local: Arc<ExecutorPool>,
     forwarder: Forwarder,
-    deadline: Duration,
-    /// Longest wait for one forward: a paused or silently dead owner loses its shards
-    /// after a lease TTL, so waiting longer than that for it only delays the retry.
-    attempt_timeout: Duration,
+    /// How long after its deadline a command that may exist is still looked up.
+    resolve_window: Duration,
     metrics: RoutingMetrics,
-}
-
-/// Why one attempt did not produce an outcome.
-struct Retry {
-    /// The operation may have been committed: the next attempt must look it up first.
-    maybe_applied: bool,
 }
 
 impl OperationRouter {
     pub fn new(
         cluster: Arc<Cluster>,
-        executors: Arc<ExecutorPool>,
+        local: Arc<ExecutorPool>,
         forwarder: Forwarder,
-        deadline: Duration,
-        attempt_timeout: Duration,
+        resolve_window: Duration,
         metrics: RoutingMetrics,
     ) -> Self {
+        forwarder.follow(cluster.watch_members());
         Self {
             cluster,
-            executors,
+            local,
             forwarder,
-            deadline,
-            attempt_timeout,
+            resolve_window,
             metrics,
         }
     }
@@ -66,85 +70,89 @@ impl OperationRouter {
         self.cluster.shard_of(wallet_id)
     }
 
+    /// Peers with a forwarding task now.
+    pub fn peer_count(&self) -> usize {
+        self.forwarder.peer_count()
+    }
+
     pub async fn execute(
         &self,
         mut command: OperationCommand,
     ) -> Result<CommandOutcome, RoutingError> {
         let shard = self.shard_of(&command.wallet_id);
-        let deadline = Instant::now() + self.deadline;
+        let resolve_by = Instant::now() + command.deadline.remaining() + self.resolve_window;
         let mut backoff = Duration::from_millis(5);
         loop {
-            match self.attempt(shard, &command, deadline).await {
+            match self.attempt(shard, &command).await {
                 Ok(outcome) => return Ok(outcome),
-                Err(retry) => {
-                    command.resubmitted |= retry.maybe_applied;
-                    self.cluster.refresh();
+                Err(Undelivered::MayExist(reason)) => {
+                    tracing::debug!(%reason, "an attempt may have committed; looking it up next");
+                    command.may_exist = true;
                 }
+                Err(Undelivered::NotApplied(reason))
+                    if !command.may_exist || reason.settles_earlier_attempts() =>
+                {
+                    match reason {
+                        NotApplied::Overloaded | NotApplied::Expired => {
+                            return Err(self.not_applied(shard, reason));
+                        }
+                        // Another owner, or the same one a moment later, may manage.
+                        NotApplied::CommitFailed | NotApplied::Unreachable => {}
+                    }
+                }
+                // Says nothing about earlier attempts: keep looking.
+                Err(Undelivered::NotApplied(_)) => {}
+                Err(Undelivered::NotOwner) => self.cluster.refresh(),
             }
-            if Instant::now() + backoff >= deadline {
-                self.metrics.deadline_exceeded.inc();
-                return Err(RoutingError::DeadlineExceeded { shard });
+            if !command.may_exist && command.deadline.has_passed() {
+                return Err(self.not_applied(shard, NotApplied::Expired));
+            }
+            if command.may_exist && Instant::now() >= resolve_by {
+                self.metrics.unresolved.inc();
+                return Err(RoutingError::Unresolved { shard });
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(200));
         }
     }
 
+    fn not_applied(&self, shard: u32, reason: NotApplied) -> RoutingError {
+        if reason == NotApplied::Expired {
+            self.metrics.deadline_exceeded.inc();
+        }
+        RoutingError::NotApplied { shard, reason }
+    }
+
     async fn attempt(
         &self,
         shard: u32,
         command: &OperationCommand,
-        deadline: Instant,
-    ) -> Result<CommandOutcome, Retry> {
+    ) -> Result<CommandOutcome, Undelivered> {
         let Some(owner) = self.cluster.owner_of(shard) else {
-            return Err(Retry {
-                maybe_applied: false,
-            });
+            return Err(Undelivered::NotOwner);
         };
         if owner.id == self.cluster.node_id() {
-            return match tokio::time::timeout_at(
-                deadline,
-                self.executors.execute(shard, command.clone()),
-            )
-            .await
-            {
-                Ok(Ok(outcome)) => Ok(outcome),
-                // Not serving yet (the lease is still being taken over) or any more.
-                Ok(Err(ExecutionError::NotOwner)) => Err(Retry {
-                    maybe_applied: false,
-                }),
-                Ok(Err(ExecutionError::Unavailable)) | Err(_) => Err(Retry {
-                    maybe_applied: true,
-                }),
-            };
+            return self.local.submit(shard, command.clone()).await;
         }
         let started = std::time::Instant::now();
-        let attempt_deadline = deadline.min(Instant::now() + self.attempt_timeout);
         let result = self
             .forwarder
-            .forward(&owner, command, attempt_deadline)
+            .peer(&owner.internal_addr)
+            .submit(shard, command.clone())
             .await;
         self.metrics
             .forward_duration
             .observe(started.elapsed().as_secs_f64());
-        let outcome_label = match &result {
+        let outcome = match &result {
             Ok(_) => "ok",
-            Err(ForwardError::Misdirected) => "misdirected",
-            Err(ForwardError::Unreachable(_)) => "unreachable",
-            Err(_) => "error",
+            Err(Undelivered::NotOwner) => "not_owner",
+            Err(Undelivered::NotApplied(_)) => "not_applied",
+            Err(Undelivered::MayExist(_)) => "may_exist",
         };
-        self.metrics
-            .forwards
-            .with_label_values(&[outcome_label])
-            .inc();
-        match result {
-            Ok(outcome) => Ok(outcome),
-            Err(error) => {
-                tracing::debug!(owner = %owner.id, error = %error, "forward did not complete");
-                Err(Retry {
-                    maybe_applied: error.maybe_applied(),
-                })
-            }
+        self.metrics.forwards.with_label_values(&[outcome]).inc();
+        if let Err(undelivered) = &result {
+            tracing::debug!(owner = %owner.id, %undelivered, "forward did not complete");
         }
+        result
     }
 }

@@ -38,126 +38,226 @@ pub enum CommitError {
     /// A wallet changed under the cache (should not happen while the fence holds).
     #[error("wallet versions changed under the cache")]
     StaleVersion,
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    /// Failed before COMMIT was sent: nothing of the transaction is in the database.
+    #[error("the batch transaction failed before its commit")]
+    Failed(#[source] StoreError),
+    /// COMMIT was sent and no answer came back: the transaction may have committed.
+    /// Look it up (`Store::resolve`) before answering anyone.
+    #[error("the batch transaction's commit got no answer")]
+    Ambiguous(#[source] StoreError),
+}
+
+impl From<StoreError> for CommitError {
+    fn from(error: StoreError) -> Self {
+        Self::Failed(error)
+    }
 }
 
 impl From<sqlx::Error> for CommitError {
     fn from(error: sqlx::Error) -> Self {
-        Self::Store(StoreError::Database(error))
+        Self::Failed(StoreError::Database(error))
     }
 }
 
 impl CommitError {
-    /// Errors after which the same batch may be tried again: the transaction
-    /// certainly or possibly did not commit, and nothing about the batch was wrong.
+    /// Errors after which the same batch may be planned and tried again: the
+    /// transaction did not commit, and nothing about the batch itself was wrong.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Store(StoreError::Database(error)) => match error {
-                sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::Protocol(_) => true,
-                sqlx::Error::Database(db) => matches!(
-                    db.code().as_deref(),
-                    // serialization_failure, deadlock_detected, idle-in-transaction timeout (a
-                    // paused node's session ended before COMMIT), lock_timeout (a claim held
-                    // the fence row), admin shutdown / crash recovery, cannot connect now
-                    Some(
-                        "40001"
-                            | "25P03"
-                            | "55P03"
-                            | "40P01"
-                            | "57P01"
-                            | "57P02"
-                            | "57P03"
-                            | "08000"
-                            | "08003"
-                            | "08006"
-                    )
-                ),
-                _ => false,
-            },
-            _ => false,
+            Self::StaleVersion => true,
+            Self::Failed(error) => error.is_transient(),
+            Self::Fenced { .. } | Self::Ambiguous(_) => false,
+        }
+    }
+
+    /// The `reason` label of `wallet_batch_failures_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Fenced { .. } => "fenced",
+            Self::StaleVersion => "stale_version",
+            Self::Ambiguous(_) => "ambiguous",
+            Self::Failed(error) if error.is_transient() => "transient",
+            Self::Failed(_) => "error",
         }
     }
 }
 
+/// What a look-up of an ambiguous commit found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    Committed,
+    /// Not committed, and it never will be: the look-up waited for the transaction.
+    Absent,
+}
+
 impl Store {
-    /// Fence check of every shard, every operation, one update per touched wallet: all or nothing.
+    /// Fence check of every shard, every operation, one update per touched wallet: all
+    /// or nothing, within the commit timeout. A timeout or a broken connection before
+    /// COMMIT is `Failed`; at COMMIT it is `Ambiguous`.
     pub async fn commit_batch(&self, batch: BatchWrite<'_>) -> Result<(), CommitError> {
-        let mut tx = self.pool.begin().await?;
-        // FOR SHARE: a concurrent claim of a shard waits for this commit, and a claim that
-        // already happened is seen here, so a stale owner can never commit after it.
-        let shards = batch
-            .fences
-            .iter()
-            .map(|fence| i32::try_from(fence.shard))
-            .collect::<Result<Vec<i32>, _>>()
-            .map_err(|_| StoreError::Corrupt("shard number out of range".to_owned()))?;
-        let rows =
-            sqlx::query("SELECT shard, fence FROM shard_fences WHERE shard = ANY($1) FOR SHARE")
+        let deadline = tokio::time::Instant::now() + self.timeouts.commit;
+        let mut conn = tokio::time::timeout_at(deadline, self.commits.acquire())
+            .await
+            .map_err(|_| StoreError::Timeout("acquiring a commit connection"))??;
+        let mut committing = false;
+        let result = tokio::time::timeout_at(deadline, async {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            write_batch(&mut tx, &batch).await?;
+            committing = true;
+            tx.commit().await.map_err(CommitError::from)
+        })
+        .await;
+        let error = match result {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(error)) => error,
+            Err(_) => CommitError::Failed(StoreError::Timeout("the batch transaction")),
+        };
+        if !matches!(error, CommitError::Fenced { .. } | CommitError::StaleVersion) {
+            // The connection may be mid-statement or dead (a black-holed server): close the
+            // socket instead of handing it back to the pool, where the next user would hang.
+            drop(conn.detach());
+        }
+        Err(match error {
+            CommitError::Failed(source) if committing => CommitError::Ambiguous(source),
+            other => other,
+        })
+    }
+
+    /// Whether a batch whose commit was ambiguous is in the database. Locks the shards'
+    /// fence rows FOR UPDATE first, which waits for any transaction still holding them
+    /// FOR SHARE (the ambiguous one, if the server still runs it), so the answer is final.
+    pub async fn resolve(
+        &self,
+        shards: &[u32],
+        operation_ids: &[Uuid],
+    ) -> Result<Resolution, StoreError> {
+        let shards = shard_params(shards)?;
+        let work = async {
+            let mut tx = self.commits.begin().await?;
+            sqlx::query("SELECT shard FROM shard_fences WHERE shard = ANY($1) FOR UPDATE")
                 .bind(&shards)
                 .fetch_all(&mut *tx)
                 .await?;
-        let mut current = std::collections::HashMap::with_capacity(rows.len());
-        for row in rows {
-            current.insert(
-                row.try_get::<i32, _>("shard")?,
-                row.try_get::<i64, _>("fence")?,
-            );
+            let found: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM operations WHERE id = ANY($1)")
+                    .bind(operation_ids)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(found)
+        };
+        let found = tokio::time::timeout(self.timeouts.commit, work)
+            .await
+            .map_err(|_| StoreError::Timeout("looking up an ambiguous commit"))??;
+        match found {
+            0 => Ok(Resolution::Absent),
+            n if n as usize == operation_ids.len() => Ok(Resolution::Committed),
+            n => Err(StoreError::Corrupt(format!(
+                "{n} of {} operations of one transaction are stored",
+                operation_ids.len()
+            ))),
         }
-        let fenced: Vec<u32> = batch
-            .fences
-            .iter()
-            .zip(&shards)
-            .filter(|(fence, shard)| current.get(*shard) != Some(&fence.fence))
-            .map(|(fence, _)| fence.shard)
-            .collect();
-        if !fenced.is_empty() {
-            return Err(CommitError::Fenced { shards: fenced });
-        }
+    }
+}
 
-        let ops = batch.operations;
-        if !ops.is_empty() {
-            sqlx::query(
-                "INSERT INTO operations (id, wallet_id, seq, operation_type, amount, status, reason, balance_after, idempotency_key, request_hash, created_at) \
-                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::numeric[], $6::text[], $7::text[], $8::numeric[], $9::text[], $10::text[], $11::timestamptz[])",
-            )
-            .bind(ops.iter().map(|op| op.operation_id).collect::<Vec<_>>())
-            .bind(ops.iter().map(|op| op.wallet_id).collect::<Vec<_>>())
-            .bind(ops.iter().map(|op| op.seq).collect::<Vec<_>>())
-            .bind(ops.iter().map(|op| op.operation_type.as_str()).collect::<Vec<_>>())
-            .bind(ops.iter().map(|op| op.amount).collect::<Vec<_>>())
-            .bind(ops.iter().map(|op| op.status.as_str()).collect::<Vec<_>>())
-            .bind(ops.iter().map(|op| op.reason.map(|r| r.as_str())).collect::<Vec<_>>())
-            .bind(ops.iter().map(|op| op.balance_after).collect::<Vec<_>>())
-            .bind(ops.iter().map(|op| op.idempotency_key.clone()).collect::<Vec<_>>())
-            .bind(ops.iter().map(|op| op.request_hash.clone()).collect::<Vec<_>>())
-            .bind(ops.iter().map(|op| op.created_at).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
+fn shard_params(shards: &[u32]) -> Result<Vec<i32>, StoreError> {
+    shards
+        .iter()
+        .map(|shard| i32::try_from(*shard))
+        .collect::<Result<Vec<i32>, _>>()
+        .map_err(|_| StoreError::Corrupt("shard number out of range".to_owned()))
+}
 
-        let wallets = batch.wallets;
-        if !wallets.is_empty() {
-            let updated = sqlx::query(
-                "UPDATE wallets AS w SET balance = u.balance, version = u.version, updated_at = now() \
-                 FROM UNNEST($1::uuid[], $2::numeric[], $3::bigint[], $4::bigint[]) AS u(id, balance, version, expected) \
-                 WHERE w.id = u.id AND w.version = u.expected",
-            )
-            .bind(wallets.iter().map(|w| w.wallet_id).collect::<Vec<_>>())
-            .bind(wallets.iter().map(|w| w.balance).collect::<Vec<_>>())
-            .bind(wallets.iter().map(|w| w.version).collect::<Vec<_>>())
-            .bind(wallets.iter().map(|w| w.expected_version).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if updated != wallets.len() as u64 {
-                return Err(CommitError::StaleVersion);
-            }
-        }
-        tx.commit().await?;
+/// The statements of one batch transaction, in order.
+async fn write_batch(
+    tx: &mut sqlx::PgConnection,
+    batch: &BatchWrite<'_>,
+) -> Result<(), CommitError> {
+    check_fences(tx, batch.fences).await?;
+    insert_operations(tx, batch.operations).await?;
+    update_wallets(tx, batch.wallets).await
+}
+
+/// The one fence check: FOR SHARE, so a concurrent claim of a shard waits for this
+/// commit, and a claim that already happened is seen here; a stale owner can never
+/// commit after it.
+async fn check_fences(tx: &mut sqlx::PgConnection, fences: &[ShardFence]) -> Result<(), CommitError> {
+    let shards = shard_params(&fences.iter().map(|fence| fence.shard).collect::<Vec<_>>())?;
+    let rows = sqlx::query("SELECT shard, fence FROM shard_fences WHERE shard = ANY($1) FOR SHARE")
+        .bind(&shards)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut current = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        current.insert(
+            row.try_get::<i32, _>("shard")?,
+            row.try_get::<i64, _>("fence")?,
+        );
+    }
+    let fenced: Vec<u32> = fences
+        .iter()
+        .zip(&shards)
+        .filter(|(fence, shard)| current.get(*shard) != Some(&fence.fence))
+        .map(|(fence, _)| fence.shard)
+        .collect();
+    if fenced.is_empty() {
         Ok(())
+    } else {
+        Err(CommitError::Fenced { shards: fenced })
+    }
+}
+
+async fn insert_operations(
+    tx: &mut sqlx::PgConnection,
+    ops: &[OperationRecord],
+) -> Result<(), CommitError> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO operations (id, wallet_id, seq, operation_type, amount, status, reason, balance_after, idempotency_key, request_hash, created_at) \
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::numeric[], $6::text[], $7::text[], $8::numeric[], $9::text[], $10::text[], $11::timestamptz[])",
+    )
+    .bind(ops.iter().map(|op| op.operation_id).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.wallet_id).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.seq).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.operation_type.as_str()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.amount).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.status.as_str()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.reason.map(|r| r.as_str())).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.balance_after).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.idempotency_key.clone()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.request_hash.clone()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.created_at).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// One update per touched wallet, each only if the version the cache was built on is
+/// still the stored one.
+async fn update_wallets(
+    tx: &mut sqlx::PgConnection,
+    wallets: &[WalletUpdate],
+) -> Result<(), CommitError> {
+    if wallets.is_empty() {
+        return Ok(());
+    }
+    let updated = sqlx::query(
+        "UPDATE wallets AS w SET balance = u.balance, version = u.version, updated_at = now() \
+         FROM UNNEST($1::uuid[], $2::numeric[], $3::bigint[], $4::bigint[]) AS u(id, balance, version, expected) \
+         WHERE w.id = u.id AND w.version = u.expected",
+    )
+    .bind(wallets.iter().map(|w| w.wallet_id).collect::<Vec<_>>())
+    .bind(wallets.iter().map(|w| w.balance).collect::<Vec<_>>())
+    .bind(wallets.iter().map(|w| w.version).collect::<Vec<_>>())
+    .bind(wallets.iter().map(|w| w.expected_version).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated == wallets.len() as u64 {
+        Ok(())
+    } else {
+        Err(CommitError::StaleVersion)
     }
 }

@@ -4,7 +4,9 @@
 
 mod batch;
 
-pub use batch::{BatchWrite, CommitError, ShardFence, WalletUpdate};
+pub use batch::{BatchWrite, CommitError, Resolution, ShardFence, WalletUpdate};
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -22,8 +24,58 @@ pub const REQUIRED_SCHEMA_VERSION: i64 = 1;
 pub enum StoreError {
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// The client-side timeout fired: the server may be slow, or unreachable without
+    /// ever saying so (packets dropped).
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
     #[error("stored row is not valid: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// The statement certainly or possibly did not run, and running it again may work.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Timeout(_) => true,
+            Self::Corrupt(_) => false,
+            Self::Database(error) => match error {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => matches!(
+                    db.code().as_deref(),
+                    // serialization_failure, idle-in-transaction timeout (a paused node's
+                    // session ended before COMMIT), lock_timeout (a claim held the fence
+                    // row), deadlock, admin shutdown / crash recovery / cannot connect now,
+                    // connection exceptions, statement timeout
+                    Some(
+                        "40001"
+                            | "25P03"
+                            | "55P03"
+                            | "40P01"
+                            | "57P01"
+                            | "57P02"
+                            | "57P03"
+                            | "57014"
+                            | "08000"
+                            | "08003"
+                            | "08006"
+                    )
+                ),
+                _ => false,
+            },
+        }
+    }
+}
+
+/// Client-side bounds of the node's database work.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// One batch transaction, from acquiring its connection to COMMIT's answer.
+    pub commit: Duration,
+    /// One read (a page of history, a balance).
+    pub read: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,34 +99,67 @@ macro_rules! operation_columns {
     };
 }
 
+/// The node's database access, over two pools so that reads can never starve commits:
+/// `commits` serves the executors' batch transactions (and their look-ups), `pool` the
+/// API's reads and wallet creation. Fence claims and readiness have a third pool of
+/// their own, in the cluster layer.
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    commits: PgPool,
+    control: PgPool,
+    timeouts: Timeouts,
+}
+
+/// The three pools of a node.
+#[derive(Clone)]
+pub struct Pools {
+    /// The API's reads and wallet creation.
+    pub reads: PgPool,
+    /// Batch transactions, the wallet loads and look-ups of planning.
+    pub commits: PgPool,
+    /// Fence claims, the health check and the schema check: few connections, never
+    /// waiting behind the others.
+    pub control: PgPool,
 }
 
 impl Store {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pools: Pools, timeouts: Timeouts) -> Self {
+        Self {
+            pool: pools.reads,
+            commits: pools.commits,
+            control: pools.control,
+            timeouts,
+        }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// Bounds `work` by the read timeout.
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeouts.read, work)
+            .await
+            .map_err(|_| StoreError::Timeout("a read"))?
     }
 
     /// Highest applied migration, or `None` when the migrator never ran.
     pub async fn schema_version(&self) -> Result<Option<i64>, StoreError> {
-        let exists: bool =
-            sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
-                .fetch_one(&self.pool)
-                .await?;
-        if !exists {
-            return Ok(None);
-        }
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(version)
+        self.bounded(async {
+            let exists: bool =
+                sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
+                    .fetch_one(&self.control)
+                    .await?;
+            if !exists {
+                return Ok(None);
+            }
+            let version: Option<i64> =
+                sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(&self.control)
+                    .await?;
+            Ok(version)
+        })
+        .await
     }
 
     /// Creates a wallet; with an idempotency key the first response is stored in the
@@ -124,38 +209,44 @@ impl Store {
     }
 
     pub async fn wallet(&self, wallet_id: Uuid) -> Result<Option<WalletState>, StoreError> {
-        let row = sqlx::query("SELECT balance, version FROM wallets WHERE id = $1")
-            .bind(wallet_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            Ok(WalletState {
-                balance: row.try_get("balance")?,
-                version: row.try_get("version")?,
+        self.bounded(async {
+            let row = sqlx::query("SELECT balance, version FROM wallets WHERE id = $1")
+                .bind(wallet_id)
+                .fetch_optional(&self.pool)
+                .await?;
+            row.map(|row| {
+                Ok(WalletState {
+                    balance: row.try_get("balance")?,
+                    version: row.try_get("version")?,
+                })
             })
+            .transpose()
         })
-        .transpose()
+        .await
     }
 
     pub async fn wallets(
         &self,
         wallet_ids: &[Uuid],
     ) -> Result<Vec<(Uuid, WalletState)>, StoreError> {
-        let rows = sqlx::query("SELECT id, balance, version FROM wallets WHERE id = ANY($1)")
-            .bind(wallet_ids)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("id")?,
-                    WalletState {
-                        balance: row.try_get("balance")?,
-                        version: row.try_get("version")?,
-                    },
-                ))
-            })
-            .collect()
+        self.bounded(async {
+            let rows = sqlx::query("SELECT id, balance, version FROM wallets WHERE id = ANY($1)")
+                .bind(wallet_ids)
+                .fetch_all(&self.commits)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get("id")?,
+                        WalletState {
+                            balance: row.try_get("balance")?,
+                            version: row.try_get("version")?,
+                        },
+                    ))
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Operations already recorded under one of `operation_ids`, or under one of the
@@ -165,22 +256,25 @@ impl Store {
         operation_ids: &[Uuid],
         keyed: &[(Uuid, String)],
     ) -> Result<Vec<OperationRecord>, StoreError> {
-        let (key_wallets, keys): (Vec<Uuid>, Vec<String>) = keyed.iter().cloned().unzip();
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            operation_columns!(),
-            " FROM operations WHERE id = ANY($1) ",
-            "UNION SELECT ",
-            operation_columns!(),
-            " FROM operations ",
-            "WHERE (wallet_id, idempotency_key) IN (SELECT * FROM UNNEST($2::uuid[], $3::text[]))"
-        ))
-        .bind(operation_ids)
-        .bind(&key_wallets)
-        .bind(&keys)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(operation_from_row).collect()
+        self.bounded(async {
+            let (key_wallets, keys): (Vec<Uuid>, Vec<String>) = keyed.iter().cloned().unzip();
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                operation_columns!(),
+                " FROM operations WHERE id = ANY($1) ",
+                "UNION SELECT ",
+                operation_columns!(),
+                " FROM operations ",
+                "WHERE (wallet_id, idempotency_key) IN (SELECT * FROM UNNEST($2::uuid[], $3::text[]))"
+            ))
+            .bind(operation_ids)
+            .bind(&key_wallets)
+            .bind(&keys)
+            .fetch_all(&self.commits)
+            .await?;
+            rows.iter().map(operation_from_row).collect()
+        })
+        .await
     }
 
     pub async fn operation(
@@ -188,16 +282,19 @@ impl Store {
         wallet_id: Uuid,
         operation_id: Uuid,
     ) -> Result<Option<OperationRecord>, StoreError> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            operation_columns!(),
-            " FROM operations WHERE wallet_id = $1 AND id = $2"
-        ))
-        .bind(wallet_id)
-        .bind(operation_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(operation_from_row).transpose()
+        self.bounded(async {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                operation_columns!(),
+                " FROM operations WHERE wallet_id = $1 AND id = $2"
+            ))
+            .bind(wallet_id)
+            .bind(operation_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.as_ref().map(operation_from_row).transpose()
+        })
+        .await
     }
 
     /// A page of a wallet's operations, newest first, strictly before `before_seq`.
@@ -208,22 +305,28 @@ impl Store {
         before_seq: Option<i64>,
         limit: i64,
     ) -> Result<Vec<OperationRecord>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            operation_columns!(),
-            " FROM operations WHERE wallet_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
-        ))
-        .bind(wallet_id)
-        .bind(before_seq.unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(operation_from_row).collect()
+        self.bounded(async {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                operation_columns!(),
+                " FROM operations WHERE wallet_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+            ))
+            .bind(wallet_id)
+            .bind(before_seq.unwrap_or(i64::MAX))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(operation_from_row).collect()
+        })
+        .await
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.bounded(async {
+            sqlx::query("SELECT 1").execute(&self.control).await?;
+            Ok(())
+        })
+        .await
     }
 }
 
