@@ -12,9 +12,19 @@ async fn a_node_on_an_unmigrated_database_is_not_ready_until_the_migrator_ran() 
     let node = InProcessNode::start_unready("node-a", &NodeOptions::new(&db.url)).await?;
     let readyz = format!("{}/readyz", node.admin_url);
 
+    // The health monitor reads the schema a moment after start.
+    let seen = eventually(Duration::from_secs(10), || async {
+        match reqwest::get(&readyz).await {
+            Ok(response) => wallet_tests::ApiClient::answer(response)
+                .await
+                .is_ok_and(|answer| answer.body["schemaVersion"] == "not migrated"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(seen, "readiness names the missing schema");
     let answer = wallet_tests::ApiClient::answer(reqwest::get(&readyz).await?).await?;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{answer:?}");
-    assert_eq!(answer.body["schemaVersion"], "not migrated");
     let health = reqwest::get(format!("{}/healthz", node.admin_url)).await?;
     assert_eq!(health.status(), StatusCode::OK, "alive even when not ready");
 

@@ -140,7 +140,12 @@ impl Config {
         }
         let lease_ttl = millis(&get, "WALLET_LEASE_TTL_MS", 5_000)?;
         let request_deadline = millis(&get, "WALLET_REQUEST_DEADLINE_MS", 10_000)?;
-        let commit_timeout = millis(&get, "WALLET_COMMIT_TIMEOUT_MS", 2_000)?;
+        let default_commit = (lease_ttl * 3 / 5).min(Duration::from_secs(2));
+        let commit_timeout = millis(
+            &get,
+            "WALLET_COMMIT_TIMEOUT_MS",
+            default_commit.as_millis() as u64,
+        )?;
         if commit_timeout.is_zero() || commit_timeout >= lease_ttl {
             return Err(invalid(
                 "WALLET_COMMIT_TIMEOUT_MS",

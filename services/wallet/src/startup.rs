@@ -77,7 +77,9 @@ fn database_pools(config: &Config) -> Result<Pools, StartupError> {
     let pool = |size: u32| {
         PgPoolOptions::new()
             .max_connections(size.max(1))
-            .acquire_timeout(config.commit_timeout)
+            // Establishing a connection (TLS, SCRAM) can take a while; work on the
+            // connection has its own bounds.
+            .acquire_timeout(Duration::from_secs(3))
             .connect_lazy_with(connect.clone())
     };
     Ok(Pools {

@@ -33,7 +33,8 @@ pub async fn readyz(depot: &mut Depot, res: &mut Response) {
     let schema = match health.schema_version {
         Some(version) if health.schema_ok() => version.to_string(),
         Some(version) => format!("{version}, older than required"),
-        None => "not migrated or not read yet".to_owned(),
+        None if health.problem.is_none() => "not migrated".to_owned(),
+        None => "unknown".to_owned(),
     };
     let database = match (&health.problem, health.usable) {
         (None, _) => "ok".to_owned(),
