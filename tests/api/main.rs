@@ -8,6 +8,7 @@ mod readiness;
 mod reads;
 mod shutdown;
 mod telemetry;
+mod truthful;
 
 use wallet_tests::{InProcessNode, NodeOptions, TestDatabase};
 

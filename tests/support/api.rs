@@ -14,6 +14,8 @@ pub struct ApiClient {
 pub struct Answer {
     pub status: StatusCode,
     pub content_type: String,
+    /// The `Retry-After` header, if any.
+    pub retry_after: Option<String>,
     pub body: Value,
 }
 
@@ -42,6 +44,11 @@ impl ApiClient {
             .and_then(|value| value.to_str().ok())
             .unwrap_or_default()
             .to_owned();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         let bytes = response.bytes().await?;
         let body = if bytes.is_empty() {
             Value::Null
@@ -51,6 +58,7 @@ impl ApiClient {
         Ok(Answer {
             status,
             content_type,
+            retry_after,
             body,
         })
     }

@@ -272,10 +272,14 @@ impl Renewer {
             // Self-fencing: a shard whose commit has stalled (a database this node cannot
             // reach, packets dropped) is no longer renewed, so its lease expires and
             // another node takes it over instead of waiting for this one.
-            let (stalled, shards): (Vec<u32>, Vec<u32>) =
-                shards.into_iter().partition(|shard| self.host.stalled(*shard));
+            let (stalled, shards): (Vec<u32>, Vec<u32>) = shards
+                .into_iter()
+                .partition(|shard| self.host.stalled(*shard));
             for shard in stalled {
-                tracing::warn!(shard, "commits of the shard stalled; no longer renewing its lease");
+                tracing::warn!(
+                    shard,
+                    "commits of the shard stalled; no longer renewing its lease"
+                );
                 self.leased.with(|s| s.remove(&shard));
                 let _ = self.lost.send(shard);
             }

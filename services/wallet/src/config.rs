@@ -154,7 +154,11 @@ impl Config {
             ));
         }
         let default_stall = (lease_ttl / 2).min(Duration::from_millis(1_500));
-        let commit_stall = millis(&get, "WALLET_COMMIT_STALL_MS", default_stall.as_millis() as u64)?;
+        let commit_stall = millis(
+            &get,
+            "WALLET_COMMIT_STALL_MS",
+            default_stall.as_millis() as u64,
+        )?;
         // A write is answered (or given up on) by the router within its deadline plus
         // the resolution window; the handler timeout is only a last bound behind that.
         let write_bound = request_deadline + resolve_window(lease_ttl, commit_timeout);

@@ -67,9 +67,7 @@ pub async fn metrics(depot: &mut Depot, res: &mut Response) {
     let Some(state) = app_state(depot, res) else {
         return;
     };
-    state
-        .executors
-        .set_cached_wallets_gauge();
+    state.executors.set_cached_wallets_gauge();
     let encoder = prometheus::TextEncoder::new();
     let mut buffer = Vec::new();
     if let Err(error) = encoder.encode(&state.registry.gather(), &mut buffer) {

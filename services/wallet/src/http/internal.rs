@@ -14,7 +14,9 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::routing::{ForwardBatch, ForwardReply, ForwardResult, ForwardedCommand, MAX_FORWARD_BATCH};
+use crate::routing::{
+    ForwardBatch, ForwardReply, ForwardResult, ForwardedCommand, MAX_FORWARD_BATCH,
+};
 use crate::submit::Submit;
 
 /// Compares in constant time, so the secret cannot be guessed byte by byte.
@@ -62,7 +64,10 @@ pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut R
                 StatusCode::BAD_REQUEST,
                 "malformed-request",
                 "Malformed request",
-                format!("{} commands in one batch; at most {MAX_FORWARD_BATCH}", batch.operations.len()),
+                format!(
+                    "{} commands in one batch; at most {MAX_FORWARD_BATCH}",
+                    batch.operations.len()
+                ),
             )
             .write_to(res);
             return;

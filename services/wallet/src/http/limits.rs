@@ -39,7 +39,11 @@ impl Handler for HandlerTimeout {
             return;
         }
         ctrl.skip_rest();
-        tracing::error!(limit_ms = self.limit.as_millis() as u64, write, "handler timeout");
+        tracing::error!(
+            limit_ms = self.limit.as_millis() as u64,
+            write,
+            "handler timeout"
+        );
         if write {
             ctrl.conn().abort();
         }

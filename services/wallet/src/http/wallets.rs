@@ -149,10 +149,7 @@ pub async fn get_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, A
         (status_code = 503, description = "Not applied, now or later (overloaded, or no owner took it before its deadline); Retry-After says when to retry", body = super::problem::Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn post_operation(
-    req: &mut Request,
-    depot: &mut Depot,
-) -> Result<Reply, OperationError> {
+pub async fn post_operation(req: &mut Request, depot: &mut Depot) -> Result<Reply, OperationError> {
     // Chosen first, so that every answer, even a refusal of the input, can name it.
     let operation_id = Uuid::now_v7();
     operate(req, depot, operation_id)

@@ -112,7 +112,10 @@ impl Store {
             Ok(Err(error)) => error,
             Err(_) => CommitError::Failed(StoreError::Timeout("the batch transaction")),
         };
-        if !matches!(error, CommitError::Fenced { .. } | CommitError::StaleVersion) {
+        if !matches!(
+            error,
+            CommitError::Fenced { .. } | CommitError::StaleVersion
+        ) {
             // The connection may be mid-statement or dead (a black-holed server): close the
             // socket instead of handing it back to the pool, where the next user would hang.
             drop(conn.detach());
@@ -181,7 +184,10 @@ async fn write_batch(
 /// The one fence check: FOR SHARE, so a concurrent claim of a shard waits for this
 /// commit, and a claim that already happened is seen here; a stale owner can never
 /// commit after it.
-async fn check_fences(tx: &mut sqlx::PgConnection, fences: &[ShardFence]) -> Result<(), CommitError> {
+async fn check_fences(
+    tx: &mut sqlx::PgConnection,
+    fences: &[ShardFence],
+) -> Result<(), CommitError> {
     let shards = shard_params(&fences.iter().map(|fence| fence.shard).collect::<Vec<_>>())?;
     let rows = sqlx::query("SELECT shard, fence FROM shard_fences WHERE shard = ANY($1) FOR SHARE")
         .bind(&shards)

@@ -1,0 +1,245 @@
+//! Answers that never lie: 200 and 409 mean committed, every 5xx means not applied (now
+//! or later), and every answer names its operation. Slow commits, late commit answers
+//! and full queues are injected with triggers in the test's own database.
+
+use futures::future::join_all;
+use reqwest::StatusCode;
+use uuid::Uuid;
+use wallet_tests::api::Answer;
+use wallet_tests::{InProcessNode, NodeOptions, TestDatabase};
+
+async fn node(
+    db: &TestDatabase,
+    extra: &[(&str, &str)],
+    deadline_ms: u64,
+) -> anyhow::Result<InProcessNode> {
+    let mut options = NodeOptions::new(&db.url);
+    options.request_deadline_ms = deadline_ms;
+    options.extra = extra
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    InProcessNode::start("node-a", &options).await
+}
+
+async fn stored(db: &TestDatabase, operation_id: Uuid) -> anyhow::Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM operations WHERE id = $1")
+            .bind(operation_id)
+            .fetch_one(&db.pool)
+            .await
+            .map(|n: i64| n == 1)?,
+    )
+}
+
+fn operation_id(answer: &Answer) -> Uuid {
+    answer.body["operationId"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no operationId in {answer:?}"))
+}
+
+/// Every commit containing an operation of `amount` sleeps `seconds` at COMMIT (a
+/// deferred constraint trigger), the first time only; then it raises if `fail`.
+async fn slow_commit_once(
+    db: &TestDatabase,
+    amount: &str,
+    seconds: f64,
+    fail: bool,
+) -> anyhow::Result<()> {
+    let raise = if fail {
+        "RAISE EXCEPTION 'injected failure at commit';"
+    } else {
+        ""
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SEQUENCE slow_commits;
+         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           -- nextval survives a rollback, so only the first commit is slow.
+           IF NEW.amount = {amount} AND nextval('slow_commits') = 1 THEN
+             PERFORM pg_sleep({seconds});
+             {raise}
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON operations
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();"
+    )))
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_commit_whose_answer_comes_too_late_is_looked_up_and_answered_200_once()
+-> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    // The commit outlives the node's commit timeout, then succeeds on the server.
+    slow_commit_once(&db, "21.21", 1.6, false).await?;
+    let node = node(&db, &[("WALLET_COMMIT_TIMEOUT_MS", "800")], 10_000).await?;
+    let wallet = node.api.create_wallet().await?;
+    let answer = node.api.operate(wallet, "DEPOSIT", "21.21", None).await?;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert!(stored(&db, operation_id(&answer)).await?);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM operations WHERE wallet_id = $1")
+        .bind(wallet)
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(rows, 1, "applied once");
+    assert_eq!(node.api.balance(wallet).await?.to_string(), "21.21");
+    let metrics = reqwest::get(format!("{}/metrics", node.admin_url))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.lines().any(|line| line
+            .starts_with("wallet_batch_failures_total{reason=\"ambiguous\"}")
+            && !line.ends_with(" 0")),
+        "the ambiguous commit is counted"
+    );
+    node.stop().await
+}
+
+#[tokio::test]
+async fn a_commit_that_fails_after_the_timeout_is_looked_up_retried_and_applied_once()
+-> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    slow_commit_once(&db, "22.22", 1.6, true).await?;
+    let node = node(&db, &[("WALLET_COMMIT_TIMEOUT_MS", "800")], 10_000).await?;
+    let wallet = node.api.create_wallet().await?;
+    let answer = node.api.operate(wallet, "DEPOSIT", "22.22", None).await?;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert!(stored(&db, operation_id(&answer)).await?);
+    assert_eq!(node.api.balance(wallet).await?.to_string(), "22.22");
+    node.stop().await
+}
+
+#[tokio::test]
+async fn commands_whose_deadline_passes_in_the_queue_are_503_and_never_applied()
+-> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    // The first batch holds the shard for a second; what queues behind it expires.
+    slow_commit_once(&db, "1.11", 1.0, false).await?;
+    let node = node(&db, &[], 400).await?;
+    let wallet = node.api.create_wallet().await?;
+    let first = {
+        let api = node.api.clone();
+        tokio::spawn(async move { api.operate(wallet, "DEPOSIT", "1.11", None).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let queued = join_all((0..20).map(|_| node.api.operate(wallet, "DEPOSIT", "2.00", None))).await;
+    let first = first.await??;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let mut unavailable = 0;
+    for answer in queued {
+        let answer = answer?;
+        let id = operation_id(&answer);
+        match answer.status {
+            StatusCode::OK => assert!(stored(&db, id).await?, "200 but not stored"),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                unavailable += 1;
+                assert_eq!(
+                    answer.body["type"],
+                    "https://wallet.dev/problems/service-unavailable"
+                );
+                assert!(answer.retry_after.is_some(), "{answer:?}");
+                assert!(!stored(&db, id).await?, "503 but applied: {answer:?}");
+            }
+            other => panic!("unexpected {other}: {answer:?}"),
+        }
+    }
+    assert!(unavailable > 0, "some commands expired in the queue");
+    // Nothing answered 503 shows up later either.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM operations WHERE wallet_id = $1")
+        .bind(wallet)
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(rows, 1 + 20 - unavailable as i64);
+    node.stop().await
+}
+
+#[tokio::test]
+async fn a_full_shard_queue_answers_503_overloaded_at_once_and_applies_nothing()
+-> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    slow_commit_once(&db, "1.11", 1.0, false).await?;
+    let node = node(&db, &[("WALLET_SHARD_QUEUE_MAX", "2")], 10_000).await?;
+    let wallet = node.api.create_wallet().await?;
+    let first = {
+        let api = node.api.clone();
+        tokio::spawn(async move { api.operate(wallet, "DEPOSIT", "1.11", None).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let queued = join_all((0..20).map(|_| node.api.operate(wallet, "DEPOSIT", "2.00", None))).await;
+    assert_eq!(first.await??.status, StatusCode::OK);
+    let mut overloaded = 0;
+    let mut applied = 0;
+    for answer in queued {
+        let answer = answer?;
+        let id = operation_id(&answer);
+        match answer.status {
+            StatusCode::OK => {
+                applied += 1;
+                assert!(stored(&db, id).await?);
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                overloaded += 1;
+                assert_eq!(
+                    answer.body["type"],
+                    "https://wallet.dev/problems/overloaded"
+                );
+                assert!(answer.retry_after.is_some(), "{answer:?}");
+                assert!(!stored(&db, id).await?, "503 but applied");
+            }
+            other => panic!("unexpected {other}: {answer:?}"),
+        }
+    }
+    assert!(
+        overloaded > 0 && applied > 0,
+        "{overloaded} overloaded, {applied} applied"
+    );
+    assert_eq!(
+        node.api.balance(wallet).await?,
+        rust_decimal::Decimal::new(111 + 200 * applied, 2)
+    );
+    node.stop().await
+}
+
+#[tokio::test]
+async fn every_answer_of_an_operation_names_its_operation_id() -> anyhow::Result<()> {
+    let (_db, node) = crate::single_node().await?;
+    let wallet = node.api.create_wallet().await?;
+    let cases: Vec<(String, StatusCode)> = vec![
+        ("{".to_owned(), StatusCode::BAD_REQUEST),
+        (
+            format!(
+                r#"{{"walletId":"{}","operationType":"DEPOSIT","amount":"1.00"}}"#,
+                Uuid::now_v7()
+            ),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            format!(r#"{{"walletId":"{wallet}","operationType":"DEPOSIT","amount":"1.001"}}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            format!(r#"{{"walletId":"{wallet}","operationType":"WITHDRAW","amount":"5.00"}}"#),
+            StatusCode::CONFLICT,
+        ),
+        (
+            format!(r#"{{"walletId":"{wallet}","operationType":"DEPOSIT","amount":"5.00"}}"#),
+            StatusCode::OK,
+        ),
+    ];
+    for (body, status) in cases {
+        let answer = node
+            .api
+            .post_raw("/api/v1/wallet", body.clone(), &[])
+            .await?;
+        assert_eq!(answer.status, status, "{body}: {answer:?}");
+        operation_id(&answer);
+    }
+    node.stop().await
+}
