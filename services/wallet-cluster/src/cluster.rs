@@ -183,7 +183,7 @@ impl Cluster {
             .is_registered(&view, &self.inner.config.node_id)
     }
 
-    /// Re-read the membership now (after a peer answered 421).
+    /// Re-read the membership now (after a peer answered "not owner").
     pub fn refresh(&self) {
         self.inner.membership.refresh();
     }

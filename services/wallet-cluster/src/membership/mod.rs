@@ -29,7 +29,7 @@ pub trait Membership: Send + Sync + 'static {
         eligible: watch::Receiver<bool>,
     ) -> Result<(), ClusterError>;
 
-    /// Asks for a re-read as soon as possible (a peer answered 421). Push-based
+    /// Asks for a re-read as soon as possible (a peer answered "not owner"). Push-based
     /// sources need nothing.
     fn refresh(&self) {}
 

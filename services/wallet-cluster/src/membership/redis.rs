@@ -28,7 +28,7 @@ end
 return {now, live}
 ";
 
-/// Re-reads triggered by `refresh` are at most this frequent, so a burst of 421s
+/// Re-reads triggered by `refresh` are at most this frequent, so a burst of "not owner" answers
 /// does not turn into a burst of Redis calls.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
 
