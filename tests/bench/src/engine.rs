@@ -123,7 +123,9 @@ struct Shared {
     workload: Arc<Workload>,
     queues: Vec<flume::Sender<Job>>,
     done: AtomicU64,
-    total: u64,
+    /// Requests to wait for: the schedule's count, lowered to the number actually
+    /// dispatched when the run is stopped early.
+    total: AtomicU64,
     all_done: Notify,
     timeout: Duration,
     idempotency_prefix: Option<String>,
@@ -131,7 +133,7 @@ struct Shared {
 
 impl Shared {
     fn finish_one(&self) {
-        if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.total {
+        if self.done.fetch_add(1, Ordering::SeqCst) + 1 >= self.total.load(Ordering::SeqCst) {
             self.all_done.notify_one();
         }
     }
@@ -221,6 +223,27 @@ pub async fn open_loop(
     connections: usize,
     start: Instant,
 ) -> RunOutput {
+    open_loop_until(
+        cfg,
+        workload,
+        schedule,
+        connections,
+        start,
+        CancellationToken::new(),
+    )
+    .await
+}
+
+/// `open_loop` that stops sending when `until` is cancelled (the requests already
+/// sent are still waited for): background load that lasts as long as another one.
+pub async fn open_loop_until(
+    cfg: &LoadConfig,
+    workload: Arc<Workload>,
+    schedule: &Schedule,
+    connections: usize,
+    start: Instant,
+    until: CancellationToken,
+) -> RunOutput {
     let n_targets = cfg.targets.len().max(1);
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..n_targets).map(|_| flume::unbounded::<Job>()).unzip();
     let total = schedule.total_requests();
@@ -229,7 +252,7 @@ pub async fn open_loop(
         workload: workload.clone(),
         queues: txs,
         done: AtomicU64::new(0),
-        total,
+        total: AtomicU64::new(total),
         all_done: Notify::new(),
         timeout: cfg.timeout,
         idempotency_prefix: cfg.idempotency_prefix.clone(),
@@ -250,7 +273,8 @@ pub async fn open_loop(
 
     let mut rng = Rng::new(cfg.seed);
     let mut offsets = schedule.offsets_us().enumerate().peekable();
-    while offsets.peek().is_some() {
+    let mut dispatched = 0u64;
+    while offsets.peek().is_some() && !until.is_cancelled() {
         let now_us = micros(start.elapsed());
         while let Some((i, sched_us)) = offsets.next_if(|(_, s)| *s <= now_us) {
             let job = Job {
@@ -262,12 +286,18 @@ pub async fn open_loop(
             };
             // Receivers live as long as `shared`, so the send cannot fail.
             let _ = shared.queues[i % n_targets].send(job);
+            dispatched += 1;
         }
         if let Some((_, next)) = offsets.peek() {
-            tokio::time::sleep_until((start + Duration::from_micros(*next)).into()).await;
+            tokio::select! {
+                () = tokio::time::sleep_until((start + Duration::from_micros(*next)).into()) => {}
+                () = until.cancelled() => {}
+            }
         }
     }
-    if total > 0 {
+    shared.total.store(dispatched, Ordering::SeqCst);
+    // A permit left by an earlier notify may wake this early: check the count.
+    while shared.done.load(Ordering::SeqCst) < dispatched {
         shared.all_done.notified().await;
     }
     stop.cancel();
@@ -327,7 +357,9 @@ pub async fn closed_loop(
                 if sent_us >= end_us {
                     break;
                 }
-                let op = workload.next(&mut rng);
+                let Some(op) = workload.try_next(&mut rng) else {
+                    break;
+                };
                 let key = prefix.as_ref().map(|p| format!("{p}-c{c}-{sent}"));
                 sent += 1;
                 let mut answer = conn
@@ -433,6 +465,62 @@ mod tests {
         let scheds: Vec<u64> = out.records.iter().map(|r| r.sched_us).collect();
         assert_eq!(scheds, schedule.offsets_us().collect::<Vec<_>>());
         assert_all_answered(&out.records, true);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_loop_until_stops_sending_when_cancelled() {
+        let targets = vec![fake_target().await];
+        let workload = setup(&targets, 2).await;
+        let cfg = LoadConfig {
+            targets,
+            timeout: Duration::from_secs(5),
+            seed: 6,
+            idempotency_prefix: None,
+        };
+        let until = CancellationToken::new();
+        let stopper = until.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            stopper.cancel();
+        });
+        let schedule = Schedule::constant(200.0, Duration::from_secs(30));
+        let out = open_loop_until(&cfg, workload, &schedule, 4, Instant::now(), until).await;
+        // About 60 of the 6000 scheduled requests, each answered.
+        assert!(
+            (20..200).contains(&out.records.len()),
+            "{}",
+            out.records.len()
+        );
+        assert!(out.elapsed < Duration::from_secs(5));
+        assert_all_answered(&out.records, false);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closed_loop_stops_when_each_wallet_was_touched_once() {
+        let targets = vec![fake_target().await];
+        let w = crate::setup::create_wallets(&targets, 50, 0, 4, Duration::from_secs(5))
+            .await
+            .expect("wallets");
+        let workload = Arc::new(Workload::new(
+            w,
+            Picker::EachOnce,
+            Mix {
+                deposit_ratio: 1.0,
+                reject_ratio: 0.0,
+            },
+        ));
+        let cfg = LoadConfig {
+            targets,
+            timeout: Duration::from_secs(5),
+            seed: 7,
+            idempotency_prefix: None,
+        };
+        let out = closed_loop(&cfg, workload, 4, Duration::from_secs(30), Instant::now()).await;
+        assert_eq!(out.records.len(), 50);
+        let touched: HashSet<u32> = out.records.iter().map(|r| r.op.wallet).collect();
+        assert_eq!(touched.len(), 50);
+        assert!(out.elapsed < Duration::from_secs(10));
+        assert_all_answered(&out.records, false);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,20 @@ async fn handle(
                 format!(r#"{{"walletId":"{id}","balance":"0.00"}}"#),
             )
         }
+        // The process metrics the memory sampler reads, of this process.
+        (&Method::GET, "/metrics") => {
+            let pid = std::process::id();
+            let rss = crate::cluster::rss_bytes(pid).unwrap_or(0);
+            let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+            let mut r = Response::new(Full::new(Bytes::from(format!(
+                "process_resident_memory_bytes {rss}\nprocess_open_fds {fds}\n"
+            ))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
         (&Method::GET, p) if p.starts_with("/cluster/owner/") => json(
             StatusCode::OK,
             format!(

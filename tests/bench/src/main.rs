@@ -9,12 +9,14 @@ mod client;
 mod cluster;
 mod engine;
 mod fake;
+mod memory;
 mod money;
 mod report;
 mod rng;
 mod scenarios;
 mod schedule;
 mod setup;
+mod slow;
 mod stats;
 mod workload;
 
@@ -39,7 +41,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run scenarios against a running cluster: constant, saturate-one, spike,
-    /// multi (= multi-uniform multi-zipf), failover, soak, or all (everything but soak).
+    /// multi (= multi-uniform multi-zipf), failover, many-wallets, slow-connections,
+    /// soak, or all (everything but soak).
     Run(Box<RunArgs>),
     /// Rewrite report.md and the plots from an existing results.json.
     Report {
@@ -168,6 +171,54 @@ struct RunArgs {
     /// Longest wait for in-flight operations to settle before checking.
     #[arg(long, env = "WALLET_BENCH_SETTLE_MAX", value_parser = parse_duration, default_value = "30s")]
     settle_max: Duration,
+    /// many-wallets: distinct wallets seeded with SQL and sent one DEPOSIT each.
+    #[arg(long, env = "WALLET_BENCH_MANY_WALLETS", default_value_t = 1_000_000)]
+    many_wallets: usize,
+    #[arg(long, env = "WALLET_BENCH_MANY_CONNECTIONS", default_value_t = 256)]
+    many_connections: usize,
+    /// many-wallets stops here even if not every wallet was touched.
+    #[arg(long, env = "WALLET_BENCH_MANY_DURATION", value_parser = parse_duration, default_value = "5m")]
+    many_duration: Duration,
+    /// Wallets per INSERT (and per DELETE afterwards).
+    #[arg(long, env = "WALLET_BENCH_MANY_SEED_CHUNK", default_value_t = 100_000)]
+    many_seed_chunk: usize,
+    /// Keep the many-wallets wallets and their audit rows (deleted by default).
+    #[arg(long, env = "WALLET_BENCH_MANY_KEEP")]
+    many_keep: bool,
+    /// slow-connections: connections held open to one node's public port.
+    #[arg(long, env = "WALLET_BENCH_SLOW_CONNECTIONS", default_value_t = 3000)]
+    slow_connections: usize,
+    #[arg(long, env = "WALLET_BENCH_SLOW_DURATION", value_parser = parse_duration, default_value = "60s")]
+    slow_duration: Duration,
+    /// Which of --urls gets the slow connections (and the other clients' load), from 0.
+    #[arg(long, env = "WALLET_BENCH_SLOW_TARGET", default_value_t = 0)]
+    slow_target: usize,
+    /// A slow connection sends its next byte after this long.
+    #[arg(long, env = "WALLET_BENCH_SLOW_TRICKLE", value_parser = parse_duration, default_value = "5s")]
+    slow_trickle: Duration,
+    /// What the slow connections do, round-robin: idle (nothing), header (a header
+    /// that never ends), body (headers, then a body that never ends).
+    #[arg(long, env = "WALLET_BENCH_SLOW_KINDS", value_delimiter = ',', value_parser = parse_slow_kind, default_value = "idle,header,body")]
+    slow_kinds: Vec<slow::Kind>,
+    /// Other clients' constant load beside many-wallets and slow-connections.
+    #[arg(long, env = "WALLET_BENCH_BYSTANDER_RPS", default_value_t = 50.0)]
+    bystander_rps: f64,
+    #[arg(long, env = "WALLET_BENCH_BYSTANDER_WALLETS", default_value_t = 4)]
+    bystander_wallets: usize,
+    #[arg(long, env = "WALLET_BENCH_BYSTANDER_CONNECTIONS", default_value_t = 8)]
+    bystander_connections: usize,
+    /// Node memory sampling period of many-wallets and slow-connections.
+    #[arg(long, env = "WALLET_BENCH_MEMORY_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    memory_interval: Duration,
+    /// Limit to compare the nodes' peak RSS with (e.g. 512Mi); default: the chart's
+    /// resources.limits.memory in charts/wallet/values.yaml.
+    #[arg(long, env = "WALLET_BENCH_MEMORY_LIMIT")]
+    memory_limit: Option<String>,
+}
+
+fn parse_slow_kind(s: &str) -> Result<slow::Kind, String> {
+    slow::Kind::parse(s)
+        .ok_or_else(|| format!("unknown slow connection kind {s:?} (idle, header, body)"))
 }
 
 fn targets(urls: &[String]) -> anyhow::Result<Vec<Arc<Target>>> {
@@ -198,21 +249,21 @@ fn expand(names: &[String]) -> anyhow::Result<Vec<String>> {
 
 async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let names = expand(&args.scenarios)?;
-    let pool = if args.no_check {
-        None
-    } else {
-        let url = args
-            .database_url
-            .as_deref()
-            .context("DATABASE_URL is needed for the consistency check (or pass --no-check)")?;
-        Some(
+    anyhow::ensure!(
+        args.no_check || args.database_url.is_some(),
+        "DATABASE_URL is needed for the consistency check (or pass --no-check)"
+    );
+    let db = match args.database_url.as_deref() {
+        Some(url) => Some(
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(4)
                 .connect(url)
                 .await
                 .context("connecting to DATABASE_URL")?,
-        )
+        ),
+        None => None,
     };
+    let pool = if args.no_check { None } else { db.clone() };
     let mut ctx = scenarios::Ctx {
         load: engine::LoadConfig {
             targets: targets(&args.urls)?,
@@ -225,6 +276,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         },
         admin: targets(&args.admin_urls)?,
         pool,
+        db,
         root: args.root.clone(),
         settings: scenarios::Settings {
             open_connections: args.open_connections,
@@ -252,6 +304,21 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
                 reject_ratio: args.reject_ratio,
             },
             settle_max: args.settle_max,
+            many_wallets: args.many_wallets,
+            many_connections: args.many_connections,
+            many_duration: args.many_duration,
+            many_seed_chunk: args.many_seed_chunk,
+            many_keep: args.many_keep,
+            slow_connections: args.slow_connections,
+            slow_duration: args.slow_duration,
+            slow_target: args.slow_target,
+            slow_trickle: args.slow_trickle,
+            slow_kinds: args.slow_kinds.clone(),
+            bystander_rps: args.bystander_rps,
+            bystander_wallets: args.bystander_wallets,
+            bystander_connections: args.bystander_connections,
+            memory_interval: args.memory_interval,
+            memory_limit: args.memory_limit.clone(),
         },
         multi_wallets: None,
     };
@@ -365,7 +432,11 @@ mod tests {
             expand(&v(&["multi"])).expect("names"),
             v(&["multi-uniform", "multi-zipf"])
         );
-        assert_eq!(expand(&v(&["all"])).expect("names").len(), 6);
+        assert_eq!(expand(&v(&["all"])).expect("names").len(), 8);
+        assert_eq!(
+            expand(&v(&["many-wallets", "slow-connections"])).expect("names"),
+            v(&["many-wallets", "slow-connections"])
+        );
         assert!(
             !expand(&v(&["all"]))
                 .expect("names")

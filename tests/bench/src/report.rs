@@ -2,6 +2,8 @@
 //! and two SVG plots per scenario, drawn by hand so no font library is needed.
 
 use crate::check::CheckReport;
+use crate::memory::MemoryReport;
+use crate::slow::SlowReport;
 use crate::stats::SecondPoint;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -19,6 +21,50 @@ pub struct RssSample {
     pub t_s: f64,
     pub node: String,
     pub rss_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_fds: Option<u64>,
+}
+
+/// The small constant load of other clients that runs beside a scenario's main
+/// load: does the service keep answering them?
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Bystander {
+    pub targets: Vec<String>,
+    pub wallets: usize,
+    pub offered_rps: f64,
+    pub connections: usize,
+    pub requests: u64,
+    pub achieved_rps: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub longest_gap_ms: f64,
+    pub status_counts: BTreeMap<String, u64>,
+    /// Its own consistency check (None when skipped).
+    pub consistency_ok: Option<bool>,
+    pub series: Vec<SecondPointOut>,
+}
+
+/// What many-wallets did besides the load itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManyReport {
+    pub wallets_seeded: u64,
+    /// Distinct wallets that got an answered DEPOSIT.
+    pub wallets_touched: u64,
+    /// Distinct wallets a request was sent to (answered or not).
+    pub wallets_sent: u64,
+    pub seed_s: f64,
+    /// "every wallet touched" or "duration reached".
+    pub stopped_by: String,
+    pub check: String,
+    pub cleanup: String,
+    /// Sum over the nodes of (peak - first RSS) per touched wallet.
+    pub bytes_per_touched_wallet: Option<f64>,
+    /// Linear extrapolation: touched wallets (cluster-wide) at which the
+    /// average node would reach the memory limit.
+    pub touched_wallets_to_limit: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -58,6 +104,14 @@ pub struct ScenarioResult {
     pub events: Vec<Event>,
     pub rss_samples: Vec<RssSample>,
     pub series: Vec<SecondPointOut>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bystander: Option<Bystander>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub many: Option<ManyReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow: Option<SlowReport>,
 }
 
 /// `SecondPoint` plus the offered rate of that second (open loop).
@@ -173,6 +227,18 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
             r.nodes_cpu_s
                 .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.1} s"))
         );
+        if let Some(m) = &r.many {
+            many_section(&mut s, r, m);
+        }
+        if let Some(slow) = &r.slow {
+            slow_section(&mut s, slow);
+        }
+        if let Some(m) = &r.memory {
+            memory_section(&mut s, m);
+        }
+        if let Some(b) = &r.bystander {
+            bystander_section(&mut s, b);
+        }
         for e in &r.events {
             let _ = writeln!(s, "- t={:.1}s {}", e.t_s, e.what);
         }
@@ -196,8 +262,169 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
         if !r.rss_samples.is_empty() {
             let _ = writeln!(s, "![rss]({}-rss.svg)\n", r.scenario);
         }
+        if r.slow.is_some() {
+            let _ = writeln!(s, "![connections]({}-connections.svg)\n", r.scenario);
+        }
+        if r.bystander.is_some() {
+            let _ = writeln!(
+                s,
+                "![other clients' latency]({}-bystander-latency.svg)\n",
+                r.scenario
+            );
+        }
     }
     s
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
+
+fn opt_s(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+}
+
+fn statuses(counts: &BTreeMap<String, u64>) -> String {
+    counts
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn many_section(s: &mut String, r: &ScenarioResult, m: &ManyReport) {
+    let _ = writeln!(
+        s,
+        "Seeded {} wallets with SQL in {:.1} s. **{} distinct wallets touched** (one answered DEPOSIT each; {} sent) at {:.0} operations/s over {:.1} s; stopped: {}. Check: {}. Cleanup: {}.\n",
+        m.wallets_seeded,
+        m.seed_s,
+        m.wallets_touched,
+        m.wallets_sent,
+        r.achieved_rps,
+        r.duration_s,
+        m.stopped_by,
+        m.check,
+        m.cleanup
+    );
+    if let Some(b) = m.bytes_per_touched_wallet {
+        let _ = write!(
+            s,
+            "Node memory grew by about {b:.0} bytes per touched wallet (sum over the nodes of peak minus first sample)"
+        );
+        match m.touched_wallets_to_limit {
+            Some(n) => {
+                let _ = writeln!(
+                    s,
+                    "; at that rate the average node reaches the memory limit after about {n} touched wallets (linear extrapolation).\n"
+                );
+            }
+            None => s.push_str(".\n\n"),
+        }
+    }
+}
+
+fn memory_section(s: &mut String, m: &MemoryReport) {
+    let _ = writeln!(
+        s,
+        "Node resident memory (from {}, every {:.1} s); limit: {} ({}).\n",
+        m.source,
+        m.interval_s,
+        m.limit_bytes
+            .map_or_else(|| "unknown".to_owned(), |l| format!("{:.0} MiB", mib(l))),
+        m.limit_source
+    );
+    s.push_str("| node | first MiB | peak MiB | peak at s | last MiB | peak / limit | over limit | peak open fds | max fds |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|:---:|---:|---:|\n");
+    for n in &m.nodes {
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            n.node,
+            mib(n.first_bytes),
+            mib(n.peak_bytes),
+            n.peak_t_s,
+            mib(n.last_bytes),
+            n.peak_of_limit
+                .map_or_else(|| "-".to_owned(), |p| format!("{:.1}%", p * 100.0)),
+            if n.over_limit { "**yes**" } else { "no" },
+            n.peak_open_fds
+                .map_or_else(|| "-".to_owned(), |v| v.to_string()),
+            n.max_fds.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+        );
+    }
+    s.push('\n');
+}
+
+fn bystander_section(s: &mut String, b: &Bystander) {
+    let _ = writeln!(
+        s,
+        "Other clients meanwhile ({} RPS open loop on {} wallet(s), {} connection(s), to {}): {} requests, {:.0} answered/s, p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, longest gap {:.0} ms; statuses {}; consistent: {}.\n",
+        b.offered_rps,
+        b.wallets,
+        b.connections,
+        b.targets.join(", "),
+        b.requests,
+        b.achieved_rps,
+        b.p50_ms,
+        b.p95_ms,
+        b.p99_ms,
+        b.p999_ms,
+        b.max_ms,
+        b.longest_gap_ms,
+        statuses(&b.status_counts),
+        match b.consistency_ok {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "skipped",
+        }
+    );
+}
+
+fn slow_section(s: &mut String, r: &SlowReport) {
+    let _ = writeln!(
+        s,
+        "Slow connections to {}: {} requested, {} opened (all by {} s), {} failed to open; held {:.0} s with a byte every {:.1} s; **{} still open at the end, {} closed by the server**. Open-files limit of the bench: soft {} (was {}), hard {}.\n",
+        r.target,
+        r.requested,
+        r.opened,
+        opt_s(r.all_opened_by_s),
+        r.failed_to_open,
+        r.held_s,
+        r.trickle_s,
+        r.open_at_end,
+        r.closed_by_server,
+        r.bench_nofile
+            .map_or_else(|| "-".to_owned(), |v| v.to_string()),
+        r.bench_nofile_before
+            .map_or_else(|| "-".to_owned(), |v| v.to_string()),
+        r.bench_nofile_hard
+            .map_or_else(|| "-".to_owned(), |v| v.to_string()),
+    );
+    s.push_str("| kind | opened | failed to open | open at end | closed by server | closed after s (min / median / max) | how | answers |\n");
+    s.push_str("|---|---:|---:|---:|---:|---|---|---|\n");
+    for k in &r.kinds {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |",
+            k.kind,
+            k.opened,
+            k.failed_to_open,
+            k.open_at_end,
+            k.closed_by_server,
+            opt_s(k.close_after_s_min),
+            opt_s(k.close_after_s_p50),
+            opt_s(k.close_after_s_max),
+            statuses(&k.closes),
+            statuses(&k.answers),
+        );
+    }
+    s.push('\n');
+    for e in &r.connect_errors {
+        let _ = writeln!(s, "- connect error: {e}");
+    }
+    if !r.connect_errors.is_empty() {
+        s.push('\n');
+    }
 }
 
 pub struct Line<'a> {
@@ -429,6 +656,54 @@ pub fn write_all(dir: &Path, results: &[ScenarioResult]) -> std::io::Result<()> 
                 &r.events,
             ),
         )?;
+        if let Some(slow) = &r.slow {
+            let open = [Line {
+                name: "open",
+                color: "#1f77b4",
+                points: slow
+                    .open_series
+                    .iter()
+                    .map(|(t, n)| (*t, *n as f64))
+                    .collect(),
+            }];
+            std::fs::write(
+                dir.join(format!("{}-connections.svg", r.scenario)),
+                svg_chart(
+                    &format!("{}: slow connections open", r.scenario),
+                    "connections",
+                    &open,
+                    &r.events,
+                ),
+            )?;
+        }
+        if let Some(b) = &r.bystander {
+            let lines = [
+                Line {
+                    name: "p50",
+                    color: "#1f77b4",
+                    points: b.series.iter().map(|p| (t(p), p.p50_ms)).collect(),
+                },
+                Line {
+                    name: "p99",
+                    color: "#ff7f0e",
+                    points: b.series.iter().map(|p| (t(p), p.p99_ms)).collect(),
+                },
+                Line {
+                    name: "max",
+                    color: "#d62728",
+                    points: b.series.iter().map(|p| (t(p), p.max_ms)).collect(),
+                },
+            ];
+            std::fs::write(
+                dir.join(format!("{}-bystander-latency.svg", r.scenario)),
+                svg_chart(
+                    &format!("{}: other clients' latency per second", r.scenario),
+                    "ms",
+                    &lines,
+                    &r.events,
+                ),
+            )?;
+        }
         if !r.rss_samples.is_empty() {
             let mut nodes: Vec<&str> = r.rss_samples.iter().map(|s| s.node.as_str()).collect();
             nodes.sort_unstable();
@@ -512,6 +787,10 @@ mod tests {
                 max_ms: 9.0,
                 offered: Some(1000.0),
             }],
+            memory: None,
+            bystander: None,
+            many: None,
+            slow: None,
         }
     }
 

@@ -5,33 +5,42 @@ use crate::check::{self, CheckReport};
 use crate::client::Target;
 use crate::cluster;
 use crate::engine::{self, LoadConfig, RunOutput, STATUS_ERROR};
+use crate::memory::{self, Sampler, Samples};
+use crate::report::{Bystander, ManyReport};
 use crate::report::{Event, RssSample, ScenarioResult, SecondPointOut, check_json};
 use crate::schedule::{Phase, Schedule};
-use crate::setup;
+use crate::setup::{self, Numbered};
+use crate::slow;
 use crate::stats;
 use crate::workload::{Mix, Picker, Workload};
 use anyhow::Context as _;
 use sqlx::PgPool;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub const ALL: [&str; 6] = [
+pub const ALL: [&str; 8] = [
     "constant",
     "saturate-one",
     "spike",
     "multi-uniform",
     "multi-zipf",
     "failover",
+    "many-wallets",
+    "slow-connections",
 ];
-pub const KNOWN: [&str; 7] = [
+pub const KNOWN: [&str; 9] = [
     "constant",
     "saturate-one",
     "spike",
     "multi-uniform",
     "multi-zipf",
     "failover",
+    "many-wallets",
+    "slow-connections",
     "soak",
 ];
 
@@ -63,12 +72,30 @@ pub struct Settings {
     pub rss_interval: Duration,
     pub mix: Mix,
     pub settle_max: Duration,
+    pub many_wallets: usize,
+    pub many_connections: usize,
+    pub many_duration: Duration,
+    pub many_seed_chunk: usize,
+    pub many_keep: bool,
+    pub slow_connections: usize,
+    pub slow_duration: Duration,
+    pub slow_target: usize,
+    pub slow_trickle: Duration,
+    pub slow_kinds: Vec<slow::Kind>,
+    pub bystander_rps: f64,
+    pub bystander_wallets: usize,
+    pub bystander_connections: usize,
+    pub memory_interval: Duration,
+    pub memory_limit: Option<String>,
 }
 
 pub struct Ctx {
     pub load: LoadConfig,
     pub admin: Vec<Arc<Target>>,
+    /// For the consistency check; None with --no-check.
     pub pool: Option<PgPool>,
+    /// The cluster's database whenever DATABASE_URL is set (many-wallets seeds with it).
+    pub db: Option<PgPool>,
     pub root: PathBuf,
     pub settings: Settings,
     /// Wallets of the multi scenarios, created once and shared by both rows.
@@ -146,6 +173,7 @@ async fn sample_rss(
                         t_s,
                         node,
                         rss_bytes,
+                        open_fds: None,
                     });
             }
         }
@@ -169,6 +197,11 @@ fn cpu_now(ctx: &Ctx) -> (f64, Option<f64>, Vec<u32>) {
 }
 
 pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
+    match name {
+        "many-wallets" => return many_wallets(ctx).await,
+        "slow-connections" => return slow_connections(ctx).await,
+        _ => {}
+    }
     let s = ctx.settings.clone();
     let wallets = match name {
         "multi-uniform" | "multi-zipf" => match &ctx.multi_wallets {
@@ -354,6 +387,10 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         events,
         rss_samples,
         series,
+        memory: None,
+        bystander: None,
+        many: None,
+        slow: None,
     })
 }
 
@@ -385,6 +422,504 @@ async fn verify(
         }
     }
     Ok(report)
+}
+
+/// The other clients' load: created before the scenario starts, run beside it.
+struct BystanderPlan {
+    cfg: LoadConfig,
+    workload: Arc<Workload>,
+    before: Option<HashMap<Uuid, check::WalletState>>,
+    schedule: Schedule,
+    connections: usize,
+}
+
+async fn plan_bystander(
+    ctx: &Ctx,
+    targets: Vec<Arc<Target>>,
+    max: Duration,
+) -> anyhow::Result<BystanderPlan> {
+    let s = &ctx.settings;
+    let wallets = setup::create_wallets(
+        &ctx.load.targets,
+        s.bystander_wallets.max(1),
+        SEED_ONE_CENTS,
+        s.bystander_wallets.max(1),
+        ctx.load.timeout,
+    )
+    .await
+    .context("creating the other clients' wallets")?;
+    let before = match &ctx.pool {
+        Some(pool) => Some(check::snapshot(pool, &wallets).await?),
+        None => None,
+    };
+    Ok(BystanderPlan {
+        cfg: LoadConfig {
+            targets,
+            timeout: ctx.load.timeout,
+            seed: ctx.load.seed ^ 0x00b5_7a4d,
+            idempotency_prefix: ctx
+                .load
+                .idempotency_prefix
+                .as_ref()
+                .map(|p| format!("{p}-b")),
+        },
+        workload: Arc::new(Workload::new(wallets, Picker::Uniform, s.mix.clone())),
+        before,
+        schedule: Schedule::constant(s.bystander_rps, max),
+        connections: s.bystander_connections.max(1),
+    })
+}
+
+async fn bystander_report(
+    ctx: &Ctx,
+    plan: &BystanderPlan,
+    out: &RunOutput,
+) -> anyhow::Result<(Bystander, Option<CheckReport>)> {
+    let check = match (&ctx.pool, &plan.before) {
+        (Some(pool), Some(before)) => Some(
+            verify(
+                pool,
+                plan.workload.wallets(),
+                before,
+                out,
+                ctx.settings.settle_max,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    let sum = stats::summarize(&out.records, out.elapsed);
+    let rps = plan.schedule.rps_at(Duration::ZERO);
+    Ok((
+        Bystander {
+            targets: plan.cfg.targets.iter().map(|t| t.base.clone()).collect(),
+            wallets: plan.workload.wallets().len(),
+            offered_rps: rps,
+            connections: plan.connections,
+            requests: sum.requests,
+            achieved_rps: sum.achieved_rps,
+            p50_ms: sum.p50_ms,
+            p95_ms: sum.p95_ms,
+            p99_ms: sum.p99_ms,
+            p999_ms: sum.p999_ms,
+            max_ms: sum.max_ms,
+            longest_gap_ms: sum.longest_gap_ms,
+            status_counts: sum.status_counts,
+            consistency_ok: check.as_ref().map(|c| c.ok),
+            series: stats::series(&out.records)
+                .iter()
+                .map(|p| SecondPointOut::from(p, Some(rps)))
+                .collect(),
+        },
+        check,
+    ))
+}
+
+fn start_sampler(
+    ctx: &Ctx,
+    start: Instant,
+) -> (Arc<Mutex<Samples>>, tokio::task::JoinHandle<()>, Sampler) {
+    let samples: Arc<Mutex<Samples>> = Arc::default();
+    let make = || Sampler {
+        admin: ctx.admin.clone(),
+        root: ctx.root.clone(),
+        interval: ctx.settings.memory_interval,
+    };
+    let handle = tokio::spawn(make().run(start, samples.clone()));
+    (samples, handle, make())
+}
+
+async fn stop_sampler(
+    ctx: &Ctx,
+    start: Instant,
+    samples: &Mutex<Samples>,
+    handle: tokio::task::JoinHandle<()>,
+    sampler: &Sampler,
+) -> (Vec<RssSample>, memory::MemoryReport) {
+    handle.abort();
+    sampler.final_sample(start, samples).await;
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    let limit = memory::memory_limit(&ctx.root, ctx.settings.memory_limit.as_deref());
+    let report = memory::summarize(&samples, ctx.settings.memory_interval, limit);
+    (samples.rss, report)
+}
+
+/// The fields every scenario fills the same way from its main load.
+fn base_result(
+    ctx: &Ctx,
+    name: &str,
+    out: &RunOutput,
+    offered: Option<&Schedule>,
+    connections: usize,
+    wallets: usize,
+) -> ScenarioResult {
+    let summary = stats::summarize(&out.records, out.elapsed);
+    ScenarioResult {
+        scenario: name.to_owned(),
+        offered_rps: offered.map(|sch| round1(sch.offered_rps())),
+        achieved_rps: summary.achieved_rps,
+        p50_ms: summary.p50_ms,
+        p95_ms: summary.p95_ms,
+        p99_ms: summary.p99_ms,
+        max_ms: summary.max_ms,
+        status_counts: summary.status_counts,
+        consistency_ok: false,
+        duration_s: round1(out.elapsed.as_secs_f64()),
+        requests: summary.requests,
+        p999_ms: summary.p999_ms,
+        mean_ms: summary.mean_ms,
+        longest_gap_ms: summary.longest_gap_ms,
+        action_ok: true,
+        generator_cpu_s: 0.0,
+        nodes_cpu_s: None,
+        connections,
+        wallets,
+        targets: ctx.load.targets.iter().map(|t| t.base.clone()).collect(),
+        reroutes: out.reroutes,
+        retries: out.retries,
+        consistency: check_json(None),
+        events: Vec::new(),
+        rss_samples: Vec::new(),
+        series: stats::series(&out.records)
+            .iter()
+            .map(|p| {
+                SecondPointOut::from(p, offered.map(|sch| sch.rps_at(Duration::from_secs(p.t_s))))
+            })
+            .collect(),
+        memory: None,
+        bystander: None,
+        many: None,
+        slow: None,
+    }
+}
+
+fn set_cpu(
+    r: &mut ScenarioResult,
+    before: &(f64, Option<f64>, Vec<u32>),
+    after: &(f64, Option<f64>, Vec<u32>),
+) {
+    r.generator_cpu_s = round1(after.0 - before.0);
+    r.nodes_cpu_s = (before.1.is_some() && before.2 == after.2)
+        .then(|| round1(after.1.unwrap_or(0.0) - before.1.unwrap_or(0.0)));
+}
+
+/// Consistency of the main load and of the other clients' together.
+fn set_consistency(r: &mut ScenarioResult, main: Option<CheckReport>, other: Option<CheckReport>) {
+    let checks: Vec<(&str, CheckReport)> = [("main", main), ("other_clients", other)]
+        .into_iter()
+        .filter_map(|(k, c)| c.map(|c| (k, c)))
+        .collect();
+    if checks.is_empty() {
+        r.consistency_ok = false;
+        r.consistency = check_json(None);
+        return;
+    }
+    r.consistency_ok = checks.iter().all(|(_, c)| c.ok);
+    let problems: Vec<String> = checks
+        .iter()
+        .flat_map(|(k, c)| c.problems.iter().map(move |p| format!("{k}: {p}")))
+        .collect();
+    let mut obj = serde_json::Map::new();
+    obj.insert("ok".to_owned(), r.consistency_ok.into());
+    obj.insert("problems".to_owned(), problems.into());
+    for (k, c) in &checks {
+        obj.insert((*k).to_owned(), check_json(Some(c)));
+    }
+    r.consistency = serde_json::Value::Object(obj);
+}
+
+/// many-wallets: a million (by default) wallets seeded with SQL, then one DEPOSIT
+/// each through the API, while node memory is sampled and other clients keep
+/// sending a small constant load. Shows how far the nodes' wallet cache grows.
+async fn many_wallets(ctx: &mut Ctx) -> anyhow::Result<ScenarioResult> {
+    let s = ctx.settings.clone();
+    let db = ctx
+        .db
+        .clone()
+        .context("many-wallets seeds its wallets with SQL: DATABASE_URL is needed")?;
+    let numbered = Numbered::new(s.many_wallets);
+    log(&format!(
+        "seeding {} wallets with SQL ({} per statement)",
+        s.many_wallets, s.many_seed_chunk
+    ));
+    let seeding = Instant::now();
+    setup::seed_numbered(&db, &numbered, s.many_seed_chunk)
+        .await
+        .context("seeding the wallets")?;
+    let seed_s = round1(seeding.elapsed().as_secs_f64());
+    let workload = Arc::new(Workload::new(
+        numbered.ids(),
+        Picker::EachOnce,
+        Mix {
+            deposit_ratio: 1.0,
+            reject_ratio: 0.0,
+        },
+    ));
+    let plan = plan_bystander(ctx, ctx.load.targets.clone(), s.many_duration).await?;
+
+    let events: Events = Arc::default();
+    let cpu_before = cpu_now(ctx);
+    let start = Instant::now();
+    push_event(
+        &events,
+        start,
+        format!(
+            "{} wallets seeded in {seed_s} s; one DEPOSIT each begins",
+            numbered.n
+        ),
+    );
+    let (samples, sampler_task, sampler) = start_sampler(ctx, start);
+    let until = CancellationToken::new();
+    let others = {
+        let (cfg, wl, sch, conns, until) = (
+            plan.cfg.clone(),
+            plan.workload.clone(),
+            plan.schedule.clone(),
+            plan.connections,
+            until.clone(),
+        );
+        tokio::spawn(
+            async move { engine::open_loop_until(&cfg, wl, &sch, conns, start, until).await },
+        )
+    };
+    log(&format!(
+        "running many-wallets: {} wallets, {} connections, at most {:?}",
+        numbered.n, s.many_connections, s.many_duration
+    ));
+    let out = engine::closed_loop(
+        &ctx.load,
+        workload.clone(),
+        s.many_connections,
+        s.many_duration,
+        start,
+    )
+    .await;
+    until.cancel();
+    let sent = out.records.len() as u64;
+    let touched = out
+        .records
+        .iter()
+        .filter(|r| (200..300).contains(&r.status))
+        .count() as u64;
+    let stopped_by = if sent >= numbered.n as u64 {
+        "every wallet was sent its DEPOSIT"
+    } else {
+        "the duration (--many-duration) was reached"
+    };
+    push_event(
+        &events,
+        start,
+        format!("{touched} wallets touched; {stopped_by}"),
+    );
+    let other_out = others.await.context("the other clients' load panicked")?;
+    let cpu_after = cpu_now(ctx);
+    let (rss, mem) = stop_sampler(ctx, start, &samples, sampler_task, &sampler).await;
+
+    let (main_check, check_note) = match &ctx.pool {
+        Some(pool) => {
+            log("checking the many-wallets run against PostgreSQL");
+            let c =
+                verify_numbered(pool, &numbered, workload.wallets(), &out, s.settle_max).await?;
+            let note = format!(
+                "every one of the {} wallets (id range scan): {}",
+                numbered.n,
+                if c.ok { "consistent" } else { "INCONSISTENT" }
+            );
+            (Some(c), note)
+        }
+        None => (None, "skipped (--no-check)".to_owned()),
+    };
+    let (by, by_check) = bystander_report(ctx, &plan, &other_out).await?;
+    let cleanup = if s.many_keep {
+        "kept (--many-keep)".to_owned()
+    } else if main_check.as_ref().is_some_and(|c| !c.ok) {
+        "kept for inspection: the check failed".to_owned()
+    } else {
+        let t = Instant::now();
+        match setup::delete_numbered(&db, &numbered, s.many_seed_chunk).await {
+            Ok(()) => format!(
+                "the {} wallets and their audit rows deleted in {:.1} s",
+                numbered.n,
+                t.elapsed().as_secs_f64()
+            ),
+            Err(e) => format!("deleting them failed: {e}"),
+        }
+    };
+    let mut r = base_result(
+        ctx,
+        "many-wallets",
+        &out,
+        None,
+        s.many_connections,
+        numbered.n,
+    );
+    set_cpu(&mut r, &cpu_before, &cpu_after);
+    set_consistency(&mut r, main_check, by_check);
+    let growth: u64 = mem
+        .nodes
+        .iter()
+        .map(|n| n.peak_bytes.saturating_sub(n.first_bytes))
+        .sum();
+    let bytes_per = (touched > 0 && growth > 0).then(|| (growth as f64 / touched as f64).round());
+    let to_limit = match (bytes_per, mem.limit_bytes, mem.nodes.len()) {
+        (Some(b), Some(limit), n) if n > 0 => {
+            let first_avg = mem.nodes.iter().map(|n| n.first_bytes as f64).sum::<f64>() / n as f64;
+            // Each node caches about 1/n of the touched wallets.
+            Some(((limit as f64 - first_avg).max(0.0) * n as f64 / b) as u64)
+        }
+        _ => None,
+    };
+    r.many = Some(ManyReport {
+        wallets_seeded: numbered.n as u64,
+        wallets_touched: touched,
+        wallets_sent: sent,
+        seed_s,
+        stopped_by: stopped_by.to_owned(),
+        check: check_note,
+        cleanup,
+        bytes_per_touched_wallet: bytes_per,
+        touched_wallets_to_limit: to_limit,
+    });
+    r.memory = Some(mem);
+    r.rss_samples = rss;
+    r.bystander = Some(by);
+    r.events = std::mem::take(&mut *events.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(r)
+}
+
+/// The check of many-wallets: every wallet started at balance 0, version 0, so the
+/// snapshot before is known without a query, and the rows are read by id range.
+async fn verify_numbered(
+    pool: &PgPool,
+    numbered: &Numbered,
+    wallets: &[Uuid],
+    out: &RunOutput,
+    settle_max: Duration,
+) -> anyhow::Result<CheckReport> {
+    let (lo, hi) = numbered.range();
+    if out
+        .records
+        .iter()
+        .any(|r| r.status == STATUS_ERROR || r.status >= 500)
+    {
+        check::settle_range(pool, lo, hi, Duration::from_secs(1), settle_max).await?;
+    }
+    let before: HashMap<Uuid, check::WalletState> = wallets
+        .iter()
+        .map(|w| {
+            (
+                *w,
+                check::WalletState {
+                    balance_cents: 0,
+                    version: 0,
+                },
+            )
+        })
+        .collect();
+    let after = check::snapshot_range(pool, lo, hi)
+        .await
+        .context("snapshot after the run")?;
+    let rows = check::rows_in_range(pool, lo, hi, &before)
+        .await
+        .context("reading the audit trail")?;
+    let report = check::verify(wallets, &before, &after, &rows, &out.records);
+    for p in &report.problems {
+        log(&format!("consistency: {p}"));
+    }
+    Ok(report)
+}
+
+/// slow-connections: thousands of connections to one node's public port that
+/// never finish a request, while other clients send a small constant load to
+/// that same node. Counts what the node kept open and what it closed, and when.
+async fn slow_connections(ctx: &mut Ctx) -> anyhow::Result<ScenarioResult> {
+    let s = ctx.settings.clone();
+    let target = ctx
+        .load
+        .targets
+        .get(s.slow_target)
+        .cloned()
+        .with_context(|| {
+            format!(
+                "--slow-target {} but only {} URLs",
+                s.slow_target,
+                ctx.load.targets.len()
+            )
+        })?;
+    let (nofile_before, nofile, nofile_hard) = slow::raise_nofile();
+    log(&format!(
+        "open-files limit: soft {nofile_before:?} raised to {nofile:?} (hard {nofile_hard:?})"
+    ));
+    let plan = plan_bystander(ctx, vec![target.clone()], s.slow_duration).await?;
+    let slow_cfg = slow::Config {
+        addr: target.addr.clone(),
+        host: target.base.trim_start_matches("http://").to_owned(),
+        connections: s.slow_connections,
+        kinds: s.slow_kinds.clone(),
+        trickle: s.slow_trickle,
+        duration: s.slow_duration,
+    };
+
+    let events: Events = Arc::default();
+    let cpu_before = cpu_now(ctx);
+    let start = Instant::now();
+    let (samples, sampler_task, sampler) = start_sampler(ctx, start);
+    let series: Arc<Mutex<Vec<(f64, u64)>>> = Arc::default();
+    let holder = tokio::spawn(slow::run(slow_cfg.clone(), start, series.clone()));
+    log(&format!(
+        "running slow-connections: {} connections to {} for {:?}",
+        s.slow_connections, target.base, s.slow_duration
+    ));
+    let out = engine::open_loop(
+        &plan.cfg,
+        plan.workload.clone(),
+        &plan.schedule,
+        plan.connections,
+        start,
+    )
+    .await;
+    let outcomes = holder.await.context("the slow connections panicked")?;
+    let cpu_after = cpu_now(ctx);
+    let (rss, mem) = stop_sampler(ctx, start, &samples, sampler_task, &sampler).await;
+    let series = std::mem::take(&mut *series.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut report = slow::summarize(&slow_cfg, &outcomes, series);
+    report.bench_nofile_before = nofile_before;
+    report.bench_nofile = nofile;
+    report.bench_nofile_hard = nofile_hard;
+    {
+        let mut ev = events.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = report.all_opened_by_s {
+            ev.push(Event {
+                t_s: round1(t),
+                what: format!("{} slow connections opened", report.opened),
+            });
+        }
+        if let Some(t) = outcomes.iter().filter_map(|o| o.closed_s).reduce(f64::min) {
+            ev.push(Event {
+                t_s: round1(t),
+                what: "the node closes a first slow connection".to_owned(),
+            });
+        }
+        ev.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
+    }
+    let (by, by_check) = bystander_report(ctx, &plan, &out).await?;
+    let mut r = base_result(
+        ctx,
+        "slow-connections",
+        &out,
+        Some(&plan.schedule),
+        plan.connections,
+        plan.workload.wallets().len(),
+    );
+    r.targets = vec![target.base.clone()];
+    set_cpu(&mut r, &cpu_before, &cpu_after);
+    set_consistency(&mut r, None, by_check);
+    r.slow = Some(report);
+    r.memory = Some(mem);
+    r.rss_samples = rss;
+    r.bystander = Some(by);
+    r.events = std::mem::take(&mut *events.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(r)
 }
 
 /// The smoke rule: outside the failover scenario, no 5xx and no request without
@@ -490,5 +1025,134 @@ mod failover_tests {
         assert_eq!(what.len(), 3, "{what:?}");
         assert!(what[0].starts_with("kill -9 node-0"));
         let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
+#[cfg(test)]
+mod memory_scenario_tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        let d = Duration::from_secs(1);
+        Settings {
+            open_connections: 4,
+            constant_rps: 10.0,
+            constant_duration: d,
+            saturate_connections: 2,
+            saturate_duration: d,
+            spike_low: 1.0,
+            spike_high: 2.0,
+            spike_phase: d,
+            multi_wallets: 2,
+            multi_connections: 2,
+            multi_duration: d,
+            multi_seed_cents: 100,
+            zipf_exponent: 1.0,
+            failover_rps: 10.0,
+            failover_duration: d,
+            failover_kill_at: d,
+            failover_restart_after: d,
+            soak_rps: 10.0,
+            soak_duration: d,
+            rss_interval: d,
+            mix: Mix {
+                deposit_ratio: 0.6,
+                reject_ratio: 0.05,
+            },
+            settle_max: d,
+            many_wallets: 10,
+            many_connections: 2,
+            many_duration: d,
+            many_seed_chunk: 5,
+            many_keep: false,
+            slow_connections: 12,
+            slow_duration: Duration::from_millis(1500),
+            slow_target: 0,
+            slow_trickle: Duration::from_millis(200),
+            slow_kinds: vec![slow::Kind::Idle, slow::Kind::Header, slow::Kind::Body],
+            bystander_rps: 40.0,
+            bystander_wallets: 2,
+            bystander_connections: 2,
+            memory_interval: Duration::from_millis(250),
+            memory_limit: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_connections_against_the_fake_api_reports_connections_memory_and_others() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let target = Arc::new(
+            Target::parse(&format!("http://{}", listener.local_addr().expect("addr")))
+                .expect("target"),
+        );
+        tokio::spawn(crate::fake::serve(listener));
+        let mut ctx = Ctx {
+            load: LoadConfig {
+                targets: vec![target.clone()],
+                timeout: Duration::from_secs(5),
+                seed: 1,
+                idempotency_prefix: None,
+            },
+            admin: vec![target],
+            pool: None,
+            db: None,
+            root: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."),
+            settings: settings(),
+            multi_wallets: None,
+        };
+        let r = run(&mut ctx, "slow-connections").await.expect("scenario");
+        let slow = r.slow.as_ref().expect("slow report");
+        // The fake server has no timeouts: it keeps every connection.
+        assert_eq!((slow.requested, slow.opened), (12, 12), "{slow:?}");
+        assert_eq!((slow.open_at_end, slow.closed_by_server), (12, 0));
+        assert_eq!(slow.kinds.len(), 3);
+        assert!(slow.bench_nofile.is_some());
+        let mem = r.memory.as_ref().expect("memory");
+        assert_eq!(mem.source, "metrics");
+        assert!(mem.limit_bytes.is_some());
+        assert_eq!(mem.nodes.len(), 1);
+        assert!(mem.nodes[0].peak_bytes > 0);
+        assert!(r.rss_samples.len() >= 3, "{}", r.rss_samples.len());
+        let by = r.bystander.as_ref().expect("others");
+        assert_eq!(by.requests, 60);
+        assert_eq!(r.requests, 60);
+        let answered: u64 = ["200", "409"]
+            .iter()
+            .filter_map(|k| by.status_counts.get(*k))
+            .sum();
+        assert_eq!(answered, 60, "{:?}", by.status_counts);
+        assert_eq!(r.consistency.get("skipped"), Some(&serde_json::json!(true)));
+        let md = crate::report::markdown(std::slice::from_ref(&r));
+        assert!(
+            md.contains("12 still open at the end, 0 closed by the server"),
+            "{md}"
+        );
+        assert!(md.contains("| partial-header | 4 |"), "{md}");
+        assert!(md.contains("Other clients meanwhile (40 RPS"), "{md}");
+        assert!(md.contains("| node-0 |"), "{md}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_wallets_needs_the_database_to_seed() {
+        let mut ctx = Ctx {
+            load: LoadConfig {
+                targets: vec![Arc::new(Target::parse("http://127.0.0.1:1").expect("t"))],
+                timeout: Duration::from_secs(1),
+                seed: 1,
+                idempotency_prefix: None,
+            },
+            admin: Vec::new(),
+            pool: None,
+            db: None,
+            root: PathBuf::from("."),
+            settings: settings(),
+            multi_wallets: None,
+        };
+        let e = run(&mut ctx, "many-wallets")
+            .await
+            .expect_err("no database");
+        assert!(e.to_string().contains("DATABASE_URL"), "{e}");
     }
 }

@@ -105,3 +105,122 @@ pub async fn create_wallets(
     }
     Ok(wallets)
 }
+
+/// Wallets numbered within one random prefix: wallet i has the id `prefix | i`
+/// (the last 48 bits, the UUID's last group), so a run's wallets are one id range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Numbered {
+    prefix: u128,
+    pub n: usize,
+}
+
+const INDEX_BITS: u32 = 48;
+
+impl Numbered {
+    /// A fresh prefix from a v4 UUID: its version and variant bits stay intact.
+    pub fn new(n: usize) -> Self {
+        Self::with_prefix(Uuid::new_v4().as_u128(), n)
+    }
+
+    fn with_prefix(random: u128, n: usize) -> Self {
+        Self {
+            prefix: random & !((1u128 << INDEX_BITS) - 1),
+            n,
+        }
+    }
+
+    pub fn id(&self, i: usize) -> Uuid {
+        Uuid::from_u128(self.prefix | i as u128)
+    }
+
+    pub fn ids(&self) -> Vec<Uuid> {
+        (0..self.n).map(|i| self.id(i)).collect()
+    }
+
+    /// The first and last possible id of the prefix (covers every wallet of the run).
+    pub fn range(&self) -> (Uuid, Uuid) {
+        (
+            Uuid::from_u128(self.prefix),
+            Uuid::from_u128(self.prefix | ((1u128 << INDEX_BITS) - 1)),
+        )
+    }
+
+    /// "xxxxxxxx-xxxx-xxxx-xxxx-": the id text before the index's 12 hex digits.
+    fn text_prefix(&self) -> String {
+        let full = Uuid::from_u128(self.prefix).hyphenated().to_string();
+        full[..24].to_owned()
+    }
+}
+
+/// Inserts wallets `0..n` of `wallets` with balance 0 directly in PostgreSQL,
+/// `chunk` rows per statement (a million through the API would take minutes).
+pub async fn seed_numbered(
+    pool: &sqlx::PgPool,
+    wallets: &Numbered,
+    chunk: usize,
+) -> Result<(), sqlx::Error> {
+    let prefix = wallets.text_prefix();
+    let chunk = chunk.max(1);
+    let mut from = 0usize;
+    while from < wallets.n {
+        let to = (from + chunk).min(wallets.n);
+        sqlx::query(
+            "INSERT INTO wallets (id, balance, version) \
+             SELECT ($1 || lpad(to_hex(g), 12, '0'))::uuid, 0, 0 \
+             FROM generate_series($2::bigint, $3::bigint) AS g",
+        )
+        .bind(&prefix)
+        .bind(from as i64)
+        .bind(to as i64 - 1)
+        .execute(pool)
+        .await?;
+        from = to;
+    }
+    Ok(())
+}
+
+/// Deletes the wallets of `wallets` and their audit rows, `chunk` wallets per
+/// statement, so repeated runs do not leave millions of rows behind.
+pub async fn delete_numbered(
+    pool: &sqlx::PgPool,
+    wallets: &Numbered,
+    chunk: usize,
+) -> Result<(), sqlx::Error> {
+    let chunk = chunk.max(1);
+    let mut from = 0usize;
+    while from < wallets.n {
+        let to = (from + chunk).min(wallets.n);
+        let (lo, hi) = (wallets.id(from), wallets.id(to - 1));
+        sqlx::query("DELETE FROM operations WHERE wallet_id BETWEEN $1 AND $2")
+            .bind(lo)
+            .bind(hi)
+            .execute(pool)
+            .await?;
+        sqlx::query("DELETE FROM wallets WHERE id BETWEEN $1 AND $2")
+            .bind(lo)
+            .bind(hi)
+            .execute(pool)
+            .await?;
+        from = to;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_ids_share_a_prefix_and_stay_v4() {
+        let w = Numbered::with_prefix(Uuid::new_v4().as_u128(), 1_000_001);
+        assert_eq!(w.id(0).get_version_num(), 4);
+        assert_eq!(w.id(1_000_000).get_version_num(), 4);
+        assert!(w.id(0).to_string().ends_with("-000000000000"));
+        assert!(w.id(255).to_string().ends_with("-0000000000ff"));
+        assert!(w.id(7).to_string().starts_with(&w.text_prefix()));
+        let (lo, hi) = w.range();
+        assert!(lo <= w.id(0) && w.id(1_000_000) <= hi);
+        assert!(hi.to_string().ends_with("-ffffffffffff"));
+        assert_eq!(w.ids().len(), 1_000_001);
+    }
+}

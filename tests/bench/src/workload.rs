@@ -4,6 +4,7 @@
 use crate::money::format_cents;
 use crate::rng::Rng;
 use bytes::Bytes;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,6 +77,8 @@ pub enum Picker {
     Uniform,
     /// Cumulative distribution over wallet ranks (rank 0 is the hottest).
     Zipf(Vec<f64>),
+    /// Every wallet once, in order (many-wallets): `Workload::try_next` runs out.
+    EachOnce,
 }
 
 impl Picker {
@@ -94,7 +97,8 @@ impl Picker {
 
     fn pick(&self, n: usize, rng: &mut Rng) -> usize {
         match self {
-            Picker::Uniform => rng.below(n as u64) as usize,
+            // EachOnce is drawn from the workload's cursor; this is never reached for it.
+            Picker::Uniform | Picker::EachOnce => rng.below(n as u64) as usize,
             Picker::Zipf(cdf) => {
                 let u = rng.next_f64();
                 cdf.partition_point(|&c| c <= u).min(n - 1)
@@ -111,21 +115,31 @@ pub struct Mix {
     pub reject_ratio: f64,
 }
 
+/// Above this many wallets the bodies are formatted per request: 11 bodies of
+/// ~110 bytes per wallet would take over a gigabyte for a million wallets.
+const PRECOMPUTE_MAX_WALLETS: usize = 100_000;
+
 #[derive(Debug)]
 pub struct Workload {
     wallets: Vec<Uuid>,
+    /// Empty when the bodies are formatted on demand.
     bodies: Vec<Bytes>,
     picker: Picker,
     mix: Mix,
+    /// Next wallet of `Picker::EachOnce`.
+    cursor: AtomicUsize,
 }
 
 impl Workload {
     pub fn new(wallets: Vec<Uuid>, picker: Picker, mix: Mix) -> Self {
-        let mut bodies = Vec::with_capacity(wallets.len() * VARIANTS);
-        for w in &wallets {
-            for v in 0..VARIANTS as u8 {
-                let (kind, cents) = variant(v);
-                bodies.push(Bytes::from(operation_body(*w, kind, cents)));
+        let mut bodies = Vec::new();
+        if wallets.len() <= PRECOMPUTE_MAX_WALLETS {
+            bodies.reserve(wallets.len() * VARIANTS);
+            for w in &wallets {
+                for v in 0..VARIANTS as u8 {
+                    let (kind, cents) = variant(v);
+                    bodies.push(Bytes::from(operation_body(*w, kind, cents)));
+                }
             }
         }
         Self {
@@ -133,23 +147,69 @@ impl Workload {
             bodies,
             picker,
             mix,
+            cursor: AtomicUsize::new(0),
         }
     }
 
+    pub fn wallets(&self) -> &[Uuid] {
+        &self.wallets
+    }
+
+    /// The next operation, or `None` once `Picker::EachOnce` has handed out
+    /// every wallet (the other pickers never run out).
+    pub fn try_next(&self, rng: &mut Rng) -> Option<Op> {
+        if let Picker::EachOnce = self.picker {
+            let i = self.cursor.fetch_add(1, Ordering::Relaxed);
+            if i >= self.wallets.len() {
+                return None;
+            }
+            return Some(Op {
+                wallet: i as u32,
+                variant: self.draw_variant(rng),
+            });
+        }
+        Some(self.next(rng))
+    }
+
+    /// The next operation; `Picker::EachOnce` wraps around here (open loop).
     pub fn next(&self, rng: &mut Rng) -> Op {
-        let wallet = self.picker.pick(self.wallets.len(), rng) as u32;
-        let variant = if rng.next_f64() < self.mix.reject_ratio {
+        let wallet = match self.picker {
+            Picker::EachOnce => {
+                (self.cursor.fetch_add(1, Ordering::Relaxed) % self.wallets.len().max(1)) as u32
+            }
+            _ => self.picker.pick(self.wallets.len(), rng) as u32,
+        };
+        Op {
+            wallet,
+            variant: self.draw_variant(rng),
+        }
+    }
+
+    fn draw_variant(&self, rng: &mut Rng) -> u8 {
+        if rng.next_f64() < self.mix.reject_ratio {
             REJECT_VARIANT
         } else if rng.next_f64() < self.mix.deposit_ratio {
             rng.below(DEPOSITS.len() as u64) as u8
         } else {
             (DEPOSITS.len() as u64 + rng.below(WITHDRAWALS.len() as u64)) as u8
-        };
-        Op { wallet, variant }
+        }
     }
 
     pub fn body(&self, op: Op) -> Bytes {
-        self.bodies[op.wallet as usize * VARIANTS + usize::from(op.variant)].clone()
+        match self
+            .bodies
+            .get(op.wallet as usize * VARIANTS + usize::from(op.variant))
+        {
+            Some(b) => b.clone(),
+            None => {
+                let (kind, cents) = variant(op.variant);
+                Bytes::from(operation_body(
+                    self.wallets[op.wallet as usize],
+                    kind,
+                    cents,
+                ))
+            }
+        }
     }
 }
 
@@ -208,6 +268,32 @@ mod tests {
         // 60% of the remaining 90%.
         assert!((52_000..56_000).contains(&dep), "{dep}");
         assert!((34_000..38_000).contains(&wd), "{wd}");
+    }
+
+    #[test]
+    fn each_once_hands_out_every_wallet_once_then_runs_out() {
+        let w = wallets(PRECOMPUTE_MAX_WALLETS + 3);
+        let wl = Workload::new(
+            w.clone(),
+            Picker::EachOnce,
+            Mix {
+                deposit_ratio: 1.0,
+                reject_ratio: 0.0,
+            },
+        );
+        assert!(wl.bodies.is_empty(), "too many wallets to precompute");
+        let mut rng = Rng::new(9);
+        let mut seen = vec![false; w.len()];
+        while let Some(op) = wl.try_next(&mut rng) {
+            assert!(!seen[op.wallet as usize], "wallet {} twice", op.wallet);
+            seen[op.wallet as usize] = true;
+            assert_eq!(variant(op.variant).0, Kind::Deposit);
+            let json: serde_json::Value = serde_json::from_slice(&wl.body(op)).expect("json");
+            assert_eq!(json["walletId"], w[op.wallet as usize].to_string());
+            assert_eq!(json["amount"], format_cents(variant(op.variant).1));
+        }
+        assert!(seen.iter().all(|s| *s));
+        assert!(wl.try_next(&mut rng).is_none());
     }
 
     #[test]
