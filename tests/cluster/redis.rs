@@ -233,6 +233,8 @@ async fn during_a_redis_outage_reads_answer_and_writes_resume_after_it() -> anyh
 
     let report = audit(&cluster, &wallets, &records, 1).await?;
     eprintln!("Redis outage: {report:?}");
+    // A 503 may answer a request that waited past its deadline; the audit has already
+    // failed if the operation of one was applied all the same.
     assert!(
         report.unexpected(&[503]).is_empty(),
         "{:?}",
