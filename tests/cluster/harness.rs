@@ -26,6 +26,19 @@ use wallet_tests::{ApiClient, NodeOptions, NodeProcess, TestDatabase, eventually
 /// so that one test's load does not starve another's leases.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The right to run a cluster now; held by the `TestCluster`.
+pub struct Serial {
+    _guard: tokio::sync::MutexGuard<'static, ()>,
+}
+
+/// Waits until no other cluster test runs; take it before starting anything heavy
+/// (a private PostgreSQL, say) that the cluster will use.
+pub async fn serial() -> Serial {
+    Serial {
+        _guard: SERIAL.lock().await,
+    }
+}
+
 /// How long a cluster may take to reach a state the test waits for (generous: debug
 /// builds on a loaded 2-core machine).
 pub const SETTLE: Duration = Duration::from_secs(30);
@@ -41,14 +54,24 @@ pub struct TestCluster {
     pub nodes: Vec<NodeProcess>,
     /// Nodes stopped with SIGSTOP: their ports accept connections but never answer.
     paused: HashSet<usize>,
-    _serial: tokio::sync::MutexGuard<'static, ()>,
+    _serial: Serial,
 }
 
 impl TestCluster {
     /// A fresh database and `size` nodes `node-0..`, once every shard is served.
     pub async fn start(size: usize, adjust: impl FnOnce(&mut NodeOptions)) -> anyhow::Result<Self> {
-        let serial = SERIAL.lock().await;
+        let serial = serial().await;
         let db = TestDatabase::create().await?;
+        Self::start_with(serial, db, size, adjust).await
+    }
+
+    /// `size` nodes on `db` (a database of the test's own PostgreSQL, say).
+    pub async fn start_with(
+        serial: Serial,
+        db: TestDatabase,
+        size: usize,
+        adjust: impl FnOnce(&mut NodeOptions),
+    ) -> anyhow::Result<Self> {
         let mut options = NodeOptions::new(&db.url);
         adjust(&mut options);
         // Shown only when the test fails (the harness captures it otherwise).

@@ -1,4 +1,5 @@
-//! Several nodes as separate processes: ownership moves, kills, pauses, restarts.
+//! Several nodes as separate processes: ownership moves, kills, pauses, restarts, and
+//! outages of Redis and PostgreSQL.
 //!
 //! Every test starts its own nodes on its own database and Redis prefix, drives load
 //! at all of them while it breaks something, and then audits PostgreSQL: nothing
@@ -12,5 +13,6 @@ mod internal_port;
 mod kill;
 mod membership;
 mod pause;
+mod postgres;
 mod redis;
 mod rolling;

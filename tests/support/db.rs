@@ -17,14 +17,25 @@ impl TestDatabase {
         Ok(db)
     }
 
+    /// A migrated database on the server of `admin_url` (a test's private one, say).
+    pub async fn create_on(admin_url: &str) -> anyhow::Result<Self> {
+        let db = Self::create_empty_on(admin_url).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
     /// A database the migrator has not run on yet.
     pub async fn create_empty() -> anyhow::Result<Self> {
         let admin_url = env_or(
             "DATABASE_ADMIN_URL",
             "postgres://wallet:wallet@127.0.0.1:55432/postgres",
         );
+        Self::create_empty_on(&admin_url).await
+    }
+
+    async fn create_empty_on(admin_url: &str) -> anyhow::Result<Self> {
         let name = unique_name("test");
-        let mut admin = PgConnection::connect(&admin_url).await?;
+        let mut admin = PgConnection::connect(admin_url).await?;
         admin
             .execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
             .await?;

@@ -1,13 +1,16 @@
 //! Helpers for the integration tests: a fresh database per test, a node in-process
-//! (port 0) or as a separate process, and an HTTP client for the public API.
+//! (port 0) or as a separate process, an HTTP client for the public API, and a private
+//! PostgreSQL server for tests that stop and start it.
 
 pub mod api;
 pub mod db;
 pub mod node;
+pub mod postgres;
 
 pub use api::ApiClient;
 pub use db::TestDatabase;
 pub use node::{InProcessNode, NodeOptions, NodeProcess};
+pub use postgres::{PostgresUnavailable, PrivatePostgres, StopMode};
 
 /// Environment variable with a default that matches `scripts/stack.sh`.
 pub fn env_or(name: &str, default: &str) -> String {
