@@ -4,11 +4,13 @@
 
 pub mod api;
 pub mod db;
+pub mod netns;
 pub mod node;
 pub mod postgres;
 
 pub use api::ApiClient;
 pub use db::TestDatabase;
+pub use netns::{Cut, Netns};
 pub use node::{InProcessNode, NodeOptions, NodeProcess};
 pub use postgres::{PostgresUnavailable, PrivatePostgres, StopMode};
 

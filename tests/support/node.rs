@@ -1,4 +1,5 @@
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use wallet::{Application, Config};
 
+use crate::netns::{Netns, via_gateway};
 use crate::{ApiClient, env_or, eventually};
 
 /// Settings shared by the nodes of one test cluster.
@@ -21,6 +23,9 @@ pub struct NodeOptions {
     pub request_deadline_ms: u64,
     pub internal_secret: String,
     pub extra: Vec<(String, String)>,
+    /// Node ids that run as processes inside a network namespace of `scripts/netns.sh`:
+    /// bound to its address, advertising it, reaching PostgreSQL and Redis via the gateway.
+    pub netns: BTreeMap<String, Netns>,
 }
 
 impl NodeOptions {
@@ -35,17 +40,34 @@ impl NodeOptions {
             request_deadline_ms: 15_000,
             internal_secret: crate::unique_name("secret"),
             extra: Vec::new(),
+            netns: BTreeMap::new(),
         }
     }
 
-    fn env(&self, node_id: &str, ports: [u16; 3]) -> HashMap<String, String> {
+    /// The address node `node_id` binds and is reached at.
+    fn host(&self, node_id: &str) -> IpAddr {
+        self.netns
+            .get(node_id)
+            .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |ns| IpAddr::V4(ns.addr))
+    }
+
+    fn env(&self, node_id: &str, ports: [u16; 3]) -> anyhow::Result<HashMap<String, String>> {
+        let host = self.host(node_id);
+        let (database_url, redis_url) = if self.netns.contains_key(node_id) {
+            (
+                via_gateway(&self.database_url)?,
+                via_gateway(&self.redis_url)?,
+            )
+        } else {
+            (self.database_url.clone(), self.redis_url.clone())
+        };
         let mut env: HashMap<String, String> = [
             ("WALLET_NODE_ID", node_id.to_owned()),
-            ("WALLET_PUBLIC_ADDR", format!("127.0.0.1:{}", ports[0])),
-            ("WALLET_INTERNAL_ADDR", format!("127.0.0.1:{}", ports[1])),
-            ("WALLET_ADMIN_ADDR", format!("127.0.0.1:{}", ports[2])),
-            ("DATABASE_URL", self.database_url.clone()),
-            ("REDIS_URL", self.redis_url.clone()),
+            ("WALLET_PUBLIC_ADDR", format!("{host}:{}", ports[0])),
+            ("WALLET_INTERNAL_ADDR", format!("{host}:{}", ports[1])),
+            ("WALLET_ADMIN_ADDR", format!("{host}:{}", ports[2])),
+            ("DATABASE_URL", database_url),
+            ("REDIS_URL", redis_url),
             ("WALLET_REDIS_PREFIX", self.redis_prefix.clone()),
             ("WALLET_INTERNAL_SECRET", self.internal_secret.clone()),
             ("WALLET_SHARDS", self.shards.to_string()),
@@ -60,8 +82,14 @@ impl NodeOptions {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        if self.netns.contains_key(node_id) {
+            env.insert(
+                "WALLET_ADVERTISE_ADDR".to_owned(),
+                format!("{host}:{}", ports[1]),
+            );
+        }
         env.extend(self.extra.iter().cloned());
-        env
+        Ok(env)
     }
 }
 
@@ -86,7 +114,7 @@ impl InProcessNode {
 
     /// Starts the node without waiting for it to become ready.
     pub async fn start_unready(node_id: &str, options: &NodeOptions) -> anyhow::Result<Self> {
-        let env = options.env(node_id, [0, 0, 0]);
+        let env = options.env(node_id, [0, 0, 0])?;
         let config = Config::from_lookup(|name| env.get(name).cloned())?;
         let application = Application::build(config).await?;
         let api = ApiClient::new(&format!("http://{}", application.public_addr()));
@@ -168,13 +196,26 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// Ports for a node in a namespace: free there unless an earlier run left a node behind
+/// (the namespace cannot be probed from here), and `start` is retried then.
+fn namespace_ports() -> [u16; 3] {
+    let random = uuid::Uuid::new_v4().as_u128();
+    let base = 20_000 + u16::try_from(random % 40_000).unwrap_or(0);
+    [base, base + 1, base + 2]
+}
+
 impl NodeProcess {
     pub async fn start(node_id: &str, options: &NodeOptions) -> anyhow::Result<Self> {
-        let ports = [free_port()?, free_port()?, free_port()?];
+        let ports = if options.netns.contains_key(node_id) {
+            namespace_ports()
+        } else {
+            [free_port()?, free_port()?, free_port()?]
+        };
+        let host = options.host(node_id);
         let mut node = Self {
             node_id: node_id.to_owned(),
-            api: ApiClient::new(&format!("http://127.0.0.1:{}", ports[0])),
-            admin_url: format!("http://127.0.0.1:{}", ports[2]),
+            api: ApiClient::new(&format!("http://{host}:{}", ports[0])),
+            admin_url: format!("http://{host}:{}", ports[2]),
             ports,
             options: options.clone(),
             child: None,
@@ -193,8 +234,20 @@ impl NodeProcess {
                 "{}-{}.log",
                 self.options.redis_prefix, self.node_id
             )))?;
-        let child = Command::new(wallet_binary()?)
-            .envs(self.options.env(&self.node_id, self.ports))
+        // `ip netns exec` execs the node in the namespace: the child's pid is the node's,
+        // so signals reach the node itself.
+        let mut command = match self.netns() {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", &ns.name])
+                    .arg(wallet_binary()?);
+                command
+            }
+            None => Command::new(wallet_binary()?),
+        };
+        let child = command
+            .envs(self.options.env(&self.node_id, self.ports)?)
             .env("RUST_LOG", env_or("RUST_LOG", "info"))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
@@ -206,6 +259,17 @@ impl NodeProcess {
             "node {} did not become ready",
             self.node_id
         );
+        if self.netns().is_some() {
+            // kill, SIGSTOP and SIGTERM go to this pid: it must be the node, not `ip`.
+            let pid = self.pid().unwrap_or_default();
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+            anyhow::ensure!(
+                exe == std::fs::canonicalize(wallet_binary()?)?,
+                "pid {pid} of {} is {}, not the node",
+                self.node_id,
+                exe.display()
+            );
+        }
         Ok(())
     }
 
@@ -254,7 +318,16 @@ impl NodeProcess {
 
     /// Base URL of the node-to-node listener.
     pub fn internal_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.ports[1])
+        format!(
+            "http://{}:{}",
+            self.options.host(&self.node_id),
+            self.ports[1]
+        )
+    }
+
+    /// The network namespace the node runs in, if any.
+    pub fn netns(&self) -> Option<&Netns> {
+        self.options.netns.get(&self.node_id)
     }
 
     /// Whether the process was started and not yet killed or terminated by the test.
