@@ -281,7 +281,8 @@ pub struct Record {
     pub key: Option<String>,
     pub node: usize,
     pub answer: Answered,
-    /// When the answer (or the transport error) arrived.
+    /// When the request was sent and when its answer (or transport error) arrived.
+    pub sent_at: Instant,
     pub answered_at: Instant,
 }
 
@@ -460,6 +461,19 @@ impl Load {
         self.shared.hot_acknowledged.load(Ordering::Relaxed)
     }
 
+    /// Requests on `wallet` sent at or after `since` and answered 200 or 409 so far.
+    pub fn acknowledged_since(&self, wallet: Uuid, since: std::time::Instant) -> usize {
+        self.shared
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|r| {
+                r.wallet == wallet && r.sent_at >= since && matches!(r.status(), Some(200 | 409))
+            })
+            .count()
+    }
+
     /// Waits until `more` further requests were acknowledged (on the hot wallet if `hot`).
     pub async fn wait_progress(&self, more: usize, hot: bool) -> anyhow::Result<()> {
         let count = || {
@@ -536,6 +550,7 @@ async fn one_request(shared: &Shared, wallets: &[Uuid], run: &str, i: usize) -> 
         _ => ("DEPOSIT", format!("{}.{:02}", 1 + i % 9, i % 100)),
     };
     let key = is_keyed(i).then(|| format!("{run}-{i}"));
+    let sent_at = Instant::now();
     let answer = match api.operate(wallet, kind, &amount, key.as_deref()).await {
         Ok(answer) => Answered::Status {
             status: answer.status.as_u16(),
@@ -562,6 +577,7 @@ async fn one_request(shared: &Shared, wallets: &[Uuid], run: &str, i: usize) -> 
         key,
         node,
         answer,
+        sent_at,
         answered_at,
     })
 }
