@@ -12,6 +12,7 @@ mod harness;
 mod internal_port;
 mod kill;
 mod membership;
+mod partition;
 mod pause;
 mod postgres;
 mod redis;
