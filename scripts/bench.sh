@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Load and correctness bench (tests/bench, binary wallet-bench).
-#   bench.sh all            release build, 3-node cluster, every scenario but soak (< 10 min)
+#   bench.sh all            release build, 3-node cluster, every scenario but soak (incl. many-wallets
+#                           and slow-connections: up to 5 + 1 min more)
 #   bench.sh soak           release build, 30 min at 1000 RPS with node RSS sampled every 10 s
 #   bench.sh smoke          debug build, short constant + failover with the consistency check;
 #                           fails on any inconsistency or on any 5xx/unanswered request outside failover
