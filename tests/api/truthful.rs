@@ -71,6 +71,50 @@ async fn slow_commit_once(
     Ok(())
 }
 
+/// Sends a deposit of 1.11 (whose commit the test made slow), then 20 deposits of 2.00
+/// that queue behind it; the first must be 200. Returns the answers of the 20.
+async fn behind_a_slow_batch(node: &InProcessNode, wallet: Uuid) -> anyhow::Result<Vec<Answer>> {
+    let first = {
+        let api = node.api.clone();
+        tokio::spawn(async move { api.operate(wallet, "DEPOSIT", "1.11", None).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let queued = join_all((0..20).map(|_| node.api.operate(wallet, "DEPOSIT", "2.00", None))).await;
+    let first = first.await??;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    queued.into_iter().collect()
+}
+
+/// Checks each answer against the database: a 200 is stored, a 503 is the problem
+/// `problem` with Retry-After and is not stored. Returns (applied, refused).
+async fn sort_answers(
+    db: &TestDatabase,
+    answers: Vec<Answer>,
+    problem: &str,
+) -> anyhow::Result<(i64, i64)> {
+    let (mut applied, mut refused) = (0, 0);
+    for answer in answers {
+        let id = operation_id(&answer);
+        match answer.status {
+            StatusCode::OK => {
+                applied += 1;
+                assert!(stored(db, id).await?, "200 but not stored: {answer:?}");
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                refused += 1;
+                assert_eq!(
+                    answer.body["type"],
+                    format!("https://wallet.dev/problems/{problem}")
+                );
+                assert!(answer.retry_after.is_some(), "{answer:?}");
+                assert!(!stored(db, id).await?, "503 but applied: {answer:?}");
+            }
+            other => panic!("unexpected {other}: {answer:?}"),
+        }
+    }
+    Ok((applied, refused))
+}
+
 #[tokio::test]
 async fn a_commit_whose_answer_comes_too_late_is_looked_up_and_answered_200_once()
 -> anyhow::Result<()> {
@@ -123,32 +167,8 @@ async fn commands_whose_deadline_passes_in_the_queue_are_503_and_never_applied()
     slow_commit_once(&db, "1.11", 1.0, false).await?;
     let node = node(&db, &[], 400).await?;
     let wallet = node.api.create_wallet().await?;
-    let first = {
-        let api = node.api.clone();
-        tokio::spawn(async move { api.operate(wallet, "DEPOSIT", "1.11", None).await })
-    };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let queued = join_all((0..20).map(|_| node.api.operate(wallet, "DEPOSIT", "2.00", None))).await;
-    let first = first.await??;
-    assert_eq!(first.status, StatusCode::OK, "{first:?}");
-    let mut unavailable = 0;
-    for answer in queued {
-        let answer = answer?;
-        let id = operation_id(&answer);
-        match answer.status {
-            StatusCode::OK => assert!(stored(&db, id).await?, "200 but not stored"),
-            StatusCode::SERVICE_UNAVAILABLE => {
-                unavailable += 1;
-                assert_eq!(
-                    answer.body["type"],
-                    "https://wallet.dev/problems/service-unavailable"
-                );
-                assert!(answer.retry_after.is_some(), "{answer:?}");
-                assert!(!stored(&db, id).await?, "503 but applied: {answer:?}");
-            }
-            other => panic!("unexpected {other}: {answer:?}"),
-        }
-    }
+    let queued = behind_a_slow_batch(&node, wallet).await?;
+    let (_, unavailable) = sort_answers(&db, queued, "service-unavailable").await?;
     assert!(unavailable > 0, "some commands expired in the queue");
     // Nothing answered 503 shows up later either.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -156,7 +176,7 @@ async fn commands_whose_deadline_passes_in_the_queue_are_503_and_never_applied()
         .bind(wallet)
         .fetch_one(&db.pool)
         .await?;
-    assert_eq!(rows, 1 + 20 - unavailable as i64);
+    assert_eq!(rows, 1 + 20 - unavailable);
     node.stop().await
 }
 
@@ -167,35 +187,8 @@ async fn a_full_shard_queue_answers_503_overloaded_at_once_and_applies_nothing()
     slow_commit_once(&db, "1.11", 1.0, false).await?;
     let node = node(&db, &[("WALLET_SHARD_QUEUE_MAX", "2")], 10_000).await?;
     let wallet = node.api.create_wallet().await?;
-    let first = {
-        let api = node.api.clone();
-        tokio::spawn(async move { api.operate(wallet, "DEPOSIT", "1.11", None).await })
-    };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let queued = join_all((0..20).map(|_| node.api.operate(wallet, "DEPOSIT", "2.00", None))).await;
-    assert_eq!(first.await??.status, StatusCode::OK);
-    let mut overloaded = 0;
-    let mut applied = 0;
-    for answer in queued {
-        let answer = answer?;
-        let id = operation_id(&answer);
-        match answer.status {
-            StatusCode::OK => {
-                applied += 1;
-                assert!(stored(&db, id).await?);
-            }
-            StatusCode::SERVICE_UNAVAILABLE => {
-                overloaded += 1;
-                assert_eq!(
-                    answer.body["type"],
-                    "https://wallet.dev/problems/overloaded"
-                );
-                assert!(answer.retry_after.is_some(), "{answer:?}");
-                assert!(!stored(&db, id).await?, "503 but applied");
-            }
-            other => panic!("unexpected {other}: {answer:?}"),
-        }
-    }
+    let queued = behind_a_slow_batch(&node, wallet).await?;
+    let (applied, overloaded) = sort_answers(&db, queued, "overloaded").await?;
     assert!(
         overloaded > 0 && applied > 0,
         "{overloaded} overloaded, {applied} applied"

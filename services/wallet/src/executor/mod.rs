@@ -135,11 +135,6 @@ impl ExecutorPool {
             .any(|handle| handle.stall.longer_than(self.settings.stall_after))
     }
 
-    /// Wallets cached now.
-    pub fn cached_wallets(&self) -> usize {
-        self.cache.len()
-    }
-
     /// Brings `wallet_cached_wallets` up to date (before a scrape).
     pub fn set_cached_wallets_gauge(&self) {
         self.metrics

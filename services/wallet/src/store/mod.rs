@@ -320,14 +320,6 @@ impl Store {
         })
         .await
     }
-
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        self.bounded(async {
-            sqlx::query("SELECT 1").execute(&self.control).await?;
-            Ok(())
-        })
-        .await
-    }
 }
 
 pub(crate) fn operation_from_row(row: &PgRow) -> Result<OperationRecord, StoreError> {
