@@ -158,11 +158,16 @@ async fn hold(
                         out.answer = status_of(&buf[..n]);
                     }
                 }
-                Err(_) => { closed(&mut out, "reset"); break; }
+                Err(_) => {
+                    answer_left_behind(&mut stream, &mut out).await;
+                    closed(&mut out, "reset");
+                    break;
+                }
             },
             _ = trickle.tick(), if kind != Kind::Idle => {
                 let byte: &[u8] = if kind == Kind::Header { b"a" } else { b" " };
                 if stream.write_all(byte).await.is_err() {
+                    answer_left_behind(&mut stream, &mut out).await;
                     closed(&mut out, "write failed");
                     break;
                 }
@@ -171,6 +176,20 @@ async fn hold(
     }
     open_now.fetch_sub(1, Ordering::Relaxed);
     out
+}
+
+/// A server that answers 408 and closes while bytes are still arriving resets the
+/// connection; the answer may already be in our receive buffer, and a write that
+/// fails first must not hide it.
+async fn answer_left_behind(stream: &mut TcpStream, out: &mut Outcome) {
+    if out.answer.is_some() {
+        return;
+    }
+    let mut buf = [0u8; 512];
+    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await
+    {
+        out.answer = status_of(&buf[..n]);
+    }
 }
 
 /// Holds `cfg.connections` slow connections (kinds round-robin) until
