@@ -326,7 +326,6 @@ async fn cut_the_owner(test: &str, partition: Partition) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[ignore = "issue 9 open: shards of a node black-holed from PostgreSQL move after ~8.5 s, the target is lease TTL + 2 s"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_cut_off_postgres_hands_the_hot_wallet_over_and_loses_nothing() -> anyhow::Result<()>
 {
@@ -349,7 +348,6 @@ async fn isolated_owner_is_replaced_and_loses_nothing() -> anyhow::Result<()> {
     cut_the_owner("isolated_owner", Partition::Isolated).await
 }
 
-#[ignore = "issue 9 open: shards of a node black-holed from PostgreSQL move after ~8.5 s, the target is lease TTL + 2 s"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_black_holed_for_one_node_only_moves_its_shards_to_the_others_within_lease_ttl_plus_2s()
 -> anyhow::Result<()> {

@@ -509,8 +509,10 @@ impl Owner {
         // After the first error the rest of the round is skipped: with PostgreSQL
         // down every claim would wait for a connection in turn, stalling this loop.
         let aborted = AtomicBool::new(false);
+        let shards: Vec<u32> = acquired.iter().map(|(shard, _)| *shard).collect();
+        let mut usable = self.usable.clone();
         let this = &*self;
-        let claimed: Vec<(u32, Claim)> = futures::stream::iter(acquired)
+        let claims = futures::stream::iter(acquired)
             .map(|(shard, token)| {
                 let aborted = &aborted;
                 async move {
@@ -528,8 +530,30 @@ impl Owner {
                 }
             })
             .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
+            .collect::<Vec<(u32, Claim)>>();
+        // Claims against a database that has just become unusable would each wait for
+        // their timeouts, holding this loop (and the hand-off) back.
+        let went_unusable = async {
+            if usable.wait_for(|usable| !*usable).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let claimed = tokio::select! {
+            claimed = claims => Some(claimed),
+            () = went_unusable => None,
+        };
+        let Some(claimed) = claimed else {
+            tracing::warn!(
+                count = shards.len(),
+                "database unusable while claiming; giving the shards back"
+            );
+            for &shard in &shards {
+                self.host.deactivate(shard).await;
+            }
+            self.release(&shards).await;
+            self.publish();
+            return;
+        };
         let mut not_held = Vec::new();
         let mut first_error = None;
         for (shard, outcome) in claimed {

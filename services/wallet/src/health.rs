@@ -1,8 +1,9 @@
 //! Whether this node can use its database: checked here, not on every probe, so that
 //! a brief PostgreSQL blip neither flaps readiness nor moves shards.
 //!
-//! The database is unusable once health checks have failed for
-//! `WALLET_DB_UNUSABLE_AFTER_MS` in a row, or at once when a shard's commit has
+//! The database is unusable once no health check has passed for
+//! `WALLET_DB_UNUSABLE_AFTER_MS` (each check is bounded, so a black-holed server is
+//! noticed on time), or at once when a shard's commit has
 //! stalled past `WALLET_COMMIT_STALL_MS`; usable again at the first check that passes
 //! with nothing stalled. An unusable node leaves the membership and claims nothing, so
 //! the others serve its shards.
@@ -55,8 +56,11 @@ pub fn start(
     };
     let (usable_tx, usable) = watch::channel(false);
     let (report_tx, report) = watch::channel(initial);
+    // A check against a black-holed server would hang until the pool's own timeouts;
+    // bounding it keeps the verdict on time.
+    let check_timeout = (unusable_after / 2).clamp(Duration::from_millis(100), CHECK_EVERY * 4);
     tokio::spawn(async move {
-        let mut failing_since: Option<Instant> = None;
+        let mut last_ok: Option<Instant> = None;
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -64,21 +68,25 @@ pub fn start(
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let checked = tokio::time::timeout(check_timeout, store.schema_version()).await;
+            // Read after the check: a shard may have stalled while it ran.
             let stalled = executors.any_stalled();
-            let checked = store.schema_version().await;
             let mut next = report_tx.borrow().clone();
             match checked {
-                Ok(version) => {
-                    failing_since = None;
+                Ok(Ok(version)) => {
+                    last_ok = Some(Instant::now());
                     next.schema_version = version;
                     next.problem = stalled.then(|| "a shard's commit stalled".to_owned());
                     next.usable = !stalled;
                 }
-                Err(error) => {
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    next.problem = Some(error.to_string());
+                failed => {
+                    next.problem = Some(match failed {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => format!("no answer within {check_timeout:?}"),
+                    });
                     // A blip keeps a usable database usable; it never makes one usable.
-                    next.usable = next.usable && !stalled && since.elapsed() < unusable_after;
+                    let recent = last_ok.is_some_and(|at| at.elapsed() < unusable_after);
+                    next.usable = next.usable && !stalled && recent;
                 }
             }
             if next.usable != *usable_tx.borrow() {

@@ -38,7 +38,7 @@ pub struct ExecutorSettings {
     pub commit_lanes: usize,
     /// Wallets the node caches, across all its shards.
     pub cache_wallets: usize,
-    /// A shard whose batch has been committing (or being looked up) this long is stalled:
+    /// A shard whose batch has been loading, committing or being looked up this long is stalled:
     /// the cluster layer stops renewing its lease, so another node takes it over.
     pub stall_after: Duration,
     /// Shards of the installation: the bound of the committer's queue, which holds at

@@ -120,7 +120,12 @@ impl ShardExecutor {
                 }
             }
             let span = tracing::info_span!("batch", shard = self.shard, size = batch.len());
-            match self.process(batch, &stop).instrument(span).await {
+            // The whole batch counts, loads included: a shard that cannot load its
+            // wallets cannot commit either, and must hand over like one whose COMMIT hangs.
+            self.stall.begin();
+            let flow = self.process(batch, &stop).instrument(span).await;
+            self.stall.end();
+            match flow {
                 Flow::Continue => {}
                 Flow::Fenced => {
                     let _ = self.fence_lost.send(self.shard).await;
@@ -144,7 +149,12 @@ impl ShardExecutor {
             if batch.is_empty() {
                 return Flow::Continue;
             }
-            let prepared = match self.prepare(&batch, attempt > 1).await {
+            let prepared = tokio::select! {
+                biased;
+                () = stop.cancelled() => return self.unplanned(batch, Flow::Stopped),
+                prepared = self.prepare(&batch, attempt > 1) => prepared,
+            };
+            let prepared = match prepared {
                 Ok(prepared) => prepared,
                 Err(error) => {
                     // Nothing was written; the batch can be planned again.
@@ -173,9 +183,7 @@ impl ShardExecutor {
                 self.answer(batch, plan, None);
                 return Flow::Continue;
             }
-            self.stall.begin();
             let committed = self.commit(&plan, stop).await;
-            self.stall.end();
             let error = match committed {
                 Committed::Yes => {
                     self.remember(&plan);
@@ -263,10 +271,13 @@ impl ShardExecutor {
 
     /// Answers a batch that could not be planned: nothing of it was written now, but
     /// commands that may exist from an earlier attempt were not looked up either.
+    /// A stopped shard's owner is elsewhere now, so the rest go there.
     fn unplanned(&self, batch: Vec<Pending>, flow: Flow) -> Flow {
         for pending in batch {
             let answer = if pending.command.may_exist {
                 Undelivered::MayExist(MayExist::CommitUnresolved)
+            } else if matches!(flow, Flow::Stopped) {
+                Undelivered::NotOwner
             } else {
                 Undelivered::NotApplied(NotApplied::CommitFailed)
             };
