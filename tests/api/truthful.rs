@@ -236,3 +236,81 @@ async fn every_answer_of_an_operation_names_its_operation_id() -> anyhow::Result
     }
     node.stop().await
 }
+
+/// The first wallet creation's COMMIT sleeps `seconds` (a deferred constraint trigger),
+/// then raises if `fail`.
+async fn slow_wallet_commit_once(
+    db: &TestDatabase,
+    seconds: f64,
+    fail: bool,
+) -> anyhow::Result<()> {
+    let raise = if fail {
+        "RAISE EXCEPTION 'injected failure at commit';"
+    } else {
+        ""
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SEQUENCE slow_wallet_commits;
+         CREATE FUNCTION slow_wallet_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF nextval('slow_wallet_commits') = 1 THEN
+             PERFORM pg_sleep({seconds});
+             {raise}
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE CONSTRAINT TRIGGER slow_wallet_commit AFTER INSERT ON wallets
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_wallet_commit();"
+    )))
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+async fn wallets_in(db: &TestDatabase) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM wallets")
+        .fetch_one(&db.pool)
+        .await?)
+}
+
+#[tokio::test]
+async fn a_wallet_creation_whose_commit_answer_comes_too_late_is_settled_and_answered_201_once()
+-> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    slow_wallet_commit_once(&db, 1.6, false).await?;
+    let node = node(&db, &[("WALLET_COMMIT_TIMEOUT_MS", "800")], 10_000).await?;
+    let headers = [("idempotency-key", "late-commit")];
+    let first = node.api.post_raw("/api/v1/wallets", "{}", &headers).await?;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let wallet: Uuid = first.body["walletId"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    assert_eq!(wallets_in(&db).await?, 1, "created once");
+    assert!(node.api.balance(wallet).await?.is_zero());
+    let replay = node.api.post_raw("/api/v1/wallets", "{}", &headers).await?;
+    assert_eq!(
+        (replay.status, &replay.body),
+        (StatusCode::CREATED, &first.body),
+        "the key answers the first creation"
+    );
+    assert_eq!(wallets_in(&db).await?, 1);
+    node.stop().await
+}
+
+#[tokio::test]
+async fn a_wallet_creation_whose_commit_fails_after_the_timeout_is_created_once()
+-> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    slow_wallet_commit_once(&db, 1.6, true).await?;
+    let node = node(&db, &[("WALLET_COMMIT_TIMEOUT_MS", "800")], 10_000).await?;
+    let answer = node.api.post_raw("/api/v1/wallets", "{}", &[]).await?;
+    assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
+    let wallet: Uuid = answer.body["walletId"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    assert_eq!(wallets_in(&db).await?, 1, "created once");
+    assert!(node.api.balance(wallet).await?.is_zero());
+    node.stop().await
+}

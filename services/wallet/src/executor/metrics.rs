@@ -1,8 +1,14 @@
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Why a batch did not commit: the `reason` label of `wallet_batch_failures_total`.
-pub const FAILURE_REASONS: [&str; 5] =
-    ["fenced", "stale_version", "transient", "ambiguous", "error"];
+pub const FAILURE_REASONS: [&str; 6] = [
+    "fenced",
+    "stale_version",
+    "transient",
+    "ambiguous",
+    "not_committed",
+    "error",
+];
 
 /// Metrics of the group-commit executors, registered into the node's registry.
 #[derive(Clone)]

@@ -322,9 +322,7 @@ impl ShardExecutor {
                 Ok(Resolution::Committed) => return Committed::Yes,
                 // Safe to plan again: the next attempt's fence check says if we still own it.
                 Ok(Resolution::Absent) => {
-                    return Committed::No(Arc::new(CommitError::Failed(StoreError::Timeout(
-                        "a commit that did not happen",
-                    ))));
+                    return Committed::No(Arc::new(CommitError::NotCommitted));
                 }
                 Err(lookup) => {
                     tracing::warn!(error = %error_chain(&lookup), shard = self.shard, "looking up an ambiguous commit failed; retrying");

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::problem::Problem;
 use super::views::OperationView;
 use crate::domain::OperationRecord;
+use crate::store::StoreError;
 use crate::submit::NotApplied;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +41,30 @@ pub enum ApiError {
     /// closed instead, the one ambiguous outcome an Idempotency-Key resolves.
     #[error("the operation's outcome could not be found out in time")]
     OutcomeUnknown,
+    /// The database did not answer in time; nothing was written.
+    #[error("the database did not answer in time")]
+    DatabaseUnavailable(#[source] StoreError),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unsettled(_) => {
+                tracing::error!(error = %error, "a write's outcome is unknown");
+                Self::OutcomeUnknown
+            }
+            error if error.is_transient() => Self::DatabaseUnavailable(error),
+            error => Self::Unexpected(error.into()),
+        }
+    }
+}
+
+impl From<serde_json::Error> for ApiError {
+    fn from(error: serde_json::Error) -> Self {
+        Self::Unexpected(error.into())
+    }
 }
 
 impl ApiError {
@@ -56,7 +79,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::WalletNotFound(_) | Self::OperationNotFound { .. } => StatusCode::NOT_FOUND,
             Self::InsufficientFunds(_) => StatusCode::CONFLICT,
-            Self::NotApplied(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotApplied(_) | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -134,6 +157,12 @@ impl ApiError {
                 "Service unavailable",
                 "the wallet's owner could not take the operation in time; it was not applied, retry later",
             ),
+            Self::DatabaseUnavailable(_) => Problem::new(
+                status,
+                "service-unavailable",
+                "Service unavailable",
+                "the database did not answer in time; nothing was written, retry later",
+            ),
             Self::OutcomeUnknown => Problem::new(
                 status,
                 "internal-error",
@@ -176,7 +205,7 @@ impl ApiError {
         if status.is_server_error() {
             tracing::error!(error = ?anyhow_chain(&self), status = status.as_u16(), "request failed");
         }
-        if let Self::NotApplied(_) = self {
+        if let Self::NotApplied(_) | Self::DatabaseUnavailable(_) = self {
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -27,8 +27,7 @@ pub struct Reply {
 
 impl Reply {
     fn new(status: StatusCode, body: &impl serde::Serialize) -> Result<Self, ApiError> {
-        let body =
-            serde_json::to_value(body).map_err(|error| ApiError::Unexpected(error.into()))?;
+        let body = serde_json::to_value(body)?;
         Ok(Self { status, body })
     }
 }
@@ -76,8 +75,7 @@ pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply
     let body = serde_json::to_value(WalletView {
         wallet_id,
         balance: rust_decimal::Decimal::new(0, 2),
-    })
-    .map_err(|error| ApiError::Unexpected(error.into()))?;
+    })?;
     // Creation has no parameters, so every request with the key is "the same request".
     const CREATE_FINGERPRINT: &str = "create-wallet:v1";
     let stored = state
@@ -86,9 +84,10 @@ pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply
             wallet_id,
             key.as_deref().map(|key| (key, CREATE_FINGERPRINT)),
             &body,
+            // Within the handler's bound, as a write's resolution is.
+            tokio::time::Instant::now() + state.request_deadline,
         )
-        .await
-        .map_err(|error| ApiError::Unexpected(error.into()))?;
+        .await?;
     match stored {
         None => Ok(Reply {
             status: StatusCode::CREATED,
@@ -115,11 +114,7 @@ pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply
 pub async fn get_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, ApiError> {
     let state = state(depot)?;
     let wallet_id = input::path_uuid(req, "wallet_id", "walletId")?;
-    let wallet = state
-        .store
-        .wallet(wallet_id)
-        .await
-        .map_err(|error| ApiError::Unexpected(error.into()))?;
+    let wallet = state.store.wallet(wallet_id).await?;
     let wallet = wallet.ok_or(ApiError::WalletNotFound(wallet_id))?;
     Reply::new(
         StatusCode::OK,
@@ -238,14 +233,10 @@ pub async fn list_operations(req: &mut Request, depot: &mut Depot) -> Result<Rep
         .map(|cursor| decode_cursor(&cursor))
         .transpose()?;
     let store = &state.store;
-    let unexpected = |error: crate::store::StoreError| ApiError::Unexpected(error.into());
-    if store.wallet(wallet_id).await.map_err(unexpected)?.is_none() {
+    if store.wallet(wallet_id).await?.is_none() {
         return Err(ApiError::WalletNotFound(wallet_id));
     }
-    let records = store
-        .operations_page(wallet_id, before, limit + 1)
-        .await
-        .map_err(unexpected)?;
+    let records = store.operations_page(wallet_id, before, limit + 1).await?;
     let has_more = records.len() as i64 > limit;
     let items: Vec<OperationView> = records
         .iter()
@@ -280,8 +271,7 @@ pub async fn get_operation(req: &mut Request, depot: &mut Depot) -> Result<Reply
     let record = state
         .store
         .operation(wallet_id, operation_id)
-        .await
-        .map_err(|error| ApiError::Unexpected(error.into()))?
+        .await?
         .ok_or(ApiError::OperationNotFound {
             wallet_id,
             operation_id,

@@ -45,6 +45,9 @@ pub enum CommitError {
     /// Look it up (`Store::resolve`) before answering anyone.
     #[error("the batch transaction's commit got no answer")]
     Ambiguous(#[source] StoreError),
+    /// An ambiguous commit that its look-up found did not happen: safe to plan again.
+    #[error("the batch transaction's commit got no answer, and it did not commit")]
+    NotCommitted,
 }
 
 impl From<StoreError> for CommitError {
@@ -64,7 +67,7 @@ impl CommitError {
     /// transaction did not commit, and nothing about the batch itself was wrong.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::StaleVersion => true,
+            Self::StaleVersion | Self::NotCommitted => true,
             Self::Failed(error) => error.is_transient(),
             Self::Fenced { .. } | Self::Ambiguous(_) => false,
         }
@@ -76,6 +79,7 @@ impl CommitError {
             Self::Fenced { .. } => "fenced",
             Self::StaleVersion => "stale_version",
             Self::Ambiguous(_) => "ambiguous",
+            Self::NotCommitted => "not_committed",
             Self::Failed(error) if error.is_transient() => "transient",
             Self::Failed(_) => "error",
         }

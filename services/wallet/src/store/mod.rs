@@ -30,6 +30,17 @@ pub enum StoreError {
     Timeout(&'static str),
     #[error("stored row is not valid: {0}")]
     Corrupt(String),
+    /// A COMMIT got no answer and looking again did not find out how it ended.
+    #[error("could not find out whether {0} committed")]
+    Unsettled(&'static str),
+}
+
+/// How an attempt at creating a wallet failed.
+enum CreateFailed {
+    /// Nothing of it is in the database.
+    BeforeCommit(StoreError),
+    /// COMMIT was sent: it may have committed.
+    Commit(StoreError),
 }
 
 impl StoreError {
@@ -37,7 +48,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Timeout(_) => true,
-            Self::Corrupt(_) => false,
+            Self::Corrupt(_) | Self::Unsettled(_) => false,
             Self::Database(error) => match error {
                 sqlx::Error::Io(_)
                 | sqlx::Error::PoolTimedOut
@@ -164,48 +175,102 @@ impl Store {
 
     /// Creates a wallet; with an idempotency key the first response is stored in the
     /// same transaction, and a later request with the key gets that response back.
+    /// Creates the wallet once, or answers the key's first answer. A COMMIT that got
+    /// no answer is settled by creating again until `settle_until`: the wallet id is
+    /// new, so finding it (or the key's answer naming it) means the first COMMIT went
+    /// through, and the repeated INSERTs wait for that transaction if it is still on
+    /// the server. `Unsettled` if the outcome is still unknown then.
     pub async fn create_wallet(
         &self,
         wallet_id: Uuid,
         idempotency: Option<(&str, &str)>,
         response_body: &serde_json::Value,
+        settle_until: tokio::time::Instant,
     ) -> Result<Option<StoredResponse>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if let Some((key, request_hash)) = idempotency {
-            let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (scope, idempotency_key, request_hash, response_status, response_body) \
-                 VALUES ('create-wallet', $1, $2, 201, $3) ON CONFLICT (scope, idempotency_key) DO NOTHING",
-            )
-            .bind(key)
-            .bind(request_hash)
-            .bind(response_body)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                let row = sqlx::query(
-                    "SELECT request_hash, response_status, response_body FROM idempotency_keys \
-                     WHERE scope = 'create-wallet' AND idempotency_key = $1",
+        let mut unsettled = false;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self
+                .try_create_wallet(wallet_id, idempotency, response_body)
+                .await
+            {
+                Ok(created) => return Ok(created),
+                Err(CreateFailed::BeforeCommit(error)) if !unsettled => return Err(error),
+                Err(CreateFailed::BeforeCommit(error) | CreateFailed::Commit(error)) => {
+                    tracing::warn!(%error, %wallet_id, "creating a wallet got no COMMIT answer; settling it");
+                    unsettled = true;
+                }
+            }
+            if tokio::time::Instant::now() + backoff >= settle_until {
+                return Err(StoreError::Unsettled("a wallet creation"));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    async fn try_create_wallet(
+        &self,
+        wallet_id: Uuid,
+        idempotency: Option<(&str, &str)>,
+        response_body: &serde_json::Value,
+    ) -> Result<Option<StoredResponse>, CreateFailed> {
+        let prepared = self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            if let Some((key, request_hash)) = idempotency {
+                let inserted = sqlx::query(
+                    "INSERT INTO idempotency_keys (scope, idempotency_key, request_hash, response_status, response_body) \
+                     VALUES ('create-wallet', $1, $2, 201, $3) ON CONFLICT (scope, idempotency_key) DO NOTHING",
                 )
                 .bind(key)
-                .fetch_one(&mut *tx)
-                .await?;
-                tx.rollback().await?;
-                let status: i16 = row.try_get("response_status")?;
-                return Ok(Some(StoredResponse {
-                    request_hash: row.try_get("request_hash")?,
-                    status: u16::try_from(status)
-                        .map_err(|_| StoreError::Corrupt(format!("status {status}")))?,
-                    body: row.try_get("response_body")?,
-                }));
+                .bind(request_hash)
+                .bind(response_body)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    let row = sqlx::query(
+                        "SELECT request_hash, response_status, response_body FROM idempotency_keys \
+                         WHERE scope = 'create-wallet' AND idempotency_key = $1",
+                    )
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    tx.rollback().await?;
+                    let status: i16 = row.try_get("response_status")?;
+                    let stored = StoredResponse {
+                        request_hash: row.try_get("request_hash")?,
+                        status: u16::try_from(status)
+                            .map_err(|_| StoreError::Corrupt(format!("status {status}")))?,
+                        body: row.try_get("response_body")?,
+                    };
+                    // Our own earlier attempt's answer: that COMMIT went through.
+                    let ours = stored.body == *response_body;
+                    return Ok(Err((!ours).then_some(stored)));
+                }
             }
-        }
-        sqlx::query("INSERT INTO wallets (id, balance, version) VALUES ($1, 0, 0)")
+            // Conflicts only with an earlier attempt of this request: the id is new.
+            sqlx::query(
+                "INSERT INTO wallets (id, balance, version) VALUES ($1, 0, 0) ON CONFLICT (id) DO NOTHING",
+            )
             .bind(wallet_id)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(None)
+            Ok(Ok(tx))
+        })
+        .await
+        .map_err(CreateFailed::BeforeCommit)?;
+        let tx = match prepared {
+            Ok(tx) => tx,
+            Err(answered) => return Ok(answered),
+        };
+        match tokio::time::timeout(self.timeouts.commit, tx.commit()).await {
+            Ok(Ok(())) => Ok(None),
+            Ok(Err(error)) => Err(CreateFailed::Commit(error.into())),
+            Err(_) => Err(CreateFailed::Commit(StoreError::Timeout(
+                "a wallet creation's COMMIT",
+            ))),
+        }
     }
 
     pub async fn wallet(&self, wallet_id: Uuid) -> Result<Option<WalletState>, StoreError> {
