@@ -103,7 +103,7 @@ async fn wallet_creation_with_a_key_creates_one_wallet() -> anyhow::Result<()> {
     let answers = join_all((0..10).map(|_| create())).await;
     let answers: Vec<_> = answers.into_iter().collect::<Result<_, _>>()?;
     for answer in &answers {
-        assert_eq!(answer.status, StatusCode::CREATED);
+        assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
         assert_eq!(answer.body, answers[0].body);
     }
     let wallets: i64 = sqlx::query_scalar("SELECT count(*) FROM wallets")

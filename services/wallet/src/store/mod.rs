@@ -190,19 +190,29 @@ impl Store {
         let mut unsettled = false;
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self
+            let last = match self
                 .try_create_wallet(wallet_id, idempotency, response_body)
                 .await
             {
                 Ok(created) => return Ok(created),
-                Err(CreateFailed::BeforeCommit(error)) if !unsettled => return Err(error),
-                Err(CreateFailed::BeforeCommit(error) | CreateFailed::Commit(error)) => {
-                    tracing::warn!(%error, %wallet_id, "creating a wallet got no COMMIT answer; settling it");
-                    unsettled = true;
+                // Nothing was written: safe to try again while there is time.
+                Err(CreateFailed::BeforeCommit(error)) if unsettled || error.is_transient() => {
+                    tracing::warn!(error = %error, %wallet_id, "creating a wallet failed; trying again");
+                    error
                 }
-            }
+                Err(CreateFailed::BeforeCommit(error)) => return Err(error),
+                Err(CreateFailed::Commit(error)) => {
+                    tracing::warn!(error = %error, %wallet_id, "creating a wallet got no COMMIT answer; settling it");
+                    unsettled = true;
+                    error
+                }
+            };
             if tokio::time::Instant::now() + backoff >= settle_until {
-                return Err(StoreError::Unsettled("a wallet creation"));
+                return Err(if unsettled {
+                    StoreError::Unsettled("a wallet creation")
+                } else {
+                    last
+                });
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
