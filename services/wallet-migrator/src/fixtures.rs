@@ -38,13 +38,7 @@ impl WalletMigration {
         meta.namespace = Some(NAMESPACE.to_owned());
         meta.uid = Some("6f1c9a52-0a4e-4c33-9a57-2f0c3d1f8e11".to_owned());
         meta.generation = Some(1);
-        meta.labels = Some(
-            [(
-                job::LABEL_INSTANCE.to_owned(),
-                "wallet".to_owned(),
-            )]
-            .into(),
-        );
+        meta.labels = Some([(job::LABEL_INSTANCE.to_owned(), "wallet".to_owned())].into());
         wm
     }
 

@@ -308,7 +308,10 @@ async fn an_older_build_accepts_a_database_a_newer_release_migrated() {
     let newer = MigrationsDir::new(
         &db,
         "newer",
-        &[(1, "CREATE TABLE a (id INT);"), (2, "CREATE TABLE b (id INT);")],
+        &[
+            (1, "CREATE TABLE a (id INT);"),
+            (2, "CREATE TABLE b (id INT);"),
+        ],
     );
     migrate::apply_with(newer.migrator().await, &url, with_target(2))
         .await
@@ -329,7 +332,10 @@ async fn a_database_with_an_unknown_older_version_is_another_history() {
     let theirs = MigrationsDir::new(
         &db,
         "theirs",
-        &[(1, "CREATE TABLE a (id INT);"), (2, "CREATE TABLE b (id INT);")],
+        &[
+            (1, "CREATE TABLE a (id INT);"),
+            (2, "CREATE TABLE b (id INT);"),
+        ],
     );
     migrate::apply_with(theirs.migrator().await, &url, with_target(2))
         .await
@@ -337,7 +343,10 @@ async fn a_database_with_an_unknown_older_version_is_another_history() {
     let ours = MigrationsDir::new(
         &db,
         "ours",
-        &[(1, "CREATE TABLE a (id INT);"), (3, "CREATE TABLE c (id INT);")],
+        &[
+            (1, "CREATE TABLE a (id INT);"),
+            (3, "CREATE TABLE c (id INT);"),
+        ],
     );
     let err = migrate::apply_with(ours.migrator().await, &url, with_target(3))
         .await
@@ -392,7 +401,10 @@ fn postgres_addr(db: &TestDb) -> String {
 }
 
 /// Reads `child`'s stderr until a line contains `marker`; panics if it exits first.
-fn read_until(child: &mut std::process::Child, marker: &str) -> BufReader<std::process::ChildStderr> {
+fn read_until(
+    child: &mut std::process::Child,
+    marker: &str,
+) -> BufReader<std::process::ChildStderr> {
     let mut reader = BufReader::new(child.stderr.take().expect("piped stderr"));
     let mut seen = String::new();
     loop {
@@ -414,7 +426,9 @@ async fn apply_waits_for_a_database_that_starts_late() {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let late_url = db.url.replace(&postgres_addr(&db), &format!("127.0.0.1:{port}"));
+    let late_url = db
+        .url
+        .replace(&postgres_addr(&db), &format!("127.0.0.1:{port}"));
     let mut apply = std::process::Command::new(support::BIN)
         .args(["apply", "--connect-timeout", "60s"])
         .env("DATABASE_URL", &late_url)
@@ -454,7 +468,11 @@ async fn apply_waits_for_a_database_that_starts_late() {
     proxy.abort();
     let rest = drain.join().unwrap_or_default();
     assert!(out.status.success(), "{}\n{rest}", out.status);
-    assert!(stdout(&out).contains("applied version 1"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("applied version 1"),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(applied_rows(&db, 1).await, 1);
 }
 
@@ -462,7 +480,10 @@ async fn apply_waits_for_a_database_that_starts_late() {
 async fn apply_gives_up_on_an_unreachable_database_after_its_timeout() {
     let out = std::process::Command::new(support::BIN)
         .args(["apply", "--connect-timeout", "2s"])
-        .env("DATABASE_URL", "postgres://wallet:wallet@127.0.0.1:1/wallet")
+        .env(
+            "DATABASE_URL",
+            "postgres://wallet:wallet@127.0.0.1:1/wallet",
+        )
         .env("RUST_LOG", "info")
         .env_remove("WALLET_LOG_FORMAT")
         .output()
@@ -487,7 +508,10 @@ async fn wait_stops_at_once_on_sigterm() {
     // the signal. Exiting with 143 and a message shows the handler ran.
     let mut wait = std::process::Command::new(support::BIN)
         .args(["wait", "--version", "1", "--timeout", "300s"])
-        .env("DATABASE_URL", "postgres://wallet:wallet@127.0.0.1:1/wallet")
+        .env(
+            "DATABASE_URL",
+            "postgres://wallet:wallet@127.0.0.1:1/wallet",
+        )
         .env("RUST_LOG", "info")
         .env_remove("WALLET_LOG_FORMAT")
         .stdout(Stdio::piped())

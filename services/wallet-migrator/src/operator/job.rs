@@ -300,13 +300,21 @@ mod tests {
     fn job_name_carries_version_and_changes_with_the_spec() {
         let a = job_name(&wm("wallet", spec(3), 1), 0);
         assert!(a.starts_with("wallet-v3-"), "{a}");
-        assert_eq!(a, job_name(&wm("wallet", spec(3), 1), 0), "stable for one spec");
+        assert_eq!(
+            a,
+            job_name(&wm("wallet", spec(3), 1), 0),
+            "stable for one spec"
+        );
         let mut other_image = spec(3);
         other_image.image = "wallet:1.0.1".to_owned();
         assert_ne!(a, job_name(&wm("wallet", other_image, 1), 0));
         let mut retried = spec(3);
         retried.retry = Some(1);
-        assert_ne!(a, job_name(&wm("wallet", retried, 1), 0), "spec.retry gives a new Job");
+        assert_ne!(
+            a,
+            job_name(&wm("wallet", retried, 1), 0),
+            "spec.retry gives a new Job"
+        );
         assert_ne!(
             a,
             job_name(&wm("wallet", spec(3), 3), 0),

@@ -28,8 +28,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::crd::{
-    CRD_NAME, CRD_REVISION, CRD_REVISION_ANNOTATION, Phase, WalletMigration,
-    WalletMigrationStatus,
+    CRD_NAME, CRD_REVISION, CRD_REVISION_ANNOTATION, Phase, WalletMigration, WalletMigrationStatus,
 };
 use job::JobState;
 use leader::{LeaderElector, LeaseConfig};
@@ -394,9 +393,7 @@ fn desired_status(
             if reason != job::REASON_POD_FAILURE_POLICY && attempt + 1 < MAX_ATTEMPTS =>
         {
             let delay = retry_delay(attempt);
-            let at = now
-                .checked_add(jiff_span(delay))
-                .unwrap_or(now);
+            let at = now.checked_add(jiff_span(delay)).unwrap_or(now);
             next_attempt_time = Some(Time(at));
             (
                 Phase::Retrying,

@@ -514,7 +514,10 @@ async fn a_transient_failure_is_retried_by_the_operator_with_backoff() {
     assert!(note.contains("attempt 2 of 5 in 30s"), "{note}");
     let status = recorded.status.expect("status patched");
     assert_eq!(status.phase, Some(Phase::Retrying));
-    assert_eq!(condition(&status, CONDITION_READY).reason, "MigrationRetrying");
+    assert_eq!(
+        condition(&status, CONDITION_READY).reason,
+        "MigrationRetrying"
+    );
     assert_eq!(condition(&status, CONDITION_FAILED).status, "False");
     assert!(status.next_attempt_time.is_some());
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
@@ -552,13 +555,14 @@ async fn the_last_attempt_failing_is_final() {
         job_name: Some(job_name),
         ..WalletMigrationStatus::default()
     });
-    let job = wm.job_at(last, 0, vec![job_condition("Failed", "DeadlineExceeded", "slow")]);
+    let job = wm.job_at(
+        last,
+        0,
+        vec![job_condition("Failed", "DeadlineExceeded", "slow")],
+    );
     let (action, recorded, _) =
         reconcile_once(&wm, Scenario::JobThenEventThenStatusPatch(wm.clone(), job)).await;
-    assert_eq!(
-        recorded.event.expect("event")["reason"],
-        "MigrationFailed"
-    );
+    assert_eq!(recorded.event.expect("event")["reason"], "MigrationFailed");
     let status = recorded.status.expect("status patched");
     assert_eq!(status.phase, Some(Phase::Failed));
     assert!(
@@ -605,7 +609,9 @@ async fn the_job_carries_the_pod_placement_and_pull_secrets() {
         Some("registry-creds")
     );
     assert_eq!(
-        pod.node_selector.and_then(|n| n.get("pool").cloned()).as_deref(),
+        pod.node_selector
+            .and_then(|n| n.get("pool").cloned())
+            .as_deref(),
         Some("db-clients")
     );
     assert_eq!(
@@ -639,10 +645,8 @@ async fn start_with_crd(crd_revision: Option<&str>) -> Result<(), Error> {
             request.uri().path(),
             "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/walletmigrations.wallet.dev"
         );
-        let mut crd = serde_json::to_value(
-            <WalletMigration as kube::CustomResourceExt>::crd(),
-        )
-        .expect("crd json");
+        let mut crd = serde_json::to_value(<WalletMigration as kube::CustomResourceExt>::crd())
+            .expect("crd json");
         crd["metadata"]["annotations"] = annotations;
         send.send_response(
             Response::builder()
@@ -734,6 +738,9 @@ async fn the_controller_watches_only_its_releases_resources_and_jobs() {
     let _ = tokio::time::timeout(Duration::from_secs(1), controller).await;
     let selector = "labelSelector=app.kubernetes.io%2Finstance%3Dblue";
     assert!(seen["WalletMigrationList"].contains(selector), "{seen:?}");
-    assert!(seen["JobList"].contains("app.kubernetes.io%2Finstance%3Dblue"), "{seen:?}");
+    assert!(
+        seen["JobList"].contains("app.kubernetes.io%2Finstance%3Dblue"),
+        "{seen:?}"
+    );
     assert!(seen["JobList"].contains("managed-by"), "{seen:?}");
 }
