@@ -55,7 +55,7 @@ test: ## Everything CI checks: lint, the whole test suite against real PostgreSQ
 .PHONY: crds
 crds: ## Regenerate the WalletMigration CRD files from the Rust types
 	cargo run -q -p wallet-migrator -- crd > charts/wallet/crds/walletmigrations.wallet.dev.yaml
-	cp charts/wallet/crds/walletmigrations.wallet.dev.yaml k8s/base/crd-walletmigrations.yaml
+	cp charts/wallet/crds/walletmigrations.wallet.dev.yaml k8s/crds/walletmigrations.wallet.dev.yaml
 
 .PHONY: bench soak
 bench: ## Release build, 3-node cluster, every load scenario with exact-balance checks (< 10 min)

@@ -18,7 +18,7 @@ BIN="$DATA_DIR/bin"
 VENV="$DATA_DIR/venv"
 CHART="$REPO_ROOT/charts/wallet"
 CHART_CRD="$CHART/crds/walletmigrations.wallet.dev.yaml"
-BASE_CRD="$REPO_ROOT/k8s/base/crd-walletmigrations.yaml"
+BASE_CRD="$REPO_ROOT/k8s/crds/walletmigrations.wallet.dev.yaml"
 SCHEMAS="$REPO_ROOT/scripts/k8s-schemas"
 
 CHECKOV="$DATA_DIR/venv-checkov/bin/checkov"
@@ -153,7 +153,7 @@ assert s["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 assert len(s["data"]["WALLET_INTERNAL_SECRET"]) > 0' "$WORK/default.yaml"
 
 log "kustomize (kubectl $("$KUBECTL" version --client -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["kustomizeVersion"])'))"
-for dir in k8s/base k8s/overlays/dev; do
+for dir in k8s/crds k8s/base k8s/overlays/dev; do
   out="$WORK/$(echo "$dir" | tr / -).yaml"
   if "$KUBECTL" kustomize "$REPO_ROOT/$dir" >"$out" 2>"$WORK/err"; then
     check "kubectl kustomize $dir validates" validate "$out"
@@ -181,6 +181,8 @@ def comparable(doc):
     doc = yaml.safe_load(yaml.safe_dump(doc))
     if doc["kind"] == "Deployment":
         doc["spec"]["template"]["metadata"].pop("labels", None)
+        # A digest of the Secrets the chart renders; the base renders none.
+        doc["spec"]["template"]["metadata"].get("annotations", {}).pop("checksum/secrets", None)
     return {k: v for k, v in doc.items() if k in ("spec", "rules", "roleRef", "subjects")}
 for key, doc in chart.items():
     if key in base and key[0] != "ConfigMap" and comparable(doc) != comparable(base[key]):
@@ -190,6 +192,164 @@ for e in errors:
 sys.exit(1 if errors else 0)
 EOF
 check "k8s/base dashboard is the chart's" cmp "$CHART/dashboards/wallet.json" "$REPO_ROOT/k8s/base/dashboards/wallet.json"
+
+log "first install, upgrades and two releases side by side"
+# render OUT ARGS...: helm template into OUT; a failed render is reported, and the checks on
+# OUT then fail too, instead of stopping the script.
+render() {
+  local out=$1; shift
+  if ! "$HELM" template "$@" >"$out" 2>"$WORK/err"; then
+    bad "helm template $*" "$WORK/err"
+    : >"$out"
+  fi
+}
+check "CRDs apply on their own, before the base (k8s/crds only the CRD, k8s/base and the dev overlay none)" \
+  "$PY" - "$WORK/k8s-crds.yaml" "$WORK/k8s-base.yaml" "$WORK/k8s-overlays-dev.yaml" <<'EOF'
+import sys, yaml
+load = lambda p: [d for d in yaml.safe_load_all(open(p)) if d]
+crds = load(sys.argv[1])
+assert [d["kind"] for d in crds] == ["CustomResourceDefinition"], [d["kind"] for d in crds]
+for path in sys.argv[2:]:
+    kinds = [d["kind"] for d in load(path)]
+    assert "WalletMigration" in kinds, path
+    assert "CustomResourceDefinition" not in kinds, f"{path}: CRD and WalletMigration in one apply"
+EOF
+check "the install docs apply k8s/crds, wait for Established, then k8s/base" \
+  grep -Pzoq 'kubectl apply --server-side -k k8s/crds\n\s*kubectl wait --for=condition=Established crd/walletmigrations.wallet.dev[^\n]*\n\s*kubectl apply -k k8s/base' \
+  "$REPO_ROOT/docs/kubernetes.md"
+check "the upgrade docs apply the CRDs server-side" \
+  grep -q 'kubectl apply --server-side -f charts/wallet/crds/' "$REPO_ROOT/docs/kubernetes.md"
+refuse "internalSecret.generate=false without an existingSecret" \
+  "$HELM" template wallet "$CHART" --set internalSecret.generate=false
+cp "$WORK/out" "$WORK/refusal"
+check "... and the refusal says what to do" grep -q 'internalSecret.generate=false needs internalSecret.existingSecret' "$WORK/refusal"
+render "$WORK/gitops.yaml" wallet "$CHART" --set internalSecret.generate=false --set internalSecret.existingSecret=mine
+check "internalSecret.generate=false renders no random Secret and the pods read the given one" \
+  "$PY" -c 'import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-internal")]
+dep = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "wallet"][0]
+env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+assert env["WALLET_INTERNAL_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "mine"' "$WORK/gitops.yaml"
+render "$WORK/url-a.yaml" wallet "$CHART" --set database.url=postgres://a@db/wallet
+render "$WORK/url-b.yaml" wallet "$CHART" --set database.url=postgres://b@db/wallet
+check "a changed Secret from values rolls the API pods (checksum annotation)" \
+  "$PY" -c 'import sys, yaml
+def checksum(path):
+    dep = [d for d in yaml.safe_load_all(open(path)) if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "wallet"][0]
+    return dep["spec"]["template"]["metadata"]["annotations"]["checksum/secrets"]
+assert checksum(sys.argv[1]) != checksum(sys.argv[2]), "same checksum for different database URLs"' "$WORK/url-a.yaml" "$WORK/url-b.yaml"
+render "$WORK/blue.yaml" blue "$CHART" --namespace shared
+render "$WORK/green.yaml" green "$CHART" --namespace shared
+check "two releases in one namespace: own Redis prefix, dashboard uid and title, operator selector" \
+  "$PY" - "$WORK/blue.yaml" "$WORK/green.yaml" <<'EOF'
+import json, sys, yaml
+def facts(path):
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    def one(kind, component):
+        return [d for d in docs if d["kind"] == kind and d["metadata"]["labels"].get("app.kubernetes.io/component") == component][0]
+    api, op, wm = one("Deployment", "api"), one("Deployment", "migrator-operator"), one("WalletMigration", "migration")
+    cm = [d for d in docs if d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"]["labels"]][0]
+    dash = json.loads(cm["data"]["wallet.json"])
+    api_env = {e["name"]: e.get("value") for e in api["spec"]["template"]["spec"]["containers"][0]["env"]}
+    op_env = {e["name"]: e.get("value") for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
+    selector = dict(kv.split("=", 1) for kv in op_env["WALLET_MIGRATOR_SELECTOR"].split(","))
+    assert all(wm["metadata"]["labels"].get(k) == v for k, v in selector.items()), "the operator must select its own WalletMigration"
+    assert len(dash["uid"]) <= 40, dash["uid"]
+    return api_env["WALLET_REDIS_PREFIX"], dash["uid"], dash["title"], op_env["WALLET_MIGRATOR_SELECTOR"]
+blue, green = facts(sys.argv[1]), facts(sys.argv[2])
+for name, b, g in zip(("redis prefix", "dashboard uid", "dashboard title", "operator selector"), blue, green):
+    assert b != g, f"both releases share the {name} {b!r}"
+    print(f"{name}: {b} / {g}")
+EOF
+check "the KEDA query counts this Deployment's pods, not <fullname>-canary's" \
+  "$PY" -c 'import re, sys, yaml
+so = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "ScaledObject"][0]
+query = so["spec"]["triggers"][0]["metadata"]["query"]
+pattern = re.search(r"pod=~\"([^\"]+)\"", query).group(1)
+# Prometheus anchors the regex at both ends, as fullmatch does.
+assert re.fullmatch(pattern, "wallet-all-on-5d8f7c9b4-x2x7q"), (pattern, "own pod")
+assert not re.fullmatch(pattern, "wallet-all-on-canary-5d8f7c9b4-x2x7q"), (pattern, "canary pod")
+assert not re.fullmatch(pattern, "wallet-all-on-migrator-5d8f7c9b4-x2x7q"), (pattern, "operator pod")' "$WORK/all-on-values.yaml"
+check "the migration Job's pod gets pull secrets, placement, priority and resources from the values" \
+  "$PY" -c 'import sys, yaml
+wm = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "WalletMigration"][0]
+job = wm["spec"]["job"]
+assert job["imagePullSecrets"] == [{"name": "registry-credentials"}], job
+assert job["nodeSelector"] == {"example.com/pool": "db-clients"}, job
+assert job["tolerations"][0]["key"] == "dedicated", job
+assert "podAntiAffinity" in job["affinity"], job
+assert job["priorityClassName"] == "migration-priority", job
+assert job["resources"]["limits"]["memory"], job
+assert wm["spec"]["retry"] == 1, wm["spec"]' "$WORK/all-on-values.yaml"
+check "NetworkPolicy with publicFrom admits the release's helm test pod, which carries the instance label" \
+  "$PY" -c 'import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+pod = [d for d in docs if d["kind"] == "Pod"][0]
+labels = pod["metadata"]["labels"]
+assert labels.get("app.kubernetes.io/instance") == "wallet", labels
+np = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "wallet-all-on"][0]
+public = [r for r in np["spec"]["ingress"] if any(p["port"] == "http" for p in r["ports"])][0]
+def admits(peer):
+    # A peer with only a podSelector selects pods of the policy own namespace.
+    if set(peer) != {"podSelector"}:
+        return False
+    want = peer["podSelector"].get("matchLabels", {})
+    return all(labels.get(k) == v for k, v in want.items())
+assert "from" not in public or any(admits(p) for p in public["from"]), public' "$WORK/all-on-values.yaml"
+max_fullname=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["properties"]["fullnameOverride"]["maxLength"])' "$CHART/values.schema.json")
+long_name=$(head -c "$max_fullname" /dev/zero | tr '\0' w)
+render "$WORK/long.yaml" wallet "$CHART" -f "$CHART/ci/all-on-values.yaml" --set fullnameOverride="$long_name"
+check "fullnameOverride at its maximum ($max_fullname): names distinct per kind, DNS labels within 63" \
+  "$PY" -c 'import collections, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+names = collections.Counter((d["kind"], d["metadata"]["name"]) for d in docs)
+dups = [k for k, n in names.items() if n > 1]
+assert not dups, f"collisions: {dups}"
+for kind, name in names:
+    if kind in ("Service", "Deployment", "ServiceAccount", "Pod"):
+        assert len(name) <= 63, (kind, name, len(name))' "$WORK/long.yaml"
+# What helm upgrade sees of the running release, through `lookup` (which helm template
+# cannot call): a copy of the chart whose lookup of the API Deployment reads a fixture.
+live_chart="$WORK/live-chart"
+cp -r "$CHART" "$live_chart"
+cat >"$live_chart/live-deployment.yaml" <<'EOF'
+spec:
+  replicas: 7
+  template:
+    spec:
+      containers:
+        - name: wallet
+          env:
+            - name: WALLET_REDIS_PREFIX
+              value: wallet
+EOF
+lookup_call='lookup "apps/v1" "Deployment" .Release.Namespace (include "wallet.fullname" .)'
+sed -i "s|$lookup_call|(.Files.Get \"live-deployment.yaml\" \| fromYaml)|" "$live_chart/templates/_helpers.tpl"
+if ! grep -q 'live-deployment.yaml' "$live_chart/templates/_helpers.tpl"; then
+  bad "the chart no longer looks up the live Deployment the way this check replaces"
+else
+  render "$WORK/live-on.yaml" wallet "$live_chart" --set autoscaling.enabled=true
+  render "$WORK/live-off.yaml" wallet "$live_chart" --set autoscaling.enabled=false
+  render "$WORK/fresh-on.yaml" wallet "$CHART" --namespace wallet --set autoscaling.enabled=true
+  check "turning autoscaling on keeps the live replica count and Redis prefix (not 1 pod, not new keys)" \
+    "$PY" - "$WORK/live-on.yaml" "$WORK/live-off.yaml" "$WORK/fresh-on.yaml" <<'EOF'
+import sys, yaml
+def api(path):
+    return [d for d in yaml.safe_load_all(open(path)) if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "wallet"][0]
+def prefix(dep):
+    return {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}["WALLET_REDIS_PREFIX"]
+on, off, fresh = api(sys.argv[1]), api(sys.argv[2]), api(sys.argv[3])
+assert on["spec"].get("replicas") == 7, f"autoscaled upgrade renders replicas {on['spec'].get('replicas')}, not the live 7"
+assert off["spec"]["replicas"] == 3, "without autoscaling replicaCount rules"
+assert "replicas" not in fresh["spec"], "a fresh autoscaled install leaves the count to the HPA"
+assert prefix(on) == "wallet", f"the running release's prefix is kept, not {prefix(on)!r}"
+assert prefix(fresh) == "wallet-wallet", prefix(fresh)
+EOF
+fi
+
+check "OTLP examples point the HTTP exporter at 4318, never gRPC's 4317" \
+  bash -c '! grep -rn ":4317" "$1/charts" "$1/README.md" "$1/docs" "$1/k8s" && grep -q "value: http/protobuf" "$2"' _ "$REPO_ROOT" "$WORK/all-on-values.yaml"
 
 log "metrics: HPA, prometheus-adapter rule, dashboard"
 # The metric names every node exports (the system's fixed list).
@@ -386,6 +546,13 @@ if cmp -s "$REPO_ROOT/Tiltfile" "$WORK/Tiltfile.readonly"; then
 else
   refuse "a Tiltfile live-updating a read-only root filesystem" \
     bash -c 'cd "$1" && "$2" scripts/k8s-schemas/tiltfile_check.py "$5" "$3" "$4"' _ "$REPO_ROOT" "$PY" "$HELM" "$KUBECTL" "$WORK/Tiltfile.readonly"
+fi
+sed "s|^RESTART_FILE = .*|RESTART_FILE = '/tmp/.restart-proc'|" "$REPO_ROOT/Tiltfile" >"$WORK/Tiltfile.tmp-restart"
+if cmp -s "$REPO_ROOT/Tiltfile" "$WORK/Tiltfile.tmp-restart"; then
+  bad "Tiltfile no longer has the RESTART_FILE line the refusal check mutates"
+else
+  refuse "a Tiltfile whose restart file sits under the pods' /tmp emptyDir" \
+    bash -c 'cd "$1" && "$2" scripts/k8s-schemas/tiltfile_check.py "$5" "$3" "$4"' _ "$REPO_ROOT" "$PY" "$HELM" "$KUBECTL" "$WORK/Tiltfile.tmp-restart"
 fi
 
 log "Dockerfile"

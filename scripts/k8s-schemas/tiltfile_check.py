@@ -5,34 +5,52 @@ Tilt itself needs a cluster, so this executes the Tiltfile in a Starlark interpr
 (starlark-rust, via the PyPI package starlark-pyo3) with Tilt's builtins replaced by recorders; kustomize() and helm() call the
 real tools. It then checks what the Tiltfile would deploy: every image Tilt builds is used
 by some container, every container image that looks like ours is one Tilt builds, the
-containers Tilt live-updates have a writable root filesystem, and the resources it
-configures exist.
+containers Tilt live-updates have a writable root filesystem, the restart_process
+extension's restart file lives where the image can write it and no volume hides it, the
+CRD is a resource of its own that the WalletMigration waits for, and `--build container`
+compiles in the Dockerfile only. The resources it configures must exist.
 
 usage (from the repository root): tiltfile_check.py TILTFILE HELM KUBECTL
 """
 
+import posixpath
+import re
 import subprocess
 import sys
 
 import starlark  # starlark-pyo3: starlark-rust, the dialect Tilt's Go Starlark follows
 import yaml
 
+# tilt-extensions restart_process/Tiltfile: RESTART_FILE, used when the caller gives no
+# restart_file. Its child image runs `touch <file>` as the image's user, its entrypoint
+# watches the file and live update ends with `date > <file>`.
+EXTENSION_RESTART_FILE = "/tmp/.restart-proc"
 
-def run(tiltfile, helm_bin, kubectl_bin, deploy):
-    calls = {"images": {}, "yaml": [], "resources": [], "local": [], "kinds": {}, "names": None}
+
+def run(tiltfile, helm_bin, kubectl_bin, deploy, build):
+    calls = {"images": {}, "yaml": [], "resources": [], "local": [], "local_cmds": [], "kinds": {},
+             "names": None, "new_names": [], "deps": {}, "objects_of": {}}
     repo = "."  # paths in the Tiltfile are relative to the repository root, the cwd
 
     def config_define_string(name, usage=""):
         return None
 
     def config_parse():
-        return {"deploy": deploy}
+        return {"deploy": deploy, "build": build}
 
     def local_resource(name, cmd="", deps=None, ignore=None, labels=None, env=None, resource_deps=None, **kw):
         calls["local"].append(name)
+        calls["local_cmds"].append(cmd)
 
-    def docker_build(ref, context=".", dockerfile_contents="", only=None, live_update=None, entrypoint=None, **kw):
-        calls["images"][ref] = {"live_update": bool(live_update), "context": context}
+    def docker_build(ref, context=".", dockerfile_contents="", only=None, live_update=None, entrypoint=None,
+                     target="", **kw):
+        calls["images"][ref] = {"live_update": bool(live_update), "context": context, "target": target,
+                                "dockerfile_contents": dockerfile_contents, "restart_file": None}
+
+    def docker_build_with_restart(ref, context, entrypoint, live_update, base_suffix="-base",
+                                  restart_file=EXTENSION_RESTART_FILE, **kw):
+        docker_build(ref, context, entrypoint=entrypoint, live_update=live_update, **kw)
+        calls["images"][ref]["restart_file"] = restart_file
 
     def sync(src, dst):
         return ["sync", src, dst]
@@ -43,7 +61,7 @@ def run(tiltfile, helm_bin, kubectl_bin, deploy):
     def kustomize(path):
         return subprocess.check_output([kubectl_bin, "kustomize", f"{repo}/{path}"], text=True)
 
-    def helm(chart, name="", namespace="", set=None, **kw):
+    def helm(chart, name="", namespace="", set=None, skip_crds=False, **kw):
         args = [helm_bin, "template", name, f"{repo}/{chart}", "--namespace", namespace]
         for s in set or []:
             args += ["--set", s]
@@ -58,8 +76,14 @@ def run(tiltfile, helm_bin, kubectl_bin, deploy):
     def k8s_yaml(text):
         calls["yaml"] += [d for d in yaml.safe_load_all(text) if d]
 
-    def k8s_resource(name, **kw):
-        calls["resources"].append(name)
+    def k8s_resource(workload="", new_name="", objects=None, resource_deps=None, **kw):
+        name = new_name or workload
+        if new_name:
+            calls["new_names"].append(new_name)
+        if workload:
+            calls["resources"].append(workload)
+        calls["deps"][name] = list(resource_deps or [])
+        calls["objects_of"][name] = list(objects or [])
 
     def record_resource_names(names):
         calls["names"] = list(names)
@@ -83,7 +107,7 @@ def run(tiltfile, helm_bin, kubectl_bin, deploy):
         config_define_string=config_define_string, config_parse=config_parse,
         os_getenv=lambda key, default="": default, allow_k8s_contexts=noop, fail=fail,
         local_resource=local_resource, docker_build=docker_build,
-        docker_build_with_restart=docker_build, sync=sync, k8s_kind=k8s_kind,
+        docker_build_with_restart=docker_build_with_restart, sync=sync, k8s_kind=k8s_kind,
         kustomize=kustomize, helm=helm, decode_yaml_stream=decode_yaml_stream,
         encode_yaml_stream=encode_yaml_stream, k8s_yaml=k8s_yaml,
         k8s_resource=k8s_resource, link=link, record_resource_names=record_resource_names,
@@ -111,7 +135,7 @@ def run(tiltfile, helm_bin, kubectl_bin, deploy):
     return calls
 
 
-def check(calls, deploy):
+def check(calls, deploy, build):
     errors = []
     objects = calls["yaml"]
     used = set()
@@ -127,9 +151,13 @@ def check(calls, deploy):
                 ours = "wallet" in repo
                 if ours and repo not in calls["images"]:
                     errors.append(f"{o['metadata']['name']}/{c['name']}: image {c['image']} is not built by Tilt")
-                live = calls["images"].get(repo, {}).get("live_update")
+                image = calls["images"].get(repo, {})
+                live = image.get("live_update")
                 if live and c.get("securityContext", {}).get("readOnlyRootFilesystem", False):
                     errors.append(f"{o['metadata']['name']}/{c['name']}: live-updated but read-only root filesystem")
+                restart = image.get("restart_file")
+                if restart and c in pod["containers"]:
+                    errors += restart_file_errors(o["metadata"]["name"], c, restart, image["dockerfile_contents"])
         if o["kind"] == "WalletMigration":
             used.add(spec["image"].rsplit(":", 1)[0])
             if "WalletMigration" not in calls["kinds"]:
@@ -137,17 +165,58 @@ def check(calls, deploy):
     for ref in calls["images"]:
         if ref not in used:
             errors.append(f"image {ref} is built but no container uses it")
+    # Item: a WalletMigration applied in one go with its CRD has no REST mapping yet.
+    crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
+    if any(o["kind"] == "WalletMigration" for o in objects):
+        if not crds:
+            errors.append("a WalletMigration is deployed but its CRD is not")
+        owner = [r for r, objs in calls["objects_of"].items()
+                 if any(x.startswith("walletmigrations.wallet.dev") for x in objs)]
+        if not owner:
+            errors.append("the CRD is not a resource of its own")
+        elif owner[0] not in calls["deps"].get("migration", []):
+            errors.append(f"the WalletMigration does not wait for the {owner[0]!r} resource")
+    if build == "container":
+        for cmd in calls["local_cmds"]:
+            if "cargo" in cmd:
+                errors.append(f"--build container still compiles on the host: {cmd}")
+        targets = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", open("Dockerfile").read(), re.M | re.I)
+        for ref, image in calls["images"].items():
+            if image["context"] != "." or image["target"] not in targets or image["dockerfile_contents"]:
+                errors.append(f"--build container: {ref} is not built from the Dockerfile's own target")
     if calls["names"] is None:
         errors.append("no workload_to_resource_function: resource names depend on name clashes")
-        names = set(calls["local"])
+        names = set(calls["local"]) | set(calls["new_names"])
     else:
-        names = set(calls["names"]) | set(calls["local"])
+        names = set(calls["names"]) | set(calls["local"]) | set(calls["new_names"])
         if len(set(calls["names"])) != len(calls["names"]):
             errors.append(f"two workloads get the same resource name: {sorted(calls['names'])}")
     for r in calls["resources"]:
         if r not in names:
             errors.append(f"k8s_resource({r!r}) names no workload")
-    return [f"[{deploy}] {e}" for e in errors]
+    for r, deps in calls["deps"].items():
+        for d in deps:
+            if d not in names:
+                errors.append(f"k8s_resource({r!r}) depends on {d!r}, which does not exist")
+    return [f"[{deploy}, build {build}] {e}" for e in errors]
+
+
+def restart_file_errors(workload, container, restart, dockerfile):
+    """The wrapper watches the restart file: it must exist in the running container."""
+    errors = []
+    folder = posixpath.dirname(restart)
+    for m in container.get("volumeMounts", []):
+        mount = m["mountPath"].rstrip("/") or "/"
+        if folder == mount or folder.startswith(mount + "/"):
+            errors.append(f"{workload}/{container['name']}: restart file {restart} is hidden by the volume "
+                          f"{m['name']!r} mounted at {m['mountPath']}")
+    # The extension's child image creates the file as the image's user (65532 here).
+    owned = re.findall(r"install -d -o 65532 -g 65532 ((?:\S+ ?)+)", dockerfile)
+    owned_dirs = {d for group in owned for d in group.split()}
+    if folder not in owned_dirs:
+        errors.append(f"{workload}/{container['name']}: restart file {restart} is not in a folder the image "
+                      f"user owns ({sorted(owned_dirs)})")
+    return errors
 
 
 def main(argv):
@@ -155,10 +224,11 @@ def main(argv):
         print(__doc__, file=sys.stderr)
         return 2
     errors = []
-    for deploy in ("kustomize", "helm"):
-        calls = run(argv[1], argv[2], argv[3], deploy)
-        errors += check(calls, deploy)
-        print(f"[{deploy}] {len(calls['yaml'])} objects, images {sorted(calls['images'])}, resources {calls['resources']}")
+    for deploy, build in (("kustomize", "host"), ("helm", "host"), ("kustomize", "container")):
+        calls = run(argv[1], argv[2], argv[3], deploy, build)
+        errors += check(calls, deploy, build)
+        print(f"[{deploy}, build {build}] {len(calls['yaml'])} objects, images {sorted(calls['images'])}, "
+              f"resources {calls['resources']}")
     for e in errors:
         print(e, file=sys.stderr)
     return 1 if errors else 0

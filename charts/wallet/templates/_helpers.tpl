@@ -62,14 +62,25 @@ app.kubernetes.io/component: migrator-operator
 {{- end }}
 
 {{/*
+<fullname>-<suffix> within 63 characters: the fullname is shortened, never the suffix,
+so a fullname at the maximum length still gives names distinct from the fullname itself.
+Call with (dict "root" $ "suffix" "migrator").
+*/}}
+{{- define "wallet.suffixedName" -}}
+{{- $suffix := printf "-%s" .suffix }}
+{{- $room := int (sub 63 (len $suffix)) }}
+{{- printf "%s%s" (include "wallet.fullname" .root | trunc $room | trimSuffix "-") $suffix }}
+{{- end }}
+
+{{/*
 Names of the objects other objects refer to.
 */}}
 {{- define "wallet.headlessName" -}}
-{{- printf "%s-headless" (include "wallet.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "wallet.suffixedName" (dict "root" . "suffix" "headless") }}
 {{- end }}
 
 {{- define "wallet.operatorName" -}}
-{{- printf "%s-migrator" (include "wallet.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "wallet.suffixedName" (dict "root" . "suffix" "migrator") }}
 {{- end }}
 
 {{- define "wallet.serviceAccountName" -}}
@@ -81,15 +92,51 @@ Names of the objects other objects refer to.
 {{- end }}
 
 {{- define "wallet.databaseSecretName" -}}
-{{- default (printf "%s-database" (include "wallet.fullname" .)) .Values.database.existingSecret }}
+{{- default (include "wallet.suffixedName" (dict "root" . "suffix" "database")) .Values.database.existingSecret }}
 {{- end }}
 
 {{- define "wallet.redisSecretName" -}}
-{{- default (printf "%s-redis" (include "wallet.fullname" .)) .Values.redis.existingSecret }}
+{{- default (include "wallet.suffixedName" (dict "root" . "suffix" "redis")) .Values.redis.existingSecret }}
 {{- end }}
 
 {{- define "wallet.internalSecretName" -}}
-{{- default (printf "%s-internal" (include "wallet.fullname" .)) .Values.internalSecret.existingSecret }}
+{{- default (include "wallet.suffixedName" (dict "root" . "suffix" "internal")) .Values.internalSecret.existingSecret }}
+{{- end }}
+
+{{/*
+Redis key prefix: two releases sharing a Redis (or a namespace) must not share membership,
+leases or fencing counters, so the default is unique per release.
+*/}}
+{{- define "wallet.redisPrefix" -}}
+{{- if .Values.node.redisPrefix }}
+{{- .Values.node.redisPrefix }}
+{{- else }}
+{{- /* A running release keeps the prefix its pods use: old and new pods of a rolling upgrade must meet in the same membership. */}}
+{{- $live := "" }}
+{{- $deployment := lookup "apps/v1" "Deployment" .Release.Namespace (include "wallet.fullname" .) }}
+{{- range (dig "spec" "template" "spec" "containers" (list) $deployment) }}
+{{- range (dig "env" (list) .) }}
+{{- if eq .name "WALLET_REDIS_PREFIX" }}{{ $live = .value }}{{ end }}
+{{- end }}
+{{- end }}
+{{- default (printf "%s-%s" .Release.Namespace (include "wallet.fullname" .)) $live }}
+{{- end }}
+{{- end }}
+
+{{/*
+The replica count of the running Deployment, or "" on install and under `helm template`.
+*/}}
+{{- define "wallet.liveReplicas" -}}
+{{- $deployment := lookup "apps/v1" "Deployment" .Release.Namespace (include "wallet.fullname" .) }}
+{{- with (dig "spec" "replicas" "" $deployment) }}{{ . }}{{ end }}
+{{- end }}
+
+{{/*
+Changes of the Secrets the chart renders from values (or of which Secrets the pods read)
+roll the pods; env from a Secret is read only at container start.
+*/}}
+{{- define "wallet.secretsChecksum" -}}
+{{- dict "database" .Values.database "redis" .Values.redis "internal" .Values.internalSecret | toJson | sha256sum }}
 {{- end }}
 
 {{/*

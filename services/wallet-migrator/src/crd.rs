@@ -1,7 +1,11 @@
 //! The `WalletMigration` custom resource: the chart renders one per release with the
 //! schema version that release needs; the operator turns it into a migration Job.
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, ResourceRequirements, Toleration,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
@@ -18,6 +22,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "WalletMigrationStatus",
     shortname = "wm",
+    annotation("wallet.dev/crd-revision", "2"),
     printcolumn(name = "Target", type_ = "integer", json_path = ".spec.targetVersion"),
     printcolumn(
         name = "Applied",
@@ -51,6 +56,10 @@ pub struct WalletMigrationSpec {
     /// Settings of the migration Job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobSettings>,
+    /// Raise to run a failed migration again with an unchanged spec: any change of the
+    /// spec gives a new Job, and this counter is the change that means "retry".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<i64>,
 }
 
 /// A key in a Secret of the resource's namespace.
@@ -70,7 +79,7 @@ fn default_secret_key() -> String {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobSettings {
-    /// Pod retries before the Job is Failed (default 2).
+    /// Pod retries before the Job is Failed (default 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff_limit: Option<i32>,
     /// Seconds a finished Job is kept (default 86400).
@@ -83,9 +92,28 @@ pub struct JobSettings {
     pub resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// Pull secrets for a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
 }
 
-pub const DEFAULT_BACKOFF_LIMIT: i32 = 2;
+/// Bumped whenever the schema changes; the operator refuses to run against a CRD in the
+/// cluster with another revision, because `helm upgrade` never updates CRDs.
+pub const CRD_REVISION: &str = "2";
+pub const CRD_REVISION_ANNOTATION: &str = "wallet.dev/crd-revision";
+pub const CRD_NAME: &str = "walletmigrations.wallet.dev";
+
+/// Pod retries inside one Job (each after the kubelet's exponential back-off of 10 s,
+/// 20 s, 40 s ...); a database that is still starting gets about 2.5 minutes.
+pub const DEFAULT_BACKOFF_LIMIT: i32 = 4;
 pub const DEFAULT_TTL_SECONDS_AFTER_FINISHED: i32 = 86_400;
 pub const DEFAULT_ACTIVE_DEADLINE_SECONDS: i64 = 600;
 
@@ -94,6 +122,9 @@ pub const DEFAULT_ACTIVE_DEADLINE_SECONDS: i64 = 600;
 pub enum Phase {
     Pending,
     Running,
+    /// A Job failed for a reason that may pass (database unreachable, deadline); the
+    /// operator starts another attempt at `nextAttemptTime`.
+    Retrying,
     Succeeded,
     Failed,
 }
@@ -106,8 +137,16 @@ pub struct WalletMigrationStatus {
     /// `Ready` (schema at the target) and, after a failed Job, `Failed`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The schema version the database reported after the last successful Job (may be
+    /// above the target, after a rollback to an older release).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_version: Option<i64>,
+    /// The operator's attempt for this spec (0 = the first Job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// When phase is Retrying: when the next Job is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

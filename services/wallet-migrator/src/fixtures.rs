@@ -31,12 +31,14 @@ impl WalletMigration {
                     key: "DATABASE_URL".to_owned(),
                 },
                 job: None,
+                retry: None,
             },
         );
         let meta = wm.meta_mut();
         meta.namespace = Some(NAMESPACE.to_owned());
         meta.uid = Some("6f1c9a52-0a4e-4c33-9a57-2f0c3d1f8e11".to_owned());
         meta.generation = Some(1);
+        meta.labels = Some([(job::LABEL_INSTANCE.to_owned(), "wallet".to_owned())].into());
         wm
     }
 
@@ -45,14 +47,19 @@ impl WalletMigration {
         self
     }
 
-    /// The Job name the operator derives for the current spec.
+    /// The Job name the operator derives for the current spec (first attempt).
     pub fn expected_job_name(&self) -> String {
-        job::job_name(&self.name_any(), &self.spec)
+        job::job_name(self, 0)
     }
 
     /// The Job the operator would have created, with `conditions` as its status.
     pub fn job(&self, active: i32, conditions: Vec<JobCondition>) -> Job {
-        let mut job = job::build(self, &self.expected_job_name());
+        self.job_at(0, active, conditions)
+    }
+
+    /// As `job`, for the operator's attempt `attempt`.
+    pub fn job_at(&self, attempt: u32, active: i32, conditions: Vec<JobCondition>) -> Job {
+        let mut job = job::build(self, &job::job_name(self, attempt));
         job.status = Some(JobStatus {
             active: Some(active),
             conditions: Some(conditions),
@@ -79,6 +86,11 @@ pub struct ApiServerVerifier(ApiServerHandle);
 pub enum Scenario {
     /// No Job yet: GET (404), POST the Job, POST a Normal Event, PATCH status.
     CreateJob(WalletMigration),
+    /// As CreateJob, for the operator's attempt `attempt`.
+    CreateJobAt(WalletMigration, u32),
+    /// The Job completed: GET, LIST its pods (answered with one pod whose termination
+    /// message is given, or none), POST an Event, PATCH status.
+    JobCompleted(WalletMigration, Job, Option<String>),
     /// The Job exists and the status must change: GET, PATCH status.
     JobThenStatusPatch(WalletMigration, Job),
     /// The Job finished (Complete or Failed): GET, POST an Event, PATCH status.
@@ -127,6 +139,27 @@ impl ApiServerVerifier {
                     self.handle_job_get_missing(&wm.expected_job_name())
                         .await
                         .handle_job_create(&mut recorded)
+                        .await
+                        .handle_event_create(&mut recorded)
+                        .await
+                        .handle_status_patch(&wm, &mut recorded)
+                        .await;
+                }
+                Scenario::CreateJobAt(wm, attempt) => {
+                    self.handle_job_get_missing(&job::job_name(&wm, attempt))
+                        .await
+                        .handle_job_create(&mut recorded)
+                        .await
+                        .handle_event_create(&mut recorded)
+                        .await
+                        .handle_status_patch(&wm, &mut recorded)
+                        .await;
+                }
+                Scenario::JobCompleted(wm, job, message) => {
+                    let name = job.name_any();
+                    self.handle_job_get(job)
+                        .await
+                        .handle_pods_list(&name, message)
                         .await
                         .handle_event_create(&mut recorded)
                         .await
@@ -184,6 +217,38 @@ impl ApiServerVerifier {
             format!("{}/{}", jobs_path(), job.name_any())
         );
         send.send_response(json_response(StatusCode::OK, &job));
+        self
+    }
+
+    async fn handle_pods_list(mut self, job_name: &str, message: Option<String>) -> Self {
+        let (request, send) = self.0.next_request().await.expect("service not called");
+        assert_eq!(request.method(), Method::GET);
+        assert_eq!(
+            request.uri().path(),
+            format!("/api/v1/namespaces/{NAMESPACE}/pods")
+        );
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        assert!(
+            query.contains(&format!("batch.kubernetes.io%2Fjob-name%3D{job_name}")),
+            "{query}"
+        );
+        let items: Vec<serde_json::Value> = message
+            .into_iter()
+            .map(|message| {
+                serde_json::json!({
+                    "metadata": {"name": format!("{job_name}-x7k2p")},
+                    "status": {"phase": "Succeeded", "containerStatuses": [{
+                        "name": job::CONTAINER_NAME, "image": "wallet-migrator", "imageID": "",
+                        "ready": false, "restartCount": 0,
+                        "state": {"terminated": {"exitCode": 0, "message": message}}
+                    }]}
+                })
+            })
+            .collect();
+        let list = serde_json::json!({
+            "kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items
+        });
+        send.send_response(json_response(StatusCode::OK, &list));
         self
     }
 

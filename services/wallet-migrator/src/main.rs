@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
-use wallet_migrator::migrate::{self, State, WaitOptions};
+use wallet_migrator::migrate::{self, ApplyOptions, State, WaitOptions};
 use wallet_migrator::operator::{self, Metrics, OperatorConfig, admin::AdminServer};
 
 /// Schema migrations for the wallet service, and the operator that runs them in Kubernetes.
@@ -20,7 +20,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Apply every pending migration (DATABASE_URL); safe to run concurrently.
-    Apply,
+    ///
+    /// Exits 3 when running it again cannot help (a migration failed, the target is out of
+    /// this build's reach, the database has another history), 1 on other failures.
+    Apply {
+        /// The schema version needed: exits 0 when the database is at it or above (a newer
+        /// release migrated it), fails when this build's migrations cannot reach it
+        #[arg(long)]
+        target: Option<i64>,
+        /// How long to wait for the database to accept a connection (e.g. 120s, 2m)
+        #[arg(long, default_value = "120s", value_parser = migrate::parse_duration)]
+        connect_timeout: Duration,
+        /// File that receives `version=<N>` on success or the error on failure (the
+        /// container's terminationMessagePath, read back by the operator)
+        #[arg(long)]
+        termination_log: Option<std::path::PathBuf>,
+    },
     /// Show applied and pending migrations (DATABASE_URL).
     Status,
     /// Block until the schema is at least --version (the API pods' init container).
@@ -48,9 +63,25 @@ enum Command {
             default_value = "wallet-migrator-leader"
         )]
         lease_name: String,
+        /// Reconcile only the WalletMigrations with these labels, e.g.
+        /// app.kubernetes.io/instance=<release> (a label job::build copies onto the Jobs)
+        #[arg(long, env = "WALLET_MIGRATOR_SELECTOR")]
+        selector: Option<String>,
     },
     /// Print the WalletMigration CustomResourceDefinition as YAML.
     Crd,
+}
+
+/// `apply` failed in a way a retry cannot fix; the Job's podFailurePolicy fails the Job
+/// at once on this code and the operator does not retry it.
+const EXIT_PERMANENT: u8 = 3;
+
+/// A termination signal arrived before the command finished.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by {name} before finishing")]
+struct Stopped {
+    name: &'static str,
+    code: u8,
 }
 
 fn main() -> ExitCode {
@@ -63,12 +94,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let result = runtime.block_on(async {
+        match cli.command {
+            // The operator drains itself on a signal.
+            command @ Command::Operator { .. } => run(command).await,
+            // In a container the process is PID 1, which the kernel shields from signals
+            // it has no handler for: without this, SIGTERM is ignored until SIGKILL.
+            command => tokio::select! {
+                result = run(command) => result,
+                stopped = terminated() => Err(stopped.into()),
+            },
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One plain line: it is what `kubectl logs` of a failed Job shows first.
             eprintln!("error: {}", error_chain(&e));
-            ExitCode::FAILURE
+            if let Some(stopped) = e.downcast_ref::<Stopped>() {
+                ExitCode::from(stopped.code)
+            } else if e
+                .downcast_ref::<migrate::Error>()
+                .is_some_and(|m| !m.is_transient())
+            {
+                ExitCode::from(EXIT_PERMANENT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -114,13 +166,38 @@ fn database_url() -> anyhow::Result<SecretString> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Apply => {
-            let report = migrate::apply(&database_url()?).await?;
-            if report.applied.is_empty() {
-                println!("schema up to date at version {}", report.version);
+        Command::Apply {
+            target,
+            connect_timeout,
+            termination_log,
+        } => {
+            let opts = ApplyOptions {
+                target,
+                connect_timeout,
+            };
+            let result = migrate::apply(&database_url()?, opts).await;
+            if let Some(path) = &termination_log {
+                let message = match &result {
+                    Ok(report) => format!("version={}\n", report.version),
+                    Err(e) => format!("error: {e}\n"),
+                };
+                if let Err(e) = std::fs::write(path, message) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the termination log");
+                }
             }
+            let report = result?;
             for version in &report.applied {
                 println!("applied version {version}");
+            }
+            if !report.newer.is_empty() {
+                println!(
+                    "database at version {}, newer than this build's {} (a newer release ran; versions {:?})",
+                    report.version,
+                    migrate::latest_version(),
+                    report.newer
+                );
+            } else if report.applied.is_empty() {
+                println!("schema up to date at version {}", report.version);
             }
             Ok(())
         }
@@ -163,7 +240,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Operator {
             admin_addr,
             lease_name,
-        } => run_operator(admin_addr, lease_name).await,
+            selector,
+        } => run_operator(admin_addr, lease_name, selector).await,
         Command::Crd => {
             print!("{}", wallet_migrator::crd::crd_yaml()?);
             Ok(())
@@ -171,7 +249,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn run_operator(admin_addr: SocketAddr, lease_name: String) -> anyhow::Result<()> {
+async fn run_operator(
+    admin_addr: SocketAddr,
+    lease_name: String,
+    selector: Option<String>,
+) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::register(&registry)?;
     let client = kube::Client::try_default()
@@ -186,6 +268,7 @@ async fn run_operator(admin_addr: SocketAddr, lease_name: String) -> anyhow::Res
         namespace,
         pod_name,
         lease_name,
+        selector,
     };
 
     let shutdown = CancellationToken::new();
@@ -195,7 +278,7 @@ async fn run_operator(admin_addr: SocketAddr, lease_name: String) -> anyhow::Res
     let admin_task = tokio::spawn(admin.serve(shutdown.clone()));
     tokio::spawn(signal_shutdown(shutdown.clone()));
 
-    tracing::info!(namespace = %config.namespace, identity = %config.pod_name, "operator starting");
+    tracing::info!(namespace = %config.namespace, identity = %config.pod_name, selector = ?config.selector, "operator starting");
     let result = operator::run(client, config, metrics, shutdown.clone()).await;
     shutdown.cancel();
     let _ = admin_task.await;
@@ -203,23 +286,36 @@ async fn run_operator(admin_addr: SocketAddr, lease_name: String) -> anyhow::Res
 }
 
 async fn signal_shutdown(shutdown: CancellationToken) {
+    let stopped = terminated().await;
+    tracing::info!(signal = stopped.name, "shutting down");
+    shutdown.cancel();
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn terminated() -> Stopped {
+    const SIGINT: Stopped = Stopped {
+        name: "SIGINT",
+        code: 130,
+    };
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut term) => {
                 tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+                    _ = ctrl_c => SIGINT,
+                    _ = term.recv() => Stopped { name: "SIGTERM", code: 143 },
                 }
             }
             Err(_) => {
                 let _ = ctrl_c.await;
+                SIGINT
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
-    shutdown.cancel();
+    {
+        let _ = ctrl_c.await;
+        SIGINT
+    }
 }

@@ -28,6 +28,20 @@ pub enum Error {
     Query(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] MigrateError),
+    #[error("the database was not reachable within {waited:?}: {last}")]
+    DatabaseUnavailable { waited: Duration, last: String },
+    #[error(
+        "this build's migrations reach version {latest}, not the target {target}: use a migrator image of the release that needs {target}"
+    )]
+    TargetUnreachable { target: i64, latest: i64 },
+    #[error(
+        "the database has version(s) {unknown:?} that this build does not carry, below its newest ({latest}): the database has another migration history"
+    )]
+    UnknownOlderVersions { unknown: Vec<i64>, latest: i64 },
+    #[error(
+        "the database is at version {database}, newer than this build, yet misses this build's version(s) {pending:?}"
+    )]
+    PendingBelowNewer { pending: Vec<i64>, database: i64 },
     #[error(
         "timed out after {waited:?} waiting for schema version {wanted}; database at {current}"
     )]
@@ -36,6 +50,35 @@ pub enum Error {
         wanted: i64,
         current: DatabaseVersion,
     },
+}
+
+impl Error {
+    /// Whether running `apply` again later may succeed (the database was unreachable or
+    /// busy), as opposed to a migration or a history that fails the same way every time.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connect(_)
+            | Error::ConnectTimeout(_)
+            | Error::DatabaseUnavailable { .. }
+            | Error::Query(_)
+            | Error::WaitTimeout { .. } => true,
+            Error::Migrate(MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _)) => {
+                match e {
+                    // lock_not_available (lock_timeout), serialization failure, deadlock.
+                    sqlx::Error::Database(db) => {
+                        matches!(db.code().as_deref(), Some("55P03" | "40001" | "40P01"))
+                    }
+                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+                    _ => false,
+                }
+            }
+            Error::InvalidUrl(_)
+            | Error::Migrate(_)
+            | Error::TargetUnreachable { .. }
+            | Error::UnknownOlderVersions { .. }
+            | Error::PendingBelowNewer { .. } => false,
+        }
+    }
 }
 
 /// The migrations compiled into this binary.
@@ -62,13 +105,61 @@ async fn connect(url: &SecretString) -> Result<PgConnection, Error> {
     }
 }
 
+/// Connects, retrying for up to `timeout`: a migration Job often starts before its
+/// database accepts connections (a StatefulSet still starting, a password not yet set).
+async fn connect_within(url: &SecretString, timeout: Duration) -> Result<PgConnection, Error> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut next_log = started;
+    loop {
+        let error = match connect(url).await {
+            Ok(conn) => return Ok(conn),
+            Err(e @ Error::InvalidUrl(_)) => return Err(e),
+            Err(e) => e,
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Error::DatabaseUnavailable {
+                waited: timeout,
+                last: error.to_string(),
+            });
+        }
+        if now >= next_log {
+            tracing::info!("waiting for the database: {error}");
+            next_log = now + Duration::from_secs(5);
+        }
+        tokio::time::sleep(Duration::from_secs(1).min(deadline - now)).await;
+    }
+}
+
+/// How `apply` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyOptions {
+    /// The version the caller needs; `None` = every embedded migration.
+    pub target: Option<i64>,
+    /// How long to wait for the database to accept a connection.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        Self {
+            target: None,
+            connect_timeout: CONNECT_TIMEOUT,
+        }
+    }
+}
+
 /// What `apply` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
     /// Versions this run applied (empty if another run or an earlier one had).
     pub applied: Vec<i64>,
-    /// The schema version after the run.
+    /// The schema version the database has after the run (its highest applied one).
     pub version: i64,
+    /// Applied versions this build does not carry, all newer than its own: a newer
+    /// release migrated the database (after a rollback, for example).
+    pub newer: Vec<i64>,
 }
 
 /// Applies every pending embedded migration.
@@ -77,13 +168,29 @@ pub struct ApplyReport {
 /// it) so it can read the applied set under the lock and report exactly what this
 /// run did; concurrent runs therefore apply each migration once and the loser
 /// reports "up to date".
-pub async fn apply(url: &SecretString) -> Result<ApplyReport, Error> {
-    apply_with(migrator(), url).await
+pub async fn apply(url: &SecretString, opts: ApplyOptions) -> Result<ApplyReport, Error> {
+    apply_with(migrator(), url, opts).await
 }
 
 /// `apply` with another set of migrations (tests use a folder of their own).
-pub async fn apply_with(migrator: Migrator, url: &SecretString) -> Result<ApplyReport, Error> {
-    let mut conn = connect(url).await?;
+pub async fn apply_with(
+    migrator: Migrator,
+    url: &SecretString,
+    opts: ApplyOptions,
+) -> Result<ApplyReport, Error> {
+    let latest = migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
+    if let Some(target) = opts.target
+        && target > latest
+    {
+        // Before connecting: no database state can make this build reach the target.
+        return Err(Error::TargetUnreachable { target, latest });
+    }
+    let mut conn = connect_within(url, opts.connect_timeout).await?;
     conn.lock().await?;
     let result = apply_locked(migrator, &mut conn).await;
     // A failed unlock is harmless: the lock is session-scoped and dies with `conn`.
@@ -105,8 +212,18 @@ async fn apply_locked(
         .into_iter()
         .map(|m| m.version)
         .collect();
-    // We hold the lock already; the migrator must not take it a second time.
+    let embedded: BTreeSet<i64> = migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| m.version)
+        .collect();
+    let latest = embedded.last().copied().unwrap_or(0);
+    let unknown: Vec<i64> = before.difference(&embedded).copied().collect();
+    let newer = check_history(&unknown, &before, &embedded, latest)?;
+    // We hold the lock already; the migrator must not take it a second time. Versions
+    // this build does not carry are all newer (checked above): sqlx must not refuse them.
     migrator.set_locking(false);
+    migrator.set_ignore_missing(!newer.is_empty());
     migrator.run(&mut *conn).await?;
     let after: BTreeSet<i64> = conn
         .list_applied_migrations(MIGRATIONS_TABLE)
@@ -117,7 +234,37 @@ async fn apply_locked(
     Ok(ApplyReport {
         applied: after.difference(&before).copied().collect(),
         version: after.last().copied().unwrap_or(0),
+        newer,
     })
+}
+
+/// A database migrated by a newer release is fine for an older one (migrations are
+/// expand/contract), provided every version this build does not know is newer than all
+/// it carries and none of its own is missing; anything else is another history.
+fn check_history(
+    unknown: &[i64],
+    applied: &BTreeSet<i64>,
+    embedded: &BTreeSet<i64>,
+    latest: i64,
+) -> Result<Vec<i64>, Error> {
+    if unknown.is_empty() {
+        return Ok(Vec::new());
+    }
+    let older: Vec<i64> = unknown.iter().copied().filter(|v| *v < latest).collect();
+    if !older.is_empty() {
+        return Err(Error::UnknownOlderVersions {
+            unknown: older,
+            latest,
+        });
+    }
+    let pending: Vec<i64> = embedded.difference(applied).copied().collect();
+    if !pending.is_empty() {
+        return Err(Error::PendingBelowNewer {
+            pending,
+            database: applied.last().copied().unwrap_or(0),
+        });
+    }
+    Ok(unknown.to_vec())
 }
 
 /// One embedded migration and whether the database has it.

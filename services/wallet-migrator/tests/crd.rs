@@ -6,7 +6,7 @@ use std::path::Path;
 
 const FILES: [&str; 2] = [
     "charts/wallet/crds/walletmigrations.wallet.dev.yaml",
-    "k8s/base/crd-walletmigrations.yaml",
+    "k8s/crds/walletmigrations.wallet.dev.yaml",
 ];
 
 #[test]

@@ -2,7 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+    PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec,
     SeccompProfile, SecretKeySelector, SecurityContext,
@@ -22,22 +25,45 @@ const NON_ROOT_UID: i64 = 65532;
 pub const CONTAINER_NAME: &str = "migrate";
 pub const LABEL_MIGRATION: &str = "wallet.dev/walletmigration";
 pub const LABEL_TARGET_VERSION: &str = "wallet.dev/target-version";
+/// Copied from the WalletMigration, so the Job's pods belong to their release (and the
+/// operator of one release watches only its own Jobs).
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+/// Where `apply` writes `version=<N>`: the kubelet copies it into the pod status.
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+/// `wallet-migrator apply`'s exit code for a failure a retry cannot fix.
+pub const EXIT_PERMANENT: i32 = 3;
+/// The Failed reason Kubernetes gives a Job failed by its podFailurePolicy: here only
+/// `apply`'s EXIT_PERMANENT, so not worth another attempt.
+pub const REASON_POD_FAILURE_POLICY: &str = "PodFailurePolicy";
 
-/// A short, stable digest of the spec: any change to it (image, secret, limits)
-/// gives a new Job, because a Job's pod template cannot be changed in place.
-pub fn spec_hash(spec: &WalletMigrationSpec) -> String {
+/// A short, stable digest of the spec and its generation: any change to the spec
+/// (image, secret, limits, retry) gives a new Job, because a Job's pod template cannot
+/// be changed in place; the generation makes a rollback to an earlier spec run a Job of
+/// its own instead of finding the old, finished one and reading its stale outcome.
+pub fn spec_hash(spec: &WalletMigrationSpec, generation: Option<i64>) -> String {
     // serde_json writes struct fields in declaration order and maps sorted
     // (BTreeMap), so equal specs always hash equal.
-    let bytes = serde_json::to_vec(spec).unwrap_or_default();
+    let mut bytes = serde_json::to_vec(spec).unwrap_or_default();
+    bytes.extend_from_slice(&generation.unwrap_or(0).to_le_bytes());
     let digest = xxhash_rust::xxh3::xxh3_64(&bytes);
     format!("{:08x}", digest >> 32)
 }
 
-/// `<resource>-v<target>-<spec hash>`, the resource part shortened to fit 63 characters.
-pub fn job_name(resource_name: &str, spec: &WalletMigrationSpec) -> String {
-    let suffix = format!("-v{}-{}", spec.target_version, spec_hash(spec));
+/// `<resource>-v<target>-<hash>` and `-a<attempt>` for the operator's own retries, the
+/// resource part shortened to fit 63 characters.
+pub fn job_name(wm: &WalletMigration, attempt: u32) -> String {
+    let spec = &wm.spec;
+    let mut suffix = format!(
+        "-v{}-{}",
+        spec.target_version,
+        spec_hash(spec, wm.metadata.generation)
+    );
+    if attempt > 0 {
+        suffix.push_str(&format!("-a{attempt}"));
+    }
     let room = MAX_JOB_NAME.saturating_sub(suffix.len());
-    let prefix: String = resource_name.chars().take(room).collect();
+    let name = wm.name_any();
+    let prefix: String = name.chars().take(room).collect();
     format!("{}{suffix}", prefix.trim_end_matches(['-', '.']))
 }
 
@@ -45,7 +71,7 @@ pub fn job_name(resource_name: &str, spec: &WalletMigrationSpec) -> String {
 pub fn build(wm: &WalletMigration, name: &str) -> Job {
     let spec = &wm.spec;
     let settings = spec.job.clone().unwrap_or_default();
-    let labels = BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (
             "app.kubernetes.io/name".to_owned(),
             "wallet-migrator".to_owned(),
@@ -64,11 +90,22 @@ pub fn build(wm: &WalletMigration, name: &str) -> Job {
             spec.target_version.to_string(),
         ),
     ]);
+    if let Some(instance) = wm.labels().get(LABEL_INSTANCE) {
+        labels.insert(LABEL_INSTANCE.to_owned(), instance.clone());
+    }
     let container = Container {
         name: CONTAINER_NAME.to_owned(),
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.clone(),
         command: Some(vec!["wallet-migrator".to_owned(), "apply".to_owned()]),
+        args: Some(vec![
+            "--target".to_owned(),
+            spec.target_version.to_string(),
+            "--termination-log".to_owned(),
+            TERMINATION_LOG.to_owned(),
+        ]),
+        termination_message_path: Some(TERMINATION_LOG.to_owned()),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         env: Some(vec![
             EnvVar {
                 name: "DATABASE_URL".to_owned(),
@@ -140,13 +177,53 @@ pub fn build(wm: &WalletMigration, name: &str) -> Job {
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
+                    image_pull_secrets: non_empty(settings.image_pull_secrets),
+                    node_selector: non_empty_map(settings.node_selector),
+                    tolerations: non_empty(settings.tolerations),
+                    affinity: settings.affinity,
+                    priority_class_name: settings.priority_class_name,
                     ..PodSpec::default()
                 }),
             },
+            pod_failure_policy: Some(pod_failure_policy()),
             ..JobSpec::default()
         }),
         ..Job::default()
     }
+}
+
+/// A migration that fails by itself fails the same way on every pod retry: fail the Job
+/// at once. A pod evicted or preempted is not the migration's fault: not counted.
+fn pod_failure_policy() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "FailJob".to_owned(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some(CONTAINER_NAME.to_owned()),
+                    operator: "In".to_owned(),
+                    values: vec![EXIT_PERMANENT],
+                }),
+                on_pod_conditions: None,
+            },
+            PodFailurePolicyRule {
+                action: "Ignore".to_owned(),
+                on_exit_codes: None,
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".to_owned(),
+                    status: "True".to_owned(),
+                }]),
+            },
+        ],
+    }
+}
+
+fn non_empty<T>(items: Vec<T>) -> Option<Vec<T>> {
+    (!items.is_empty()).then_some(items)
+}
+
+fn non_empty_map(map: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    (!map.is_empty()).then_some(map)
 }
 
 fn runtime_default_seccomp() -> SeccompProfile {
@@ -209,24 +286,51 @@ mod tests {
                 key: "DATABASE_URL".to_owned(),
             },
             job: None,
+            retry: None,
         }
+    }
+
+    fn wm(name: &str, spec: WalletMigrationSpec, generation: i64) -> WalletMigration {
+        let mut wm = WalletMigration::new(name, spec);
+        wm.metadata.generation = Some(generation);
+        wm
     }
 
     #[test]
     fn job_name_carries_version_and_changes_with_the_spec() {
-        let a = job_name("wallet", &spec(3));
+        let a = job_name(&wm("wallet", spec(3), 1), 0);
         assert!(a.starts_with("wallet-v3-"), "{a}");
-        assert_eq!(a, job_name("wallet", &spec(3)), "stable for one spec");
+        assert_eq!(
+            a,
+            job_name(&wm("wallet", spec(3), 1), 0),
+            "stable for one spec"
+        );
         let mut other_image = spec(3);
         other_image.image = "wallet:1.0.1".to_owned();
-        assert_ne!(a, job_name("wallet", &other_image));
+        assert_ne!(a, job_name(&wm("wallet", other_image, 1), 0));
+        let mut retried = spec(3);
+        retried.retry = Some(1);
+        assert_ne!(
+            a,
+            job_name(&wm("wallet", retried, 1), 0),
+            "spec.retry gives a new Job"
+        );
+        assert_ne!(
+            a,
+            job_name(&wm("wallet", spec(3), 3), 0),
+            "a rollback to an earlier spec (a later generation) gives a new Job"
+        );
+        assert_eq!(job_name(&wm("wallet", spec(3), 1), 2), format!("{a}-a2"));
     }
 
     #[test]
     fn job_name_fits_a_label_value() {
         let long = "w".repeat(80);
-        let name = job_name(&long, &spec(12));
+        let name = job_name(&wm(&long, spec(12), 1), 0);
         assert_eq!(name.len(), MAX_JOB_NAME);
-        assert!(name.ends_with(&format!("-v12-{}", spec_hash(&spec(12)))));
+        assert!(name.ends_with(&format!("-v12-{}", spec_hash(&spec(12), Some(1)))));
+        let retry = job_name(&wm(&long, spec(12), 1), 7);
+        assert_eq!(retry.len(), MAX_JOB_NAME);
+        assert!(retry.ends_with("-a7"), "{retry}");
     }
 }

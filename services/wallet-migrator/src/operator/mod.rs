@@ -14,9 +14,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -25,7 +27,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::crd::{Phase, WalletMigration, WalletMigrationStatus};
+use crate::crd::{
+    CRD_NAME, CRD_REVISION, CRD_REVISION_ANNOTATION, Phase, WalletMigration, WalletMigrationStatus,
+};
 use job::JobState;
 use leader::{LeaderElector, LeaseConfig};
 pub use metrics::Metrics;
@@ -36,6 +40,11 @@ pub const FIELD_MANAGER: &str = "wallet-migrator";
 const RUNNING_REQUEUE: Duration = Duration::from_secs(10);
 const BACKOFF_BASE: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Jobs per spec before a transient failure is final (then `spec.retry` starts over).
+pub const MAX_ATTEMPTS: u32 = 5;
+/// Wait before the operator's next attempt: 30 s, 60 s, 120 s ... capped at 10 minutes.
+const RETRY_BASE: Duration = Duration::from_secs(30);
+const RETRY_MAX: Duration = Duration::from_secs(600);
 
 pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_FAILED: &str = "Failed";
@@ -48,6 +57,17 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("the WalletMigration CRD is not installed or not readable: {0}")]
     CrdNotQueryable(#[source] kube::Error),
+    #[error(
+        "the WalletMigration CRD in the cluster is revision {found}, this operator needs revision {wanted}; helm upgrade does not update CRDs: run `kubectl apply --server-side -f charts/wallet/crds/` (or apply k8s/crds) and restart the operator"
+    )]
+    CrdOutdated { found: String, wanted: &'static str },
+}
+
+/// The wait before attempt `attempt + 1` after a transient failure.
+pub fn retry_delay(attempt: u32) -> Duration {
+    RETRY_BASE
+        .saturating_mul(2u32.saturating_pow(attempt))
+        .min(RETRY_MAX)
 }
 
 /// What reconcile needs, shared by every reconcile of this process.
@@ -117,15 +137,29 @@ async fn reconcile_migration(wm: &WalletMigration, ctx: &Context) -> Result<Acti
         .namespace()
         .ok_or_else(|| Error::MissingNamespace(name.clone()))?;
     let generation = wm.metadata.generation;
-    let job_name = job::job_name(&name, &wm.spec);
     let current = wm.status.clone().unwrap_or_default();
     let this_spec = current.observed_generation == generation;
+    let now = Timestamp::now();
 
     // A failed spec stays failed: retrying the same Job spec would fail the same
-    // way and hide the first failure; a spec change is what retries.
+    // way and hide the first failure; a spec change (spec.retry) is what retries.
     if this_spec && current.phase == Some(Phase::Failed) {
         return Ok(Action::await_change());
     }
+    let mut attempt = if this_spec {
+        current.attempt.unwrap_or(0)
+    } else {
+        0
+    };
+    if this_spec && current.phase == Some(Phase::Retrying) {
+        if let Some(at) = &current.next_attempt_time
+            && at.0 > now
+        {
+            return Ok(Action::requeue(until(at, now)));
+        }
+        attempt = attempt.saturating_add(1);
+    }
+    let job_name = job::job_name(wm, attempt);
     // Finished for this spec; the Job may already be gone (ttlSecondsAfterFinished).
     if this_spec
         && current.phase == Some(Phase::Succeeded)
@@ -146,7 +180,7 @@ async fn reconcile_migration(wm: &WalletMigration, ctx: &Context) -> Result<Acti
                 Ok(_) => {
                     created = true;
                     ctx.metrics.jobs.with_label_values(&["created"]).inc();
-                    tracing::info!(migration = %name, job = %job_name, target = wm.spec.target_version, "created migration Job");
+                    tracing::info!(migration = %name, job = %job_name, target = wm.spec.target_version, attempt, "created migration Job");
                 }
                 // Created by us a moment ago and not yet visible to get: same Job.
                 Err(kube::Error::Api(s)) if s.is_already_exists() => {}
@@ -155,37 +189,63 @@ async fn reconcile_migration(wm: &WalletMigration, ctx: &Context) -> Result<Acti
             Observed::Created
         }
     };
+    let database_version = if observed == Observed::Job(JobState::Complete) {
+        reported_version(ctx, &ns, &job_name).await
+    } else {
+        None
+    };
 
-    let desired = desired_status(&current, wm, &job_name, &observed, Timestamp::now());
+    let found = Found {
+        job_name: &job_name,
+        attempt,
+        observed: &observed,
+        database_version,
+    };
+    let desired = desired_status(&current, wm, &found, now);
     if desired == current {
-        return Ok(next_action(&desired));
+        return Ok(next_action(&desired, now));
     }
     let transition = desired.phase != current.phase || desired.job_name != current.job_name;
     if transition {
         let target = wm.spec.target_version;
-        let event = match &observed {
-            Observed::Created if created => Some((
+        let event = match (&observed, desired.phase) {
+            (Observed::Created, _) if created => Some((
                 EventType::Normal,
                 "JobCreated",
                 format!("Created Job {job_name} to migrate the schema to version {target}"),
             )),
-            Observed::Job(JobState::Complete) => {
+            (Observed::Job(JobState::Complete), _) => {
                 ctx.metrics.jobs.with_label_values(&["succeeded"]).inc();
-                tracing::info!(migration = %name, job = %job_name, version = target, "migration succeeded");
+                let version = desired.applied_version.unwrap_or(target);
+                tracing::info!(migration = %name, job = %job_name, version, target, "migration succeeded");
                 Some((
                     EventType::Normal,
                     "MigrationSucceeded",
-                    format!("Schema at version {target} (Job {job_name})"),
+                    format!("Schema at version {version}, target {target} (Job {job_name})"),
                 ))
             }
-            Observed::Job(JobState::Failed { reason, message }) => {
+            (Observed::Job(JobState::Failed { reason, message }), Some(Phase::Retrying)) => {
+                ctx.metrics.jobs.with_label_values(&["failed"]).inc();
+                let delay = retry_delay(attempt);
+                tracing::warn!(migration = %name, job = %job_name, %reason, %message, attempt, retry_in = ?delay, "migration failed; retrying");
+                Some((
+                    EventType::Warning,
+                    "MigrationRetrying",
+                    format!(
+                        "Job {job_name} failed migrating to version {target}: {reason}: {message}; attempt {} of {MAX_ATTEMPTS} in {}s",
+                        attempt + 2,
+                        delay.as_secs()
+                    ),
+                ))
+            }
+            (Observed::Job(JobState::Failed { reason, message }), _) => {
                 ctx.metrics.jobs.with_label_values(&["failed"]).inc();
                 tracing::warn!(migration = %name, job = %job_name, %reason, %message, "migration failed");
                 Some((
                     EventType::Warning,
                     "MigrationFailed",
                     format!(
-                        "Job {job_name} failed migrating to version {target}: {reason}: {message}"
+                        "Job {job_name} failed migrating to version {target}: {reason}: {message}; raise spec.retry to run it again"
                     ),
                 ))
             }
@@ -203,12 +263,41 @@ async fn reconcile_migration(wm: &WalletMigration, ctx: &Context) -> Result<Acti
     }));
     api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &patch)
         .await?;
-    Ok(next_action(&desired))
+    Ok(next_action(&desired, now))
 }
 
-fn next_action(status: &WalletMigrationStatus) -> Action {
-    match status.phase {
-        Some(Phase::Succeeded | Phase::Failed) => Action::await_change(),
+fn until(at: &Time, now: Timestamp) -> Duration {
+    let millis = at.0.as_millisecond().saturating_sub(now.as_millisecond());
+    Duration::from_millis(u64::try_from(millis).unwrap_or(0))
+}
+
+/// The version the Job's `apply` found in the database (`version=<N>` in its
+/// termination message). The database may be above the target, after a rollback to an
+/// older release; the status says what the database has. `None` when the pod is gone or
+/// unreadable: the Job completed, so the database is at the target or above.
+async fn reported_version(ctx: &Context, ns: &str, job_name: &str) -> Option<i64> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = format!("batch.kubernetes.io/job-name={job_name}");
+    let list = match pods.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::warn!(job = %job_name, error = %e, "cannot read the migration pod's termination message");
+            return None;
+        }
+    };
+    list.items
+        .iter()
+        .filter_map(|pod| pod.status.as_ref()?.container_statuses.as_ref())
+        .flatten()
+        .filter(|c| c.name == job::CONTAINER_NAME)
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.as_deref())
+        .find_map(|message| message.trim().strip_prefix("version=")?.parse().ok())
+}
+
+fn next_action(status: &WalletMigrationStatus, now: Timestamp) -> Action {
+    match (status.phase, &status.next_attempt_time) {
+        (Some(Phase::Succeeded | Phase::Failed), _) => Action::await_change(),
+        (Some(Phase::Retrying), Some(at)) => Action::requeue(until(at, now)),
         _ => Action::requeue(RUNNING_REQUEUE),
     }
 }
@@ -241,15 +330,25 @@ enum Observed {
     Job(JobState),
 }
 
+/// What this reconcile found.
+struct Found<'a> {
+    job_name: &'a str,
+    attempt: u32,
+    observed: &'a Observed,
+    /// From the completed Job's termination message.
+    database_version: Option<i64>,
+}
+
 fn desired_status(
     current: &WalletMigrationStatus,
     wm: &WalletMigration,
-    job_name: &str,
-    observed: &Observed,
+    found: &Found<'_>,
     now: Timestamp,
 ) -> WalletMigrationStatus {
     let generation = wm.metadata.generation;
     let target = wm.spec.target_version;
+    let job_name = found.job_name;
+    let attempt = found.attempt;
     let condition = |type_: &str, status: bool, reason: &str, message: String| Condition {
         type_: type_.to_owned(),
         status: if status { "True" } else { "False" }.to_owned(),
@@ -258,7 +357,8 @@ fn desired_status(
         observed_generation: generation,
         last_transition_time: Time(now),
     };
-    let (phase, conditions) = match observed {
+    let mut next_attempt_time = None;
+    let (phase, conditions) = match found.observed {
         Observed::Created => (
             Phase::Pending,
             vec![condition(
@@ -277,30 +377,64 @@ fn desired_status(
                 format!("Job {job_name} is migrating to version {target}"),
             )],
         ),
-        Observed::Job(JobState::Complete) => (
-            Phase::Succeeded,
-            vec![condition(
-                CONDITION_READY,
-                true,
-                "MigrationSucceeded",
-                format!("schema at version {target} (Job {job_name})"),
-            )],
-        ),
-        Observed::Job(JobState::Failed { reason, message }) => (
-            Phase::Failed,
-            vec![
-                condition(
+        Observed::Job(JobState::Complete) => {
+            let version = found.database_version.unwrap_or(target);
+            (
+                Phase::Succeeded,
+                vec![condition(
                     CONDITION_READY,
-                    false,
-                    "MigrationFailed",
-                    format!("Job {job_name} failed; the schema is not at version {target}"),
-                ),
-                condition(CONDITION_FAILED, true, reason, message.clone()),
-            ],
-        ),
+                    true,
+                    "MigrationSucceeded",
+                    format!("schema at version {version}, target {target} (Job {job_name})"),
+                )],
+            )
+        }
+        Observed::Job(JobState::Failed { reason, message })
+            if reason != job::REASON_POD_FAILURE_POLICY && attempt + 1 < MAX_ATTEMPTS =>
+        {
+            let delay = retry_delay(attempt);
+            let at = now.checked_add(jiff_span(delay)).unwrap_or(now);
+            next_attempt_time = Some(Time(at));
+            (
+                Phase::Retrying,
+                vec![
+                    condition(
+                        CONDITION_READY,
+                        false,
+                        "MigrationRetrying",
+                        format!(
+                            "Job {job_name} failed ({reason}: {message}); attempt {} of {MAX_ATTEMPTS} at {at}",
+                            attempt + 2
+                        ),
+                    ),
+                    condition(CONDITION_FAILED, false, reason, message.clone()),
+                ],
+            )
+        }
+        Observed::Job(JobState::Failed { reason, message }) => {
+            let why = if reason == job::REASON_POD_FAILURE_POLICY {
+                "the migration itself failed, a retry would fail the same way".to_owned()
+            } else {
+                format!("{MAX_ATTEMPTS} attempts failed")
+            };
+            (
+                Phase::Failed,
+                vec![
+                    condition(
+                        CONDITION_READY,
+                        false,
+                        "MigrationFailed",
+                        format!(
+                            "Job {job_name} failed ({why}); the schema is not at version {target}; raise spec.retry to run it again"
+                        ),
+                    ),
+                    condition(CONDITION_FAILED, true, reason, message.clone()),
+                ],
+            )
+        }
     };
     let applied_version = if phase == Phase::Succeeded {
-        Some(target)
+        Some(found.database_version.unwrap_or(target))
     } else {
         current.applied_version
     };
@@ -308,9 +442,15 @@ fn desired_status(
         phase: Some(phase),
         conditions: keep_transition_times(&current.conditions, conditions),
         applied_version,
+        attempt: (attempt > 0).then_some(attempt),
+        next_attempt_time,
         job_name: Some(job_name.to_owned()),
         observed_generation: generation,
     }
+}
+
+fn jiff_span(delay: Duration) -> k8s_openapi::jiff::SignedDuration {
+    k8s_openapi::jiff::SignedDuration::from_secs(i64::try_from(delay.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// A condition's lastTransitionTime moves only when its status flips, so an
@@ -344,6 +484,9 @@ pub struct OperatorConfig {
     pub namespace: String,
     pub pod_name: String,
     pub lease_name: String,
+    /// Label selector of the WalletMigrations this operator owns: two releases in one
+    /// namespace each run an operator, and each must act on its own resource only.
+    pub selector: Option<String>,
 }
 
 /// Runs the controller while this replica holds the leader lease, until `shutdown`.
@@ -355,9 +498,10 @@ pub async fn run(
 ) -> Result<(), Error> {
     let migrations: Api<WalletMigration> = Api::namespaced(client.clone(), &config.namespace);
     migrations
-        .list(&kube::api::ListParams::default().limit(1))
+        .list(&ListParams::default().limit(1))
         .await
         .map_err(Error::CrdNotQueryable)?;
+    check_crd_revision(&client).await?;
 
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_owned(),
@@ -376,8 +520,13 @@ pub async fn run(
         }
         tracing::info!(identity = %config.pod_name, lease = %config.lease_name, "became leader");
         let term = shutdown.child_token();
-        let controller =
-            run_controller(client.clone(), &config.namespace, ctx.clone(), term.clone());
+        let controller = run_controller(
+            client.clone(),
+            &config.namespace,
+            config.selector.as_deref(),
+            ctx.clone(),
+            term.clone(),
+        );
         tokio::select! {
             () = controller => {
                 if let Err(e) = elector.release().await {
@@ -394,19 +543,53 @@ pub async fn run(
     }
 }
 
+/// `helm upgrade` never touches CRDs: an operator newer than its CRD would write fields
+/// the API server prunes. Reading the CRD needs a ClusterRole (get on this one CRD); an
+/// install without it is warned about, not stopped.
+async fn check_crd_revision(client: &Client) -> Result<(), Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    match crds.get(CRD_NAME).await {
+        Ok(crd) => {
+            let found = crd
+                .annotations()
+                .get(CRD_REVISION_ANNOTATION)
+                .cloned()
+                .unwrap_or_else(|| "1 (no annotation)".to_owned());
+            if found == CRD_REVISION {
+                Ok(())
+            } else {
+                Err(Error::CrdOutdated {
+                    found,
+                    wanted: CRD_REVISION,
+                })
+            }
+        }
+        Err(e) => {
+            tracing::warn!(crd = CRD_NAME, error = %e, "cannot read the CRD to check its revision; if the operator misbehaves after an upgrade, run `kubectl apply --server-side -f charts/wallet/crds/`");
+            Ok(())
+        }
+    }
+}
+
 async fn run_controller(
     client: Client,
     namespace: &str,
+    selector: Option<&str>,
     ctx: Arc<Context>,
     stop: CancellationToken,
 ) {
     let migrations: Api<WalletMigration> = Api::namespaced(client.clone(), namespace);
     let jobs: Api<Job> = Api::namespaced(client, namespace);
-    Controller::new(migrations, watcher::Config::default())
-        .owns(
-            jobs,
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=wallet-migrator"),
-        )
+    let mut config = watcher::Config::default();
+    let mut job_labels = "app.kubernetes.io/managed-by=wallet-migrator".to_owned();
+    if let Some(selector) = selector {
+        config = config.labels(selector);
+        // Jobs carry their resource's instance label (job::build), so the same selector
+        // keeps another release's Jobs out too.
+        job_labels = format!("{job_labels},{selector}");
+    }
+    Controller::new(migrations, config)
+        .owns(jobs, watcher::Config::default().labels(&job_labels))
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
