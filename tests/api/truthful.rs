@@ -39,11 +39,12 @@ fn operation_id(answer: &Answer) -> Uuid {
         .unwrap_or_else(|| panic!("no operationId in {answer:?}"))
 }
 
-/// Every commit containing an operation of `amount` sleeps `seconds` at COMMIT (a
-/// deferred constraint trigger), the first time only; then it raises if `fail`.
-async fn slow_commit_once(
+/// The first commit that inserts a row into `table` matching `when` sleeps `seconds`
+/// at COMMIT (a deferred constraint trigger); then it raises if `fail`.
+async fn slow_first_commit(
     db: &TestDatabase,
-    amount: &str,
+    table: &str,
+    when: &str,
     seconds: f64,
     fail: bool,
 ) -> anyhow::Result<()> {
@@ -53,22 +54,40 @@ async fn slow_commit_once(
         ""
     };
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE SEQUENCE slow_commits;
-         CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+        "CREATE SEQUENCE slow_{table}_commits;
+         CREATE FUNCTION slow_{table}_commit() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
            -- nextval survives a rollback, so only the first commit is slow.
-           IF NEW.amount = {amount} AND nextval('slow_commits') = 1 THEN
+           IF {when} AND nextval('slow_{table}_commits') = 1 THEN
              PERFORM pg_sleep({seconds});
              {raise}
            END IF;
            RETURN NEW;
          END $$;
-         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON operations
-           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();"
+         CREATE CONSTRAINT TRIGGER slow_{table}_commit AFTER INSERT ON {table}
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_{table}_commit();"
     )))
     .execute(&db.pool)
     .await?;
     Ok(())
+}
+
+/// Every commit containing an operation of `amount` sleeps `seconds` at COMMIT, the
+/// first time only; then it raises if `fail`.
+async fn slow_commit_once(
+    db: &TestDatabase,
+    amount: &str,
+    seconds: f64,
+    fail: bool,
+) -> anyhow::Result<()> {
+    slow_first_commit(
+        db,
+        "operations",
+        &format!("NEW.amount = {amount}"),
+        seconds,
+        fail,
+    )
+    .await
 }
 
 /// Sends a deposit of 1.11 (whose commit the test made slow), then 20 deposits of 2.00
@@ -237,36 +256,6 @@ async fn every_answer_of_an_operation_names_its_operation_id() -> anyhow::Result
     node.stop().await
 }
 
-/// The first wallet creation's COMMIT sleeps `seconds` (a deferred constraint trigger),
-/// then raises if `fail`.
-async fn slow_wallet_commit_once(
-    db: &TestDatabase,
-    seconds: f64,
-    fail: bool,
-) -> anyhow::Result<()> {
-    let raise = if fail {
-        "RAISE EXCEPTION 'injected failure at commit';"
-    } else {
-        ""
-    };
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE SEQUENCE slow_wallet_commits;
-         CREATE FUNCTION slow_wallet_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF nextval('slow_wallet_commits') = 1 THEN
-             PERFORM pg_sleep({seconds});
-             {raise}
-           END IF;
-           RETURN NEW;
-         END $$;
-         CREATE CONSTRAINT TRIGGER slow_wallet_commit AFTER INSERT ON wallets
-           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_wallet_commit();"
-    )))
-    .execute(&db.pool)
-    .await?;
-    Ok(())
-}
-
 async fn wallets_in(db: &TestDatabase) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM wallets")
         .fetch_one(&db.pool)
@@ -277,7 +266,7 @@ async fn wallets_in(db: &TestDatabase) -> anyhow::Result<i64> {
 async fn a_wallet_creation_whose_commit_answer_comes_too_late_is_settled_and_answered_201_once()
 -> anyhow::Result<()> {
     let db = TestDatabase::create().await?;
-    slow_wallet_commit_once(&db, 1.6, false).await?;
+    slow_first_commit(&db, "wallets", "true", 1.6, false).await?;
     let node = node(&db, &[("WALLET_COMMIT_TIMEOUT_MS", "800")], 10_000).await?;
     let headers = [("idempotency-key", "late-commit")];
     let first = node.api.post_raw("/api/v1/wallets", "{}", &headers).await?;
@@ -302,7 +291,7 @@ async fn a_wallet_creation_whose_commit_answer_comes_too_late_is_settled_and_ans
 async fn a_wallet_creation_whose_commit_fails_after_the_timeout_is_created_once()
 -> anyhow::Result<()> {
     let db = TestDatabase::create().await?;
-    slow_wallet_commit_once(&db, 1.6, true).await?;
+    slow_first_commit(&db, "wallets", "true", 1.6, true).await?;
     let node = node(&db, &[("WALLET_COMMIT_TIMEOUT_MS", "800")], 10_000).await?;
     let answer = node.api.post_raw("/api/v1/wallets", "{}", &[]).await?;
     assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
