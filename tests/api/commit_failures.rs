@@ -6,7 +6,7 @@ use reqwest::StatusCode;
 use wallet_tests::{InProcessNode, NodeOptions, TestDatabase};
 
 async fn node_with_deadline(db: &TestDatabase, deadline_ms: u64) -> anyhow::Result<InProcessNode> {
-    let mut options = NodeOptions::new(&db.url);
+    let mut options = NodeOptions::new(&db.app_url);
     options.request_deadline_ms = deadline_ms;
     InProcessNode::start("node-a", &options).await
 }
@@ -17,7 +17,9 @@ async fn a_serialization_failure_is_retried_and_applies_once() -> anyhow::Result
     // The first commit of an operation of 13.13 fails like a serialization conflict.
     sqlx::raw_sql(
         "CREATE SEQUENCE attempts;
-         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql
+         -- As its creator: the nodes' role may not use the sequence, and needs not.
+         SECURITY DEFINER AS $$
          BEGIN
            -- nextval survives the rollback, so only the first attempt fails.
            IF NEW.amount = 13.13 AND nextval('attempts') = 1 THEN

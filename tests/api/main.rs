@@ -1,13 +1,16 @@
 //! The public API of one node against real PostgreSQL and Redis.
 
+mod auth;
 mod commit_failures;
 mod concurrency;
 mod errors;
 mod idempotency;
+mod privileges;
 mod readiness;
 mod reads;
 mod shutdown;
 mod telemetry;
+mod tls;
 mod truthful;
 
 use wallet_tests::{InProcessNode, NodeOptions, TestDatabase};
@@ -15,6 +18,6 @@ use wallet_tests::{InProcessNode, NodeOptions, TestDatabase};
 /// A fresh database and one node that owns every shard.
 pub async fn single_node() -> anyhow::Result<(TestDatabase, InProcessNode)> {
     let db = TestDatabase::create().await?;
-    let node = InProcessNode::start("node-a", &NodeOptions::new(&db.url)).await?;
+    let node = InProcessNode::start("node-a", &NodeOptions::new(&db.app_url)).await?;
     Ok((db, node))
 }

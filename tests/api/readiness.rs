@@ -9,7 +9,7 @@ use wallet_tests::{InProcessNode, NodeOptions, TestDatabase, eventually};
 async fn a_node_on_an_unmigrated_database_is_not_ready_until_the_migrator_ran() -> anyhow::Result<()>
 {
     let db = TestDatabase::create_empty().await?;
-    let node = InProcessNode::start_unready("node-a", &NodeOptions::new(&db.url)).await?;
+    let node = InProcessNode::start_unready("node-a", &NodeOptions::new(&db.app_url)).await?;
     let readyz = format!("{}/readyz", node.admin_url);
 
     // The health monitor reads the schema a moment after start.

@@ -7,7 +7,7 @@ use wallet_tests::{NodeOptions, NodeProcess, TestDatabase};
 #[tokio::test]
 async fn sigterm_finishes_in_flight_operations_and_exits_zero() -> anyhow::Result<()> {
     let db = TestDatabase::create().await?;
-    let mut node = NodeProcess::start("node-a", &NodeOptions::new(&db.url)).await?;
+    let mut node = NodeProcess::start("node-a", &NodeOptions::new(&db.app_url)).await?;
     let wallet = node.api.create_wallet().await?;
 
     let api = node.api.clone();

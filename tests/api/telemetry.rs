@@ -65,12 +65,12 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 async fn spans_arrive_at_the_otlp_receiver_with_the_callers_trace_id() -> anyhow::Result<()> {
     let (endpoint, bodies) = otlp_receiver().await?;
     let db = TestDatabase::create().await?;
-    let mut options = NodeOptions::new(&db.url);
-    options.extra = vec![
+    let mut options = NodeOptions::new(&db.app_url);
+    options.extra.extend([
         ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint),
         ("OTEL_SERVICE_NAME".to_owned(), "wallet-test".to_owned()),
         ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
-    ];
+    ]);
     let mut first = NodeProcess::start("node-a", &options).await?;
     let mut second = NodeProcess::start("node-b", &options).await?;
     let wallet = first.api.create_wallet().await?;

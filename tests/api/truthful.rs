@@ -13,12 +13,13 @@ async fn node(
     extra: &[(&str, &str)],
     deadline_ms: u64,
 ) -> anyhow::Result<InProcessNode> {
-    let mut options = NodeOptions::new(&db.url);
+    let mut options = NodeOptions::new(&db.app_url);
     options.request_deadline_ms = deadline_ms;
-    options.extra = extra
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
+    options.extra.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
     InProcessNode::start("node-a", &options).await
 }
 
@@ -55,7 +56,9 @@ async fn slow_first_commit(
     };
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE SEQUENCE slow_{table}_commits;
-         CREATE FUNCTION slow_{table}_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         CREATE FUNCTION slow_{table}_commit() RETURNS trigger LANGUAGE plpgsql
+         -- As its creator: the nodes' role may not use the sequence, and needs not.
+         SECURITY DEFINER AS $$
          BEGIN
            -- nextval survives a rollback, so only the first commit is slow.
            IF {when} AND nextval('slow_{table}_commits') = 1 THEN

@@ -72,7 +72,7 @@ impl TestCluster {
         size: usize,
         adjust: impl FnOnce(&mut NodeOptions),
     ) -> anyhow::Result<Self> {
-        let mut options = NodeOptions::new(&db.url);
+        let mut options = NodeOptions::new(&db.app_url);
         adjust(&mut options);
         // Shown only when the test fails (the harness captures it otherwise).
         eprintln!(

@@ -1,84 +1,282 @@
-//! The internal (node-to-node) port serves only callers holding the shared secret,
-//! and the public port does not serve the internal route at all.
+//! The internal (node-to-node) port serves only requests signed with the internal
+//! secret (or the previous one, during a rotation), for this node, fresh and never seen
+//! before; the public port does not serve the internal route at all.
+
+use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::json;
 use uuid::Uuid;
+use wallet::auth::Tenant;
+use wallet::domain::{Amount, Deadline, OperationCommand, OperationType};
+use wallet::internal_auth::{self, SignedHeaders};
+use wallet::routing::{ForwardBatch, ForwardReply, ForwardResult, ForwardedCommand};
+use wallet_cluster::SigningKeys;
 
 use crate::harness::TestCluster;
 
 const INTERNAL_OPERATIONS: &str = "/internal/v1/operations";
+const PREVIOUS_SECRET: &str = "the-secret-being-rotated-out";
+
+fn deposit(wallet: Uuid, amount: &str) -> anyhow::Result<Vec<u8>> {
+    let amount: Amount = amount.parse()?;
+    let batch = ForwardBatch {
+        operations: vec![ForwardedCommand {
+            command: OperationCommand {
+                operation_id: Uuid::now_v7(),
+                wallet_id: wallet,
+                // The tenant the tests' API client creates wallets for.
+                tenant: Tenant::parse(wallet_tests::auth::TENANT)
+                    .ok_or_else(|| anyhow::anyhow!("test tenant"))?,
+                operation_type: OperationType::Deposit,
+                amount,
+                idempotency_key: None,
+                request_hash: OperationCommand::fingerprint(wallet, OperationType::Deposit, amount),
+                deadline: Deadline::after(Duration::from_secs(10)),
+                may_exist: false,
+            },
+            trace: Default::default(),
+        }],
+    };
+    Ok(serde_json::to_vec(&batch)?)
+}
+
+struct Internal {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Internal {
+    async fn post(
+        &self,
+        headers: Option<&SignedHeaders>,
+        extra: &[(&str, &str)],
+        body: &[u8],
+    ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
+        let mut request = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        for (name, value) in headers.map(SignedHeaders::pairs).into_iter().flatten() {
+            request = request.header(name, value);
+        }
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        let answer = request.send().await?;
+        let status = answer.status();
+        Ok((status, answer.json().await.unwrap_or_default()))
+    }
+}
 
 #[tokio::test]
-async fn the_internal_port_refuses_callers_without_the_shared_secret() -> anyhow::Result<()> {
-    let cluster = TestCluster::start(1, |_| {}).await?;
+async fn the_internal_port_refuses_unsigned_stale_replayed_and_tampered_requests()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start(1, |options| {
+        options.extra.push((
+            "WALLET_INTERNAL_SECRET_PREVIOUS".into(),
+            PREVIOUS_SECRET.into(),
+        ));
+    })
+    .await?;
     let node = &cluster.nodes[0];
     let wallet = cluster.funded_wallets(1, "10.00").await?[0];
-    // The shape of a forwarded command does not matter: authentication comes first.
-    let body = json!({"walletId": wallet, "operationId": Uuid::new_v4()}).to_string();
-    let http = reqwest::Client::new();
-    let url = format!("{}{INTERNAL_OPERATIONS}", node.internal_url());
-
-    let missing = http
-        .post(&url)
-        .header("content-type", "application/json")
-        .body(body.clone())
-        .send()
-        .await?;
-    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
-
-    for wrong in [
-        "Bearer wrong-secret".to_owned(),
-        format!("Bearer {}x", cluster.options.internal_secret),
-        cluster.options.internal_secret.clone(),
-        format!("Basic {}", cluster.options.internal_secret),
-    ] {
-        let answer = http
-            .post(&url)
-            .header("content-type", "application/json")
-            .header("authorization", &wrong)
-            .body(body.clone())
-            .send()
-            .await?;
+    let keys = SigningKeys::new(cluster.options.internal_secret.clone().into(), None);
+    let internal = Internal {
+        http: reqwest::Client::new(),
+        url: format!("{}{INTERNAL_OPERATIONS}", node.internal_url()),
+    };
+    let sign = |keys: &SigningKeys, node: &str, body: &[u8], at: i64| {
+        internal_auth::sign(keys, "POST", INTERNAL_OPERATIONS, node, body, at)
+    };
+    let now = internal_auth::now_ms;
+    let body = deposit(wallet, "5.00")?;
+    let refused = |(status, problem): (StatusCode, serde_json::Value), what: &str| {
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {problem}");
         assert_eq!(
-            answer.status(),
-            StatusCode::UNAUTHORIZED,
-            "authorization {wrong:?}"
+            problem["type"], "https://wallet.dev/problems/unauthorized",
+            "{what}: {problem}"
+        );
+    };
+
+    refused(internal.post(None, &[], &body).await?, "unsigned");
+    // The shared secret itself, as the old scheme sent it, is no signature.
+    let bearer = format!("Bearer {}", cluster.options.internal_secret);
+    refused(
+        internal
+            .post(None, &[("authorization", &bearer)], &body)
+            .await?,
+        "bearer secret",
+    );
+    let guessed = SigningKeys::new("guessed-secret".into(), None);
+    refused(
+        internal
+            .post(Some(&sign(&guessed, "node-0", &body, now())), &[], &body)
+            .await?,
+        "another secret",
+    );
+    for (what, at) in [
+        ("stale", now() - 31_000),
+        ("from the future", now() + 31_000),
+    ] {
+        refused(
+            internal
+                .post(Some(&sign(&keys, "node-0", &body, at)), &[], &body)
+                .await?,
+            what,
         );
     }
+    refused(
+        internal
+            .post(Some(&sign(&keys, "node-1", &body, now())), &[], &body)
+            .await?,
+        "meant for another node",
+    );
+    let signed = sign(&keys, "node-0", &body, now());
+    let tampered = String::from_utf8(body.clone())?.replace("\"5.00\"", "\"500.00\"");
+    assert_ne!(tampered.as_bytes(), body.as_slice());
+    refused(
+        internal
+            .post(Some(&signed), &[], tampered.as_bytes())
+            .await?,
+        "body changed",
+    );
 
-    // With the secret the request gets past authentication (and fails on the body).
-    let right = http
-        .post(&url)
-        .header("content-type", "application/json")
-        .header(
-            "authorization",
-            format!("Bearer {}", cluster.options.internal_secret),
+    // The genuine request runs once; the same request again is a replay.
+    let (status, reply) = internal.post(Some(&signed), &[], &body).await?;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let reply: ForwardReply = serde_json::from_value(reply)?;
+    assert!(
+        matches!(reply.results.as_slice(), [ForwardResult::Done(_)]),
+        "{reply:?}"
+    );
+    refused(internal.post(Some(&signed), &[], &body).await?, "replayed");
+
+    // During a rotation the previous secret is accepted too.
+    let previous = SigningKeys::new(PREVIOUS_SECRET.into(), None);
+    let body_previous = deposit(wallet, "1.00")?;
+    let (status, reply) = internal
+        .post(
+            Some(&sign(&previous, "node-0", &body_previous, now())),
+            &[],
+            &body_previous,
         )
-        .body(body.clone())
-        .send()
         .await?;
-    assert_eq!(right.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(status, StatusCode::OK, "previous secret: {reply}");
 
     let public = node
         .api
         .post_raw(
             INTERNAL_OPERATIONS,
-            body,
-            &[(
-                "authorization",
-                &format!("Bearer {}", cluster.options.internal_secret),
-            )],
+            String::from_utf8(body.clone())?,
+            &signed
+                .pairs()
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect::<Vec<_>>(),
         )
         .await?;
     assert_eq!(public.status, StatusCode::NOT_FOUND, "{public:?}");
 
-    // None of it touched the wallet.
-    assert_eq!(node.api.balance(wallet).await?, "10.00".parse()?);
+    // Only the two genuine deposits touched the wallet.
+    assert_eq!(node.api.balance(wallet).await?, "16.00".parse()?);
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM operations WHERE wallet_id = $1")
         .bind(wallet)
         .fetch_one(&cluster.db.pool)
         .await?;
-    assert_eq!(rows, 1);
+    assert_eq!(rows, 3);
+    let metrics = reqwest::get(format!("{}/metrics", node.admin_url))
+        .await?
+        .text()
+        .await?;
+    for (reason, count) in [
+        ("unsigned", 2),
+        ("bad_signature", 2),
+        ("stale", 2),
+        ("wrong_node", 1),
+        ("replayed", 1),
+    ] {
+        let line = format!("wallet_internal_auth_failures_total{{reason=\"{reason}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
+    }
+    Ok(())
+}
+
+/// Step 2 of a rotation, half done: node-0 already signs with the new secret, node-1 still
+/// with the old one, each accepting the other's as its previous secret.
+#[tokio::test]
+async fn nodes_halfway_through_a_rotation_still_trust_each_other_and_forward_both_ways()
+-> anyhow::Result<()> {
+    let (old, new) = ("rotation-old-secret", "rotation-new-secret");
+    let secrets = |current: &str, previous: &str| {
+        vec![
+            ("WALLET_INTERNAL_SECRET".to_owned(), current.to_owned()),
+            (
+                "WALLET_INTERNAL_SECRET_PREVIOUS".to_owned(),
+                previous.to_owned(),
+            ),
+        ]
+    };
+    // Settling needs each node to accept the other's member entry.
+    let cluster = TestCluster::start(2, |options| {
+        options.per_node.insert("node-0".into(), secrets(new, old));
+        options.per_node.insert("node-1".into(), secrets(old, new));
+    })
+    .await?;
+    // Wallets owned by each node, so that each node forwards to the other.
+    let mut owned: [Vec<Uuid>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..64 {
+        if owned.iter().all(|wallets| wallets.len() >= 2) {
+            break;
+        }
+        let wallet = cluster.funded_wallets(1, "1.00").await?[0];
+        if let Some((_, owner)) = cluster.agreed_owner(wallet).await? {
+            owned[owner].push(wallet);
+        }
+    }
+    anyhow::ensure!(
+        owned.iter().all(|wallets| wallets.len() >= 2),
+        "no wallets on both nodes: {owned:?}"
+    );
+    for wallet in owned.iter().flatten() {
+        for node in &cluster.nodes {
+            let answer = node.api.operate(*wallet, "DEPOSIT", "1.00", None).await?;
+            assert_eq!(
+                answer.status,
+                StatusCode::OK,
+                "{}: {answer:?}",
+                node.node_id
+            );
+        }
+    }
+    for wallet in owned.iter().flatten() {
+        assert_eq!(
+            cluster.nodes[0].api.balance(*wallet).await?,
+            "3.00".parse()?
+        );
+    }
+    for node in &cluster.nodes {
+        let metrics = reqwest::get(format!("{}/metrics", node.admin_url))
+            .await?
+            .text()
+            .await?;
+        let forwarded: f64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("wallet_forwards_total{outcome=\"ok\"} "))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(
+            forwarded > 0.0,
+            "{} forwarded nothing:\n{metrics}",
+            node.node_id
+        );
+        let refused: Vec<&str> = metrics
+            .lines()
+            .filter(|line| {
+                line.starts_with("wallet_internal_auth_failures_total") && !line.ends_with(" 0")
+            })
+            .collect();
+        assert!(refused.is_empty(), "{}: {refused:?}", node.node_id);
+    }
     Ok(())
 }

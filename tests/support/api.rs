@@ -20,10 +20,29 @@ pub struct Answer {
 }
 
 impl ApiClient {
+    /// A client of tenant `auth::TENANT` with every scope.
     pub fn new(base_url: &str) -> Self {
+        Self::with_token(
+            base_url,
+            Some(&crate::auth::token(
+                crate::auth::TENANT,
+                &crate::auth::ALL_SCOPES,
+            )),
+        )
+    }
+
+    /// A client sending `token` as its bearer token, or none.
+    pub fn with_token(base_url: &str, token: Option<&str>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) = token.and_then(|token| {
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).ok()
+        }) {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(512)
             .timeout(std::time::Duration::from_secs(60))
+            .default_headers(headers)
             .build()
             .unwrap_or_default();
         Self {

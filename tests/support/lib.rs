@@ -3,6 +3,7 @@
 //! PostgreSQL server for tests that stop and start it.
 
 pub mod api;
+pub mod auth;
 pub mod db;
 pub mod netns;
 pub mod node;

@@ -23,6 +23,8 @@ pub struct NodeOptions {
     pub request_deadline_ms: u64,
     pub internal_secret: String,
     pub extra: Vec<(String, String)>,
+    /// Settings of one node only (by node id), over `extra`.
+    pub per_node: BTreeMap<String, Vec<(String, String)>>,
     /// Node ids that run as processes inside a network namespace of `scripts/netns.sh`:
     /// bound to its address, advertising it, reaching PostgreSQL and Redis via the gateway.
     pub netns: BTreeMap<String, Netns>,
@@ -39,7 +41,9 @@ impl NodeOptions {
             heartbeat_ttl_ms: 1_500,
             request_deadline_ms: 15_000,
             internal_secret: crate::unique_name("secret"),
-            extra: Vec::new(),
+            // Every test node trusts the tests' issuer; `ApiClient::new` carries its token.
+            extra: crate::auth::node_env(),
+            per_node: BTreeMap::new(),
             netns: BTreeMap::new(),
         }
     }
@@ -89,6 +93,7 @@ impl NodeOptions {
             );
         }
         env.extend(self.extra.iter().cloned());
+        env.extend(self.per_node.get(node_id).into_iter().flatten().cloned());
         Ok(env)
     }
 }

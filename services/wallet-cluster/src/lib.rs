@@ -27,6 +27,7 @@ mod hash;
 pub mod lease;
 mod membership;
 mod metrics;
+pub mod trust;
 
 use std::time::Duration;
 
@@ -37,6 +38,7 @@ pub use membership::{
     EndpointSliceMembership, INTERNAL_PORT_NAME, Membership, RedisMembership, members_from_slices,
 };
 pub use metrics::ClusterMetrics;
+pub use trust::SigningKeys;
 
 /// A live member of the cluster as every node sees it.
 #[derive(
@@ -80,6 +82,8 @@ pub struct ClusterConfig {
     pub heartbeat_ttl: Duration,
     /// Prefix of every Redis key, so several clusters (or tests) share one Redis.
     pub redis_prefix: String,
+    /// The shared secret(s) member entries in Redis are signed and checked with.
+    pub keys: SigningKeys,
 }
 
 impl ClusterConfig {
@@ -117,6 +121,7 @@ mod tests {
             lease_ttl: Duration::from_secs(5),
             heartbeat_ttl: Duration::from_secs(5),
             redis_prefix: "wallet".into(),
+            keys: SigningKeys::new("secret".into(), None),
         }
     }
 

@@ -11,6 +11,7 @@ pub struct ClusterMetrics {
     lease_losses: IntCounter,
     fence_rejections: IntCounter,
     redis_errors: IntCounterVec,
+    member_entries_rejected: IntCounterVec,
 }
 
 impl ClusterMetrics {
@@ -40,6 +41,13 @@ impl ClusterMetrics {
                 ),
                 &["operation"],
             )?,
+            member_entries_rejected: IntCounterVec::new(
+                Opts::new(
+                    "wallet_member_entries_rejected_total",
+                    "Entries of the Redis member set ignored (unsigned, bad signature, malformed), each counted once while it stays",
+                ),
+                &["reason"],
+            )?,
         };
         registry.register(Box::new(metrics.owned_shards.clone()))?;
         registry.register(Box::new(metrics.cluster_members.clone()))?;
@@ -47,6 +55,11 @@ impl ClusterMetrics {
         registry.register(Box::new(metrics.lease_losses.clone()))?;
         registry.register(Box::new(metrics.fence_rejections.clone()))?;
         registry.register(Box::new(metrics.redis_errors.clone()))?;
+        registry.register(Box::new(metrics.member_entries_rejected.clone()))?;
+        for reason in ["malformed", "unsigned", "bad_signature"] {
+            // Present from the start, so an alert on it has a series to watch.
+            metrics.member_entries_rejected.with_label_values(&[reason]);
+        }
         Ok(metrics)
     }
 
@@ -75,6 +88,13 @@ impl ClusterMetrics {
     pub(crate) fn redis_error(&self, operation: &'static str) {
         self.redis_errors.with_label_values(&[operation]).inc();
     }
+
+    /// `reason` is one of malformed, unsigned, bad_signature.
+    pub(crate) fn member_entry_rejected(&self, reason: &'static str) {
+        self.member_entries_rejected
+            .with_label_values(&[reason])
+            .inc();
+    }
 }
 
 #[cfg(test)]
@@ -98,6 +118,7 @@ mod tests {
             "wallet_lease_losses_total",
             "wallet_fence_rejections_total",
             "wallet_cluster_redis_errors_total",
+            "wallet_member_entries_rejected_total",
         ] {
             assert!(
                 names.iter().any(|n| n == name),

@@ -19,6 +19,7 @@ fn ids(view: &watch::Receiver<Vec<wallet_cluster::Member>>) -> Vec<String> {
 
 struct Running {
     membership: Arc<RedisMembership>,
+    registry: prometheus::Registry,
     view: watch::Receiver<Vec<wallet_cluster::Member>>,
     stop: CancellationToken,
     /// Whether the node can use its database; false makes it leave until it is true again.
@@ -43,6 +44,7 @@ fn run_with(config: wallet_cluster::ClusterConfig, pool: deadpool_redis::Pool) -
     };
     Running {
         membership,
+        registry,
         view,
         stop,
         eligible,
@@ -134,7 +136,14 @@ async fn a_member_that_stops_heartbeating_expires() {
     let _: i64 = redis::cmd("ZADD")
         .arg(RedisMembership::key(&prefix))
         .arg(expiry)
-        .arg(r#"{"id":"ghost","internalAddr":"10.9.9.9:8090"}"#)
+        .arg(RedisMembership::entry(
+            &wallet_cluster::Member {
+                id: "ghost".into(),
+                internal_addr: "10.9.9.9:8090".into(),
+            },
+            &prefix,
+            &keys(),
+        ))
         .query_async(&mut *conn)
         .await
         .expect("ZADD");
@@ -152,6 +161,149 @@ async fn a_member_that_stops_heartbeating_expires() {
     assert_eq!(entries, 1, "expired entries are removed from the set");
     a.stop.cancel();
     a.task.await.expect("a stopped");
+    flush_prefix(&redis, &prefix).await;
+}
+
+#[tokio::test]
+async fn member_entries_without_a_valid_signature_are_ignored_logged_and_counted() {
+    let redis = redis_pool();
+    let prefix = prefix();
+    let a = run("node-a", &prefix, redis.clone());
+    eventually("a registered", CONVERGE, || ids(&a.view) == ["node-a"]).await;
+
+    // Whoever can write to Redis, without the internal secret: a new member pointing at
+    // their address, a real member's entry with the address changed, one signed with a
+    // guessed secret, and garbage. Each lives far longer than the test.
+    let evil = |id: &str| wallet_cluster::Member {
+        id: id.into(),
+        internal_addr: "10.6.6.6:8090".into(),
+    };
+    let mut conn = redis.get().await.expect("redis");
+    let real: Vec<String> = redis::cmd("ZRANGE")
+        .arg(RedisMembership::key(&prefix))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut *conn)
+        .await
+        .expect("ZRANGE");
+    let forged = [
+        (
+            "unsigned",
+            serde_json::to_string(&evil("node-evil")).expect("json"),
+        ),
+        (
+            "bad_signature",
+            real[0].replace("node-a.test:8090", "10.6.6.6:8090"),
+        ),
+        (
+            "bad_signature",
+            RedisMembership::entry(
+                &evil("node-guess"),
+                &prefix,
+                &wallet_cluster::SigningKeys::new("guessed".into(), None),
+            ),
+        ),
+        ("malformed", "{not json".to_owned()),
+    ];
+    for (_, entry) in &forged {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(RedisMembership::key(&prefix))
+            .arg(i64::MAX / 2)
+            .arg(entry)
+            .query_async(&mut *conn)
+            .await
+            .expect("ZADD");
+    }
+    a.membership.refresh();
+    eventually("each forged entry is counted once", CONVERGE, || {
+        [
+            ("unsigned", 1.0),
+            ("bad_signature", 2.0),
+            ("malformed", 1.0),
+        ]
+        .iter()
+        .all(|(reason, n)| {
+            counter_with(
+                &a.registry,
+                "wallet_member_entries_rejected_total",
+                ("reason", reason),
+            ) == *n
+        })
+    })
+    .await;
+    // Many reads later (b joins), the view never took them and the count did not grow.
+    let b = run("node-b", &prefix, redis.clone());
+    eventually("a sees b, signed with the shared secret", CONVERGE, || {
+        ids(&a.view) == ["node-a", "node-b"]
+    })
+    .await;
+    assert!(
+        a.view
+            .borrow()
+            .iter()
+            .all(|member| member.internal_addr.ends_with(".test:8090")),
+        "{:?}",
+        a.view.borrow()
+    );
+    assert_eq!(
+        counter_with(
+            &a.registry,
+            "wallet_member_entries_rejected_total",
+            ("reason", "bad_signature")
+        ),
+        2.0
+    );
+    for node in [a, b] {
+        node.stop.cancel();
+        node.task.await.expect("stopped");
+    }
+    flush_prefix(&redis, &prefix).await;
+}
+
+#[tokio::test]
+async fn members_with_the_old_and_the_new_secret_see_each_other_during_a_rotation() {
+    let redis = redis_pool();
+    let prefix = prefix();
+    let with = |node, keys| wallet_cluster::ClusterConfig {
+        keys,
+        ..config(node, &prefix, 8)
+    };
+    let old = || wallet_cluster::SigningKeys::new("old-secret".into(), None);
+    let a = run_with(with("node-a", old()), redis.clone());
+    let b = run_with(
+        with(
+            "node-b",
+            wallet_cluster::SigningKeys::new("new-secret".into(), Some("old-secret".into())),
+        ),
+        redis.clone(),
+    );
+    // a has not switched yet but already holds the new secret as its previous one.
+    let c = run_with(
+        with(
+            "node-c",
+            wallet_cluster::SigningKeys::new("old-secret".into(), Some("new-secret".into())),
+        ),
+        redis.clone(),
+    );
+    eventually("b and c see everyone", CONVERGE, || {
+        ids(&b.view) == ["node-a", "node-b", "node-c"]
+            && ids(&c.view) == ["node-a", "node-b", "node-c"]
+    })
+    .await;
+    // a, which knows only the old secret, ignores b's entry.
+    eventually("a ignores b", CONVERGE, || {
+        counter_with(
+            &a.registry,
+            "wallet_member_entries_rejected_total",
+            ("reason", "bad_signature"),
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(ids(&a.view), ["node-a", "node-c"]);
+    for node in [a, b, c] {
+        node.stop.cancel();
+        node.task.await.expect("stopped");
+    }
     flush_prefix(&redis, &prefix).await;
 }
 

@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply every pending migration (DATABASE_URL); safe to run concurrently.
+    /// Apply every pending migration (DATABASE_URL or DATABASE_URL_FILE); safe to run concurrently.
     ///
     /// Exits 3 when running it again cannot help (a migration failed, the target is out of
     /// this build's reach, the database has another history), 1 on other failures.
@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         termination_log: Option<std::path::PathBuf>,
     },
-    /// Show applied and pending migrations (DATABASE_URL).
+    /// Show applied and pending migrations (DATABASE_URL or DATABASE_URL_FILE).
     Status,
     /// Block until the schema is at least --version (the API pods' init container).
     Wait {
@@ -160,8 +160,13 @@ fn init_tracing() {
 }
 
 fn database_url() -> anyhow::Result<SecretString> {
-    let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
-    Ok(SecretString::from(url))
+    database_url_from(|name| std::env::var(name).ok())
+}
+
+/// `DATABASE_URL`, or the file `DATABASE_URL_FILE` names (a mounted Secret).
+fn database_url_from(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<SecretString> {
+    wallet_cluster::trust::secret_from_env(lookup, "DATABASE_URL")?
+        .context("DATABASE_URL (or DATABASE_URL_FILE) is not set")
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -317,5 +322,27 @@ async fn terminated() -> Stopped {
     {
         let _ = ctrl_c.await;
         SIGINT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::database_url_from;
+
+    #[test]
+    fn the_database_url_comes_from_the_variable_or_its_file() {
+        let path = std::env::temp_dir().join(format!("migrator-url-{}", std::process::id()));
+        std::fs::write(&path, "postgres://wallet:pw@db/wallet\n").expect("write");
+        let file = path.to_str().expect("utf-8 path").to_owned();
+        let url = database_url_from(|name| (name == "DATABASE_URL_FILE").then(|| file.clone()))
+            .expect("from the file");
+        assert_eq!(url.expose_secret(), "postgres://wallet:pw@db/wallet");
+        let both = database_url_from(|_| Some(file.clone())).expect_err("both set");
+        assert!(both.to_string().contains("not both"), "{both}");
+        let none = database_url_from(|_| None).expect_err("unset");
+        assert!(none.to_string().contains("DATABASE_URL_FILE"), "{none}");
+        std::fs::remove_file(&path).expect("clean up");
     }
 }

@@ -125,7 +125,10 @@ async fn wait_is_released_by_apply() {
         let n = reader.read_line(&mut line).expect("read wait's stderr");
         assert!(n > 0, "wait exited without waiting:\n{seen}");
         seen.push_str(&line);
-        if line.contains("waiting for schema version 1, database at") {
+        if line.contains(&format!(
+            "waiting for schema version {}, database at",
+            migrate::latest_version()
+        )) {
             break;
         }
     }
@@ -151,7 +154,7 @@ async fn wait_is_released_by_apply() {
         out.status
     );
     assert!(
-        stdout(&out).contains("schema at version 1"),
+        stdout(&out).contains(&format!("schema at version {}", migrate::latest_version())),
         "{}",
         stdout(&out)
     );
@@ -164,9 +167,10 @@ async fn wait_times_out_on_an_empty_database() {
     assert!(!out.status.success(), "{}", describe(&out));
     let err = stderr(&out);
     assert!(
-        err.contains(
-            "timed out after 2s waiting for schema version 1; database at 0 (no migrations table)"
-        ),
+        err.contains(&format!(
+            "timed out after 2s waiting for schema version {}; database at 0 (no migrations table)",
+            migrate::latest_version()
+        )),
         "{}",
         describe(&out)
     );
@@ -225,10 +229,37 @@ async fn apply_without_database_url_fails_clearly() {
         .expect("run apply");
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains("DATABASE_URL is not set"),
+        stderr(&out).contains("DATABASE_URL (or DATABASE_URL_FILE) is not set"),
         "{}",
         describe(&out)
     );
+}
+
+#[tokio::test]
+async fn apply_reads_the_database_url_from_a_mounted_file() {
+    let db = TestDb::create().await;
+    let file = std::env::temp_dir().join(format!("{}.url", db.name));
+    // As a Kubernetes Secret mounts it: the value with a trailing newline.
+    std::fs::write(&file, format!("{}\n", db.url)).expect("write the URL file");
+    let mut apply = db.command(&["apply"]);
+    apply
+        .env_remove("DATABASE_URL")
+        .env("DATABASE_URL_FILE", &file);
+    let out = apply.output().expect("run apply");
+    assert!(out.status.success(), "{}", describe(&out));
+    let status = db.run(&["status"]);
+    assert!(
+        stdout(&status).contains("pending: none"),
+        "{}",
+        describe(&status)
+    );
+    // Both at once is refused rather than one silently winning.
+    let mut both = db.command(&["status"]);
+    both.env("DATABASE_URL_FILE", &file);
+    let out = both.output().expect("run status");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not both"), "{}", describe(&out));
+    std::fs::remove_file(&file).expect("remove the URL file");
 }
 
 #[tokio::test]
@@ -376,7 +407,10 @@ async fn apply_with_a_target_exits_0_on_a_newer_database_and_reports_its_version
     let out = db.run(&["apply", "--target", "1"]);
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
-        stdout(&out).contains("database at version 99999, newer than this build's 1"),
+        stdout(&out).contains(&format!(
+            "database at version 99999, newer than this build's {}",
+            migrate::latest_version()
+        )),
         "{}",
         describe(&out)
     );
@@ -388,7 +422,10 @@ async fn apply_fails_loudly_when_its_migrations_cannot_reach_the_target() {
     let out = db.run(&["apply", "--target", "999"]);
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     assert!(
-        stderr(&out).contains("this build's migrations reach version 1, not the target 999"),
+        stderr(&out).contains(&format!(
+            "this build's migrations reach version {}, not the target 999",
+            migrate::latest_version()
+        )),
         "{}",
         describe(&out)
     );

@@ -5,6 +5,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use secrecy::SecretString;
+use wallet_cluster::trust::{SecretSourceError, secret_from_env};
+
+use crate::auth::{AuthConfig, KeySource, Tenant};
+use crate::http::RateLimits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -16,6 +20,8 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    #[error(transparent)]
+    Secret(#[from] SecretSourceError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +45,16 @@ pub struct ListenerLimits {
     pub public_connections: usize,
     pub internal_connections: usize,
     pub admin_connections: usize,
+}
+
+/// How callers of the public API are authenticated.
+#[derive(Clone, Debug)]
+pub enum AuthMode {
+    /// Bearer JWTs, checked against the issuer's keys.
+    Jwt(AuthConfig),
+    /// No authentication: every caller acts for this tenant with every scope. For
+    /// benchmarks of the authentication's cost only; the node warns at start.
+    Off(Tenant),
 }
 
 #[derive(Clone, Debug)]
@@ -65,7 +81,15 @@ pub struct Config {
     /// Health checks failing for this long make the database unusable for the node.
     pub database_unusable_after: std::time::Duration,
     pub redis_url: SecretString,
+    /// PEM CA bundle that a `rediss://` server's certificate must chain to (instead of
+    /// the system's roots).
+    pub redis_ca_file: Option<std::path::PathBuf>,
+    /// Signs and verifies internal requests and member entries.
     pub internal_secret: SecretString,
+    /// Verifies only: the secret being rotated in or out.
+    pub internal_secret_previous: Option<SecretString>,
+    /// How far an internal request's timestamp may be from this node's clock.
+    pub internal_replay_window: Duration,
     pub shards: u32,
     pub lease_ttl: Duration,
     pub heartbeat_ttl: Duration,
@@ -78,6 +102,9 @@ pub struct Config {
     /// Transactions a node commits at once; each takes the batches of many shards.
     pub commit_lanes: usize,
     pub max_body_bytes: usize,
+    pub auth: AuthMode,
+    /// Per-tenant token buckets of this node, by scope class.
+    pub rate_limits: RateLimits,
     pub listeners: ListenerLimits,
     /// The last bound on any request's handler.
     pub handler_timeout: std::time::Duration,
@@ -99,7 +126,9 @@ impl Config {
     /// Reads settings through `lookup`, so tests can pass a map instead of the process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &'static str| lookup(name).filter(|value| !value.trim().is_empty());
-        let required = |name: &'static str| get(name).ok_or(ConfigError::Missing(name));
+        // Secrets may also come from the file `<NAME>_FILE` names (a mounted Secret).
+        let secret = |name: &'static str| secret_from_env(&lookup, name);
+        let required = |name: &'static str| secret(name)?.ok_or(ConfigError::Missing(name));
         let membership = match get("WALLET_MEMBERSHIP").as_deref() {
             None | Some("redis") => MembershipSource::Redis,
             Some("kubernetes") => MembershipSource::Kubernetes,
@@ -177,6 +206,15 @@ impl Config {
                 ),
             ));
         }
+        let internal_replay_window = millis(&get, "WALLET_INTERNAL_REPLAY_WINDOW_MS", 30_000)?;
+        // Below a second, ordinary clock differences and queueing would refuse honest peers.
+        if internal_replay_window < Duration::from_secs(1) {
+            return Err(invalid(
+                "WALLET_INTERNAL_REPLAY_WINDOW_MS",
+                &internal_replay_window.as_millis().to_string(),
+                "must be at least 1000",
+            ));
+        }
         let listeners = ListenerLimits {
             header_timeout: millis(&get, "WALLET_HEADER_TIMEOUT_MS", 5_000)?,
             body_timeout: millis(&get, "WALLET_BODY_TIMEOUT_MS", 10_000)?,
@@ -203,7 +241,7 @@ impl Config {
                 SocketAddr::from(([0, 0, 0, 0], 9090)),
             )?,
             advertise_addr: get("WALLET_ADVERTISE_ADDR"),
-            database_url: SecretString::from(required("DATABASE_URL")?),
+            database_url: required("DATABASE_URL")?,
             database_max_connections: parse(&get, "DATABASE_MAX_CONNECTIONS", 16)?,
             database_commit_connections: parse(&get, "DATABASE_COMMIT_CONNECTIONS", 8)?,
             database_control_connections: parse(&get, "DATABASE_CONTROL_CONNECTIONS", 4)?,
@@ -211,8 +249,11 @@ impl Config {
             read_timeout: millis(&get, "WALLET_READ_TIMEOUT_MS", 5_000)?,
             commit_stall,
             database_unusable_after: millis(&get, "WALLET_DB_UNUSABLE_AFTER_MS", 2_000)?,
-            redis_url: SecretString::from(required("REDIS_URL")?),
-            internal_secret: SecretString::from(required("WALLET_INTERNAL_SECRET")?),
+            redis_url: required("REDIS_URL")?,
+            redis_ca_file: get("REDIS_CA_FILE").map(std::path::PathBuf::from),
+            internal_secret: required("WALLET_INTERNAL_SECRET")?,
+            internal_secret_previous: secret("WALLET_INTERNAL_SECRET_PREVIOUS")?,
+            internal_replay_window,
             shards,
             lease_ttl,
             heartbeat_ttl: millis(&get, "WALLET_HEARTBEAT_TTL_MS", 5_000)?,
@@ -222,6 +263,12 @@ impl Config {
             cache_wallets: parse(&get, "WALLET_CACHE_WALLETS", 500_000)?,
             commit_lanes,
             max_body_bytes: parse(&get, "WALLET_MAX_BODY_BYTES", 16 * 1024)?,
+            auth: auth_mode(&get)?,
+            rate_limits: RateLimits {
+                read: rate(&get, "WALLET_RATE_LIMIT_READ", (20_000, 40_000))?,
+                write: rate(&get, "WALLET_RATE_LIMIT_WRITE", (20_000, 40_000))?,
+                create: rate(&get, "WALLET_RATE_LIMIT_CREATE", (2_000, 10_000))?,
+            },
             listeners,
             handler_timeout,
             redis_prefix: get("WALLET_REDIS_PREFIX").unwrap_or_else(|| "wallet".to_owned()),
@@ -247,6 +294,92 @@ impl Config {
     pub fn resolve_window(&self) -> Duration {
         resolve_window(self.lease_ttl, self.commit_timeout)
     }
+}
+
+fn auth_mode(get: &impl Fn(&'static str) -> Option<String>) -> Result<AuthMode, ConfigError> {
+    match get("WALLET_AUTH").as_deref() {
+        None | Some("jwt") => {}
+        Some("off") => {
+            let tenant = get("WALLET_AUTH_OFF_TENANT").unwrap_or_else(|| "default".to_owned());
+            return Tenant::parse(&tenant).map(AuthMode::Off).ok_or_else(|| {
+                invalid(
+                    "WALLET_AUTH_OFF_TENANT",
+                    &tenant,
+                    "1-64 letters, digits, '.', '_', '-'",
+                )
+            });
+        }
+        Some(other) => return Err(invalid("WALLET_AUTH", other, "expected jwt or off")),
+    }
+    let sources = [
+        get("WALLET_AUTH_JWKS_FILE").map(|path| KeySource::File(path.into())),
+        get("WALLET_AUTH_JWKS_URL").map(KeySource::Url),
+        get("WALLET_AUTH_OIDC_ISSUER_URL").map(KeySource::Discovery),
+    ];
+    let mut given = sources.into_iter().flatten();
+    let source = match (given.next(), given.next()) {
+        (Some(source), None) => source,
+        (None, _) => {
+            return Err(ConfigError::Missing(
+                "one of WALLET_AUTH_JWKS_FILE, WALLET_AUTH_JWKS_URL or WALLET_AUTH_OIDC_ISSUER_URL (or WALLET_AUTH=off)",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "WALLET_AUTH_JWKS_FILE",
+                "(several key sources)",
+                "set only one of WALLET_AUTH_JWKS_FILE, WALLET_AUTH_JWKS_URL and WALLET_AUTH_OIDC_ISSUER_URL",
+            ));
+        }
+    };
+    let issuers: Vec<String> = match (get("WALLET_AUTH_ISSUER"), &source) {
+        (Some(list), _) => list
+            .split(',')
+            .map(|issuer| issuer.trim().to_owned())
+            .filter(|issuer| !issuer.is_empty())
+            .collect(),
+        // A discovered issuer is its own `iss`.
+        (None, KeySource::Discovery(url)) => vec![url.clone()],
+        (None, _) => return Err(ConfigError::Missing("WALLET_AUTH_ISSUER")),
+    };
+    Ok(AuthMode::Jwt(AuthConfig {
+        source,
+        issuers,
+        audience: get("WALLET_AUTH_AUDIENCE").unwrap_or_else(|| "wallet".to_owned()),
+        leeway: Duration::from_secs(parse(get, "WALLET_AUTH_LEEWAY_SECONDS", 30)?),
+        tenant_claim: get("WALLET_AUTH_TENANT_CLAIM").unwrap_or_else(|| "tenant".to_owned()),
+        cache_tokens: parse(get, "WALLET_AUTH_TOKEN_CACHE", 10_000)?,
+        refresh_interval: millis(get, "WALLET_AUTH_REFRESH_INTERVAL_MS", 30_000)?,
+        fetch_timeout: millis(get, "WALLET_AUTH_FETCH_TIMEOUT_MS", 5_000)?,
+    }))
+}
+
+/// `rate/burst` in requests per second, e.g. `500/1000`; `0` turns the limit off.
+fn rate(
+    get: &impl Fn(&'static str) -> Option<String>,
+    name: &'static str,
+    default: (u32, u32),
+) -> Result<Option<crate::http::Rate>, ConfigError> {
+    let (per_second, burst) = match get(name) {
+        None => default,
+        Some(value) if value.trim() == "0" => return Ok(None),
+        Some(value) => {
+            let parsed = value.trim().split_once('/').and_then(|(rate, burst)| {
+                Some((rate.trim().parse().ok()?, burst.trim().parse().ok()?))
+            });
+            match parsed {
+                Some((rate, burst)) if rate > 0 && burst > 0 => (rate, burst),
+                _ => {
+                    return Err(invalid(
+                        name,
+                        &value,
+                        "expected rate/burst in requests per second, e.g. 500/1000, or 0 for none",
+                    ));
+                }
+            }
+        }
+    };
+    Ok(crate::http::Rate::new(per_second, burst))
 }
 
 fn invalid(name: &'static str, value: &str, reason: &str) -> ConfigError {
@@ -296,10 +429,12 @@ mod tests {
         Config::from_lookup(|name| map.get(name).cloned())
     }
 
-    const REQUIRED: [(&str, &str); 3] = [
+    const REQUIRED: [(&str, &str); 5] = [
         ("DATABASE_URL", "postgres://localhost/wallet"),
         ("REDIS_URL", "redis://localhost"),
         ("WALLET_INTERNAL_SECRET", "s3cret"),
+        ("WALLET_AUTH_JWKS_FILE", "/keys/jwks.json"),
+        ("WALLET_AUTH_ISSUER", "https://issuer.example"),
     ];
 
     #[test]
@@ -311,11 +446,123 @@ mod tests {
         assert_eq!(config.shards, 1024);
         assert_eq!(config.request_deadline, Duration::from_secs(10));
         assert_eq!(config.membership, MembershipSource::Redis);
+        assert!(config.internal_secret_previous.is_none());
+        assert_eq!(config.internal_replay_window, Duration::from_secs(30));
+    }
+
+    /// A file of its own under the system's temp directory, removed on drop.
+    struct SecretFile(std::path::PathBuf);
+
+    impl SecretFile {
+        fn new(contents: &str) -> Self {
+            let path = std::env::temp_dir().join(format!("wallet-config-{}", uuid::Uuid::new_v4()));
+            std::fs::write(&path, contents).expect("write secret file");
+            Self(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().expect("utf-8 path")
+        }
+    }
+
+    impl Drop for SecretFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn every_secret_can_come_from_a_file_without_its_trailing_newline() {
+        use secrecy::ExposeSecret;
+        let files: Vec<(&str, SecretFile)> = [
+            ("DATABASE_URL_FILE", "postgres://u:pw-from-file@db/wallet\n"),
+            ("REDIS_URL_FILE", "redis://:pw-from-file@redis\n"),
+            ("WALLET_INTERNAL_SECRET_FILE", "current-from-file\n"),
+            (
+                "WALLET_INTERNAL_SECRET_PREVIOUS_FILE",
+                "previous-from-file\r\n",
+            ),
+        ]
+        .into_iter()
+        .map(|(name, contents)| (name, SecretFile::new(contents)))
+        .collect();
+        let mut pairs: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(name, file)| (*name, file.path()))
+            .collect();
+        pairs.extend_from_slice(&REQUIRED[3..]);
+        let loaded = config(&pairs).expect("config from files");
+        assert_eq!(
+            loaded.database_url.expose_secret(),
+            "postgres://u:pw-from-file@db/wallet"
+        );
+        assert_eq!(
+            loaded.redis_url.expose_secret(),
+            "redis://:pw-from-file@redis"
+        );
+        assert_eq!(loaded.internal_secret.expose_secret(), "current-from-file");
+        assert_eq!(
+            loaded
+                .internal_secret_previous
+                .as_ref()
+                .map(|s| s.expose_secret().to_owned())
+                .as_deref(),
+            Some("previous-from-file")
+        );
+
+        // The variable and its file together is an error, naming the variable.
+        let mut both = REQUIRED.to_vec();
+        both.push(("WALLET_INTERNAL_SECRET_FILE", files[2].1.path()));
+        let error = config(&both).expect_err("both set");
+        assert_eq!(
+            error.to_string(),
+            "set either WALLET_INTERNAL_SECRET or WALLET_INTERNAL_SECRET_FILE, not both"
+        );
+        // A file that cannot be read is named, and its contents are not.
+        let mut missing: Vec<(&str, &str)> = REQUIRED
+            .iter()
+            .copied()
+            .filter(|(name, _)| *name != "WALLET_INTERNAL_SECRET")
+            .collect();
+        missing.push(("WALLET_INTERNAL_SECRET_FILE", "/nonexistent/wallet-secret"));
+        let error = config(&missing).expect_err("unreadable file");
+        assert!(
+            error
+                .to_string()
+                .starts_with("WALLET_INTERNAL_SECRET_FILE names /nonexistent/wallet-secret"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_config_formats_without_any_secret() {
+        let mut pairs = vec![
+            ("DATABASE_URL", "postgres://wallet:db-password-1@db/wallet"),
+            ("REDIS_URL", "redis://:redis-password-2@redis:6379"),
+            ("WALLET_INTERNAL_SECRET", "internal-secret-3"),
+            ("WALLET_INTERNAL_SECRET_PREVIOUS", "previous-secret-4"),
+        ];
+        pairs.push(("WALLET_NODE_ID", "node-0"));
+        pairs.extend_from_slice(&REQUIRED[3..]);
+        let config = config(&pairs).expect("valid config");
+        let formatted = [format!("{config:?}"), format!("{config:#?}")];
+        for text in &formatted {
+            for secret in [
+                "db-password-1",
+                "redis-password-2",
+                "internal-secret-3",
+                "previous-secret-4",
+            ] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+            assert!(text.contains("node-0"), "the rest is still there: {text}");
+        }
     }
 
     #[test]
     fn a_missing_secret_or_a_bad_number_is_named() {
-        let error = config(&REQUIRED[..2]).expect_err("secret missing");
+        let error = config(&[REQUIRED[0], REQUIRED[1], REQUIRED[3], REQUIRED[4]])
+            .expect_err("secret missing");
         assert_eq!(error.to_string(), "WALLET_INTERNAL_SECRET must be set");
         let mut pairs = REQUIRED.to_vec();
         pairs.push(("WALLET_SHARDS", "many"));
@@ -326,5 +573,52 @@ mod tests {
                 .starts_with("WALLET_SHARDS has an invalid value \"many\""),
             "{error}"
         );
+        let mut pairs = REQUIRED.to_vec();
+        pairs.push(("WALLET_INTERNAL_REPLAY_WINDOW_MS", "10"));
+        let error = config(&pairs).expect_err("window too short");
+        assert!(
+            error
+                .to_string()
+                .starts_with("WALLET_INTERNAL_REPLAY_WINDOW_MS has an invalid value"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn authentication_needs_one_key_source_and_an_issuer() {
+        let without = |names: &[&str]| {
+            let pairs: Vec<(&str, &str)> = REQUIRED
+                .iter()
+                .copied()
+                .filter(|(name, _)| !names.contains(name))
+                .collect();
+            config(&pairs)
+        };
+        let error = without(&["WALLET_AUTH_JWKS_FILE"]).expect_err("no key source");
+        assert!(
+            error.to_string().contains("WALLET_AUTH_JWKS_FILE"),
+            "{error}"
+        );
+        let error = without(&["WALLET_AUTH_ISSUER"]).expect_err("no issuer");
+        assert_eq!(error.to_string(), "WALLET_AUTH_ISSUER must be set");
+        let mut pairs = REQUIRED.to_vec();
+        pairs.push(("WALLET_AUTH_JWKS_URL", "http://keys"));
+        assert!(config(&pairs).is_err(), "two key sources");
+        let mut pairs = REQUIRED[..3].to_vec();
+        pairs.push(("WALLET_AUTH", "off"));
+        let config = config(&pairs).expect("off needs no keys");
+        assert!(matches!(config.auth, AuthMode::Off(tenant) if tenant.as_str() == "default"));
+    }
+
+    #[test]
+    fn rate_limits_are_rate_and_burst_or_off() {
+        let mut pairs = REQUIRED.to_vec();
+        pairs.push(("WALLET_RATE_LIMIT_WRITE", "50/100"));
+        pairs.push(("WALLET_RATE_LIMIT_READ", "0"));
+        let limits = config(&pairs).expect("valid").rate_limits;
+        assert!(limits.read.is_none());
+        assert!(limits.write.is_some());
+        pairs.push(("WALLET_RATE_LIMIT_CREATE", "fast"));
+        assert!(config(&pairs).is_err());
     }
 }

@@ -3,11 +3,13 @@
 //! The data path reads top to bottom: `http` (route, validate) → `routing` (owner:
 //! this node or a peer) → `executor` (batch per shard) → `store` (one transaction).
 
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod executor;
 pub mod health;
 pub mod http;
+pub mod internal_auth;
 pub mod routing;
 pub mod startup;
 pub mod store;

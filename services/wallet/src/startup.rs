@@ -19,12 +19,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use wallet_cluster::{
     Cluster, ClusterConfig, ClusterMetrics, EndpointSliceMembership, Membership, RedisMembership,
+    SigningKeys,
 };
 
-use crate::config::{Config, ListenerLimits, MembershipSource};
+use crate::auth::{Authenticator, Principal};
+use crate::config::{AuthMode, Config, ListenerLimits, MembershipSource};
 use crate::executor::{ExecutorMetrics, ExecutorPool, ExecutorSettings};
 use crate::health;
-use crate::http::{self, AppState, HttpMetrics};
+use crate::http::{self, AppState, Authentication, HttpMetrics, RateLimiters};
+use crate::internal_auth::Verifier;
 use crate::routing::{ForwardTimeouts, Forwarder, OperationRouter, RoutingMetrics};
 use crate::store::{Pools, Store, Timeouts};
 use salvo::fuse::FuseConfig;
@@ -37,8 +40,27 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("could not load the token signing keys")]
+    Keys(#[from] crate::auth::KeysError),
+    #[error("TLS to {what} failed: {detail}")]
+    Tls { what: &'static str, detail: String },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
+}
+
+/// Authentication as configured; the keys are loaded now, so a wrong source fails the
+/// start instead of every request.
+async fn authentication(config: &Config) -> Result<Authentication, StartupError> {
+    Ok(match &config.auth {
+        AuthMode::Jwt(auth) => Authentication::Jwt(Authenticator::new(auth).await?),
+        AuthMode::Off(tenant) => {
+            tracing::warn!(
+                tenant = %tenant,
+                "AUTHENTICATION IS OFF (WALLET_AUTH=off): anyone who reaches the public port acts for this tenant with every scope"
+            );
+            Authentication::Off(Principal::unauthenticated(tenant.clone()))
+        }
+    })
 }
 
 pub struct Application {
@@ -90,18 +112,107 @@ fn database_pools(config: &Config) -> Result<Pools, StartupError> {
 }
 
 fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool, StartupError> {
-    Ok(
-        deadpool_redis::Config::from_url(config.redis_url.expose_secret())
-            .builder()
-            .context("REDIS_URL is not a valid Redis URL")?
-            .max_size(32)
-            .wait_timeout(Some(Duration::from_secs(2)))
-            .create_timeout(Some(Duration::from_secs(2)))
-            .recycle_timeout(Some(Duration::from_secs(2)))
-            .runtime(deadpool_redis::Runtime::Tokio1)
-            .build()
-            .context("Redis pool")?,
-    )
+    let url = config.redis_url.expose_secret();
+    let manager = match &config.redis_ca_file {
+        // rediss:// with our own CA: the TLS parameters travel in the connection info.
+        Some(path) => {
+            let root_cert = std::fs::read(path)
+                .with_context(|| format!("reading REDIS_CA_FILE {}", path.display()))?;
+            let client = redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+            .context("REDIS_CA_FILE needs a rediss:// REDIS_URL")?;
+            deadpool_redis::Manager::new(client.get_connection_info().clone())
+        }
+        None => deadpool_redis::Manager::new(url),
+    }
+    .context("REDIS_URL is not a valid Redis URL")?;
+    Ok(deadpool_redis::Pool::builder(manager)
+        .max_size(32)
+        .wait_timeout(Some(Duration::from_secs(2)))
+        .create_timeout(Some(Duration::from_secs(2)))
+        .recycle_timeout(Some(Duration::from_secs(2)))
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .context("Redis pool")?)
+}
+
+/// One connection to each server at start: a certificate that does not verify (a wrong
+/// CA, a wrong name) is a configuration error that waiting will not fix, so the node
+/// refuses to start and says so. Anything else (a server still starting) is left to the
+/// pools, which retry, while the node reports not ready.
+async fn refuse_tls_failures(
+    database: &sqlx::PgPool,
+    redis: &deadpool_redis::Pool,
+) -> Result<(), StartupError> {
+    let bound = Duration::from_secs(3);
+    if let Ok(Err(error)) = tokio::time::timeout(bound, database.acquire()).await
+        && (matches!(error, sqlx::Error::Tls(_)) || is_tls_failure(&error))
+    {
+        return Err(StartupError::Tls {
+            what: "PostgreSQL",
+            detail: error_chain(&error),
+        });
+    }
+    if let Ok(Err(deadpool_redis::PoolError::Backend(error))) =
+        tokio::time::timeout(bound, redis.get()).await
+        && is_redis_tls_failure(&error)
+    {
+        return Err(StartupError::Tls {
+            what: "Redis",
+            detail: error_chain(&error),
+        });
+    }
+    Ok(())
+}
+
+/// Whether a rustls error is somewhere in the chain (also inside an `io::Error`).
+fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error.is::<rustls::Error>()
+            || error
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
+/// The redis crate keeps the handshake's `io::Error` to itself (no `source`), so this
+/// reads what rustls' errors say: a failed verification or a fatal alert.
+fn is_redis_tls_failure(error: &redis::RedisError) -> bool {
+    let text = error.to_string();
+    error.is_io_error()
+        && [
+            "invalid peer certificate",
+            "received fatal alert",
+            "peer is incompatible",
+        ]
+        .iter()
+        .any(|sign| text.contains(sign))
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(error) = next {
+        let part = error.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = error.source();
+    }
+    text
 }
 
 async fn membership(
@@ -144,6 +255,7 @@ async fn bind(
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let registry = Registry::new();
+        let authentication = authentication(&config).await?;
         let public = bind("public", config.public_addr).await?;
         let internal = bind("internal", config.internal_addr).await?;
         let admin = bind("admin", config.admin_addr).await?;
@@ -154,6 +266,8 @@ impl Application {
             .unwrap_or_else(|| advertised(internal_addr));
 
         let pools = database_pools(&config)?;
+        let redis = redis_pool(&config)?;
+        refuse_tls_failures(&pools.control, &redis).await?;
         let store = Store::new(
             pools.clone(),
             Timeouts {
@@ -161,7 +275,6 @@ impl Application {
                 read: config.read_timeout,
             },
         );
-        let redis = redis_pool(&config)?;
 
         let cluster_metrics = ClusterMetrics::register(&registry).context("cluster metrics")?;
         let executor_metrics =
@@ -197,6 +310,20 @@ impl Application {
             executors.clone(),
             stop.child_token(),
         );
+        // The internal secret(s) sign node-to-node requests and the Redis member entries.
+        let keys = SigningKeys::new(
+            config.internal_secret.clone(),
+            config.internal_secret_previous.clone(),
+        );
+        let internal_auth = Arc::new(
+            Verifier::new(
+                keys.clone(),
+                config.node_id.clone(),
+                config.internal_replay_window,
+                &registry,
+            )
+            .context("internal auth metrics")?,
+        );
         let cluster_config = ClusterConfig {
             node_id: config.node_id.clone(),
             advertise_addr,
@@ -204,6 +331,7 @@ impl Application {
             lease_ttl: config.lease_ttl,
             heartbeat_ttl: config.heartbeat_ttl,
             redis_prefix: config.redis_prefix.clone(),
+            keys: keys.clone(),
         };
         let membership = membership(&config, &cluster_config, &redis, &cluster_metrics).await?;
         let cluster = Arc::new(
@@ -220,7 +348,7 @@ impl Application {
             .context("cluster layer")?,
         );
         let forwarder = Forwarder::new(
-            config.internal_secret.clone(),
+            keys,
             ForwardTimeouts {
                 answer_grace: config.lease_ttl + config.commit_timeout,
                 attempt: config.lease_ttl,
@@ -243,7 +371,9 @@ impl Application {
             max_body_bytes: config.max_body_bytes,
             request_deadline: config.request_deadline,
             handler_timeout: config.handler_timeout,
-            internal_secret: config.internal_secret.clone(),
+            internal_auth,
+            authentication: Arc::new(authentication),
+            rate_limiters: Arc::new(RateLimiters::new(config.rate_limits)),
             registry,
         };
         Ok(Self {

@@ -652,7 +652,7 @@ mod db_tests {
     async fn check_reads_state_and_audit_rows_written_after_the_snapshot() {
         let (pool, name) = fresh_db().await;
         let wallet = Uuid::new_v4();
-        sqlx::query("INSERT INTO wallets (id) VALUES ($1)")
+        sqlx::query("INSERT INTO wallets (id, tenant_id) VALUES ($1, 'bench')")
             .bind(wallet)
             .execute(&pool)
             .await

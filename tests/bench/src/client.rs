@@ -55,6 +55,8 @@ pub struct Target {
     pub base: String,
     pub addr: String,
     host: HeaderValue,
+    /// `Bearer <token>` sent with every request, when the API needs one.
+    authorization: Option<HeaderValue>,
 }
 
 impl Target {
@@ -75,7 +77,22 @@ impl Target {
             base: format!("http://{authority}"),
             addr,
             host,
+            authorization: None,
         })
+    }
+
+    pub fn authorization(&self) -> Option<&str> {
+        self.authorization
+            .as_ref()
+            .and_then(|value| value.to_str().ok())
+    }
+
+    /// The same target, sending `token` as the bearer token.
+    pub fn with_token(mut self, token: &str) -> Result<Self, ClientError> {
+        let value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| ClientError::BadUrl("(token is not a header value)".to_owned()))?;
+        self.authorization = Some(value);
+        Ok(self)
     }
 }
 
@@ -170,12 +187,16 @@ impl Conn {
         timeout: Duration,
     ) -> Result<(u16, Bytes), ClientError> {
         let host = self.target.host.clone();
+        let authorization = self.target.authorization.clone();
         let fut = async {
             let sender = self.ready().await?;
             let mut builder = Request::builder()
                 .method(method)
                 .uri(uri)
                 .header(header::HOST, host);
+            if let Some(authorization) = authorization {
+                builder = builder.header(header::AUTHORIZATION, authorization);
+            }
             if let Some(key) = idempotency_key {
                 builder = builder.header(IDEMPOTENCY_KEY, key);
             }

@@ -108,6 +108,13 @@ struct RunArgs {
     /// Folder of results.json, report.md and the plots.
     #[arg(long, env = "WALLET_BENCH_OUT", default_value = "target/bench")]
     out: PathBuf,
+    /// Bearer token for the public API; by default `<root>/.data/dev-token`, which
+    /// `make up` writes (tenant `dev`, every scope).
+    #[arg(long, env = "WALLET_BENCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Tenant of the token: wallets seeded with SQL belong to it.
+    #[arg(long, env = "WALLET_BENCH_TENANT", default_value = "dev")]
+    tenant: String,
     /// Repository root (for .data/run/*.pid and scripts/cluster.sh).
     #[arg(long, env = "WALLET_BENCH_ROOT", default_value = ".")]
     root: PathBuf,
@@ -221,11 +228,18 @@ fn parse_slow_kind(s: &str) -> Result<slow::Kind, String> {
         .ok_or_else(|| format!("unknown slow connection kind {s:?} (idle, header, body)"))
 }
 
-fn targets(urls: &[String]) -> anyhow::Result<Vec<Arc<Target>>> {
+fn targets(urls: &[String], token: Option<&str>) -> anyhow::Result<Vec<Arc<Target>>> {
     let t: Vec<Arc<Target>> = urls
         .iter()
         .filter(|u| !u.trim().is_empty())
-        .map(|u| Target::parse(u).map(Arc::new))
+        .map(|u| {
+            let target = Target::parse(u)?;
+            match token {
+                Some(token) => target.with_token(token),
+                None => Ok(target),
+            }
+            .map(Arc::new)
+        })
         .collect::<Result<_, _>>()?;
     anyhow::ensure!(!t.is_empty(), "no target URLs");
     Ok(t)
@@ -264,9 +278,13 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         None => None,
     };
     let pool = if args.no_check { None } else { db.clone() };
+    let token = match &args.token {
+        Some(token) => Some(token.clone()),
+        None => std::fs::read_to_string(args.root.join(".data/dev-token")).ok(),
+    };
     let mut ctx = scenarios::Ctx {
         load: engine::LoadConfig {
-            targets: targets(&args.urls)?,
+            targets: targets(&args.urls, token.as_deref())?,
             timeout: args.timeout,
             seed: args.seed,
             // Unique per run: keys of an earlier run must not be replayed.
@@ -274,7 +292,8 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
                 .idempotency_keys
                 .then(|| format!("bench-{}", uuid::Uuid::new_v4().simple())),
         },
-        admin: targets(&args.admin_urls)?,
+        admin: targets(&args.admin_urls, None)?,
+        tenant: args.tenant.clone(),
         pool,
         db,
         root: args.root.clone(),

@@ -96,6 +96,8 @@ pub struct Ctx {
     pub pool: Option<PgPool>,
     /// The cluster's database whenever DATABASE_URL is set (many-wallets seeds with it).
     pub db: Option<PgPool>,
+    /// Tenant of the API token: wallets seeded with SQL must belong to it.
+    pub tenant: String,
     pub root: PathBuf,
     pub settings: Settings,
     /// Wallets of the multi scenarios, created once and shared by both rows.
@@ -643,7 +645,7 @@ async fn many_wallets(ctx: &mut Ctx) -> anyhow::Result<ScenarioResult> {
         s.many_wallets, s.many_seed_chunk
     ));
     let seeding = Instant::now();
-    setup::seed_numbered(&db, &numbered, s.many_seed_chunk)
+    setup::seed_numbered(&db, &ctx.tenant, &numbered, s.many_seed_chunk)
         .await
         .context("seeding the wallets")?;
     let seed_s = round1(seeding.elapsed().as_secs_f64());
@@ -854,6 +856,7 @@ async fn slow_connections(ctx: &mut Ctx) -> anyhow::Result<ScenarioResult> {
     let slow_cfg = slow::Config {
         addr: target.addr.clone(),
         host: target.base.trim_start_matches("http://").to_owned(),
+        authorization: target.authorization().map(str::to_owned),
         connections: s.slow_connections,
         kinds: s.slow_kinds.clone(),
         trickle: s.slow_trickle,
@@ -1098,6 +1101,7 @@ mod memory_scenario_tests {
             admin: vec![target],
             pool: None,
             db: None,
+            tenant: "bench".to_owned(),
             root: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."),
             settings: settings(),
             multi_wallets: None,
@@ -1146,6 +1150,7 @@ mod memory_scenario_tests {
             admin: Vec::new(),
             pool: None,
             db: None,
+            tenant: "bench".to_owned(),
             root: PathBuf::from("."),
             settings: settings(),
             multi_wallets: None,

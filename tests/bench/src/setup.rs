@@ -156,6 +156,7 @@ impl Numbered {
 /// `chunk` rows per statement (a million through the API would take minutes).
 pub async fn seed_numbered(
     pool: &sqlx::PgPool,
+    tenant: &str,
     wallets: &Numbered,
     chunk: usize,
 ) -> Result<(), sqlx::Error> {
@@ -165,13 +166,14 @@ pub async fn seed_numbered(
     while from < wallets.n {
         let to = (from + chunk).min(wallets.n);
         sqlx::query(
-            "INSERT INTO wallets (id, balance, version) \
-             SELECT ($1 || lpad(to_hex(g), 12, '0'))::uuid, 0, 0 \
+            "INSERT INTO wallets (id, tenant_id, balance, version) \
+             SELECT ($1 || lpad(to_hex(g), 12, '0'))::uuid, $4, 0, 0 \
              FROM generate_series($2::bigint, $3::bigint) AS g",
         )
         .bind(&prefix)
         .bind(from as i64)
         .bind(to as i64 - 1)
+        .bind(tenant)
         .execute(pool)
         .await?;
         from = to;
@@ -180,7 +182,8 @@ pub async fn seed_numbered(
 }
 
 /// Deletes the wallets of `wallets` and their audit rows, `chunk` wallets per
-/// statement, so repeated runs do not leave millions of rows behind.
+/// statement, so repeated runs do not leave millions of rows behind. Needs the owner
+/// of the tables: the app role may not delete.
 pub async fn delete_numbered(
     pool: &sqlx::PgPool,
     wallets: &Numbered,
@@ -191,16 +194,22 @@ pub async fn delete_numbered(
     while from < wallets.n {
         let to = (from + chunk).min(wallets.n);
         let (lo, hi) = (wallets.id(from), wallets.id(to - 1));
+        let mut tx = pool.begin().await?;
+        // The audit trail refuses deletes outside a maintenance transaction (0003).
+        sqlx::query("SET LOCAL wallet.maintenance = 'on'")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM operations WHERE wallet_id BETWEEN $1 AND $2")
             .bind(lo)
             .bind(hi)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM wallets WHERE id BETWEEN $1 AND $2")
             .bind(lo)
             .bind(hi)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         from = to;
     }
     Ok(())

@@ -52,6 +52,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Config {
     pub addr: String,
     pub host: String,
+    /// `Authorization` header value of the body kind, if the API needs a token.
+    pub authorization: Option<String>,
     pub connections: usize,
     pub kinds: Vec<Kind>,
     pub trickle: Duration,
@@ -77,14 +79,18 @@ fn secs(start: Instant) -> f64 {
     (start.elapsed().as_secs_f64() * 1000.0).round() / 1000.0
 }
 
-fn first_bytes(kind: Kind, host: &str) -> Vec<u8> {
+fn first_bytes(kind: Kind, host: &str, authorization: Option<&str>) -> Vec<u8> {
+    // With a valid token the node reads the body instead of refusing at once.
+    let auth = authorization
+        .map(|value| format!("Authorization: {value}\r\n"))
+        .unwrap_or_default();
     match kind {
         Kind::Idle => Vec::new(),
         Kind::Header => {
             format!("POST /api/v1/wallet HTTP/1.1\r\nHost: {host}\r\nX-Slow: ").into_bytes()
         }
         Kind::Body => format!(
-            "POST /api/v1/wallet HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {BODY_BYTES}\r\n\r\n{{"
+            "POST /api/v1/wallet HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\nContent-Length: {BODY_BYTES}\r\n\r\n{{"
         )
         .into_bytes(),
     }
@@ -135,7 +141,7 @@ async fn hold(
         out.closed_s = Some(secs(start));
         out.how = Some(how.to_owned());
     };
-    let first = first_bytes(kind, &cfg.host);
+    let first = first_bytes(kind, &cfg.host, cfg.authorization.as_deref());
     if !first.is_empty() && stream.write_all(&first).await.is_err() {
         closed(&mut out, "write failed");
         open_now.fetch_sub(1, Ordering::Relaxed);
@@ -402,8 +408,14 @@ mod tests {
         assert_eq!(status_of(b"HTTP/1.1 408 Request Timeout\r\n"), Some(408));
         assert_eq!(status_of(b"HTTP/1.0 503 x"), Some(503));
         assert_eq!(status_of(b"garbage"), None);
-        assert!(first_bytes(Kind::Body, "h:1").ends_with(b"\r\n\r\n{"));
-        assert!(first_bytes(Kind::Idle, "h:1").is_empty());
+        assert!(first_bytes(Kind::Body, "h:1", None).ends_with(b"\r\n\r\n{"));
+        assert!(first_bytes(Kind::Idle, "h:1", None).is_empty());
+        let with_token = first_bytes(Kind::Body, "h:1", Some("Bearer t"));
+        assert!(
+            with_token
+                .windows(23)
+                .any(|w| w == b"Authorization: Bearer t")
+        );
     }
 
     #[test]
@@ -436,6 +448,7 @@ mod tests {
     fn cfg(addr: String, duration: Duration) -> Config {
         Config {
             host: addr.clone(),
+            authorization: None,
             addr,
             connections: 9,
             kinds: vec![Kind::Idle, Kind::Header, Kind::Body],

@@ -8,7 +8,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::Membership;
-use crate::{ClusterConfig, ClusterError, ClusterMetrics, Member};
+use crate::{ClusterConfig, ClusterError, ClusterMetrics, Member, SigningKeys};
+
+/// What a member entry's signature covers (with the Redis prefix, the id and the address).
+const ENTRY_PURPOSE: &str = "wallet-member-v1";
 
 /// Heartbeat (when ARGV[1] is not empty), drop expired members, return Redis's time
 /// (ms) and the live entries with their expiry. Redis's own clock decides expiry, so
@@ -40,6 +43,13 @@ const MAX_POLL: Duration = Duration::from_millis(250);
 /// heartbeat TTL: it tells a leaver from an entry Redis lost (FLUSHALL, a restart
 /// without persistence). A lost entry stays in the view until its last known expiry,
 /// by when its owner has long re-registered, so a wipe moves no shard.
+///
+/// Every entry is signed with the internal secret (HMAC over the prefix, id and
+/// address), and entries without a valid signature are ignored: whoever can write to
+/// Redis cannot add a member and so cannot redirect forwarded requests to an address
+/// of their choosing. (They can still delete entries or write tombstones, which only
+/// moves shards, as a crash would; and they could put back an entry a member once
+/// wrote, naming an address that member had.)
 pub struct RedisMembership {
     pool: Pool,
     key: String,
@@ -50,6 +60,54 @@ pub struct RedisMembership {
     refresh: Notify,
     metrics: ClusterMetrics,
     script: Script,
+    keys: SigningKeys,
+}
+
+/// A member entry as stored in the set: the member and the signature of its fields.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Entry {
+    id: String,
+    internal_addr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signature: Option<String>,
+}
+
+impl Entry {
+    fn signed(member: &Member, prefix: &str, keys: &SigningKeys) -> Self {
+        Self {
+            id: member.id.clone(),
+            internal_addr: member.internal_addr.clone(),
+            signature: Some(keys.sign(ENTRY_PURPOSE, &entry_fields(prefix, member))),
+        }
+    }
+}
+
+fn entry_fields<'a>(prefix: &'a str, member: &'a Member) -> [&'a [u8]; 3] {
+    [
+        prefix.as_bytes(),
+        member.id.as_bytes(),
+        member.internal_addr.as_bytes(),
+    ]
+}
+
+/// Why an entry of the set was ignored (the `reason` label of
+/// `wallet_member_entries_rejected_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rejected {
+    Malformed,
+    Unsigned,
+    BadSignature,
+}
+
+impl Rejected {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Unsigned => "unsigned",
+            Self::BadSignature => "bad_signature",
+        }
+    }
 }
 
 /// A member as last read, with its expiry in Redis's clock (ms).
@@ -66,6 +124,8 @@ struct Seen {
 struct Read {
     now_ms: i64,
     live: BTreeMap<String, Seen>,
+    /// Entries ignored, with why.
+    rejected: BTreeMap<String, Rejected>,
 }
 
 impl RedisMembership {
@@ -84,17 +144,24 @@ impl RedisMembership {
             key: Self::key(&config.redis_prefix),
             tombstone: tombstone_key(&config.redis_prefix, &config.node_id),
             prefix: config.redis_prefix.clone(),
-            member_json: serde_json::to_string(&me)?,
+            member_json: Self::entry(&me, &config.redis_prefix, &config.keys),
             heartbeat_ttl: config.heartbeat_ttl,
             refresh: Notify::new(),
             metrics,
             script: Script::new(HEARTBEAT),
+            keys: config.keys.clone(),
         })
     }
 
     /// The sorted set holding the members of the cluster using `prefix`.
     pub fn key(prefix: &str) -> String {
         format!("{prefix}:members")
+    }
+
+    /// The entry `member` writes into that set: the member and its signature.
+    pub fn entry(member: &Member, prefix: &str, keys: &SigningKeys) -> String {
+        serde_json::to_string(&Entry::signed(member, prefix, keys))
+            .unwrap_or_else(|_| unreachable!("an entry of strings always encodes"))
     }
 
     /// One heartbeat (or a plain read when `register` is false).
@@ -114,9 +181,11 @@ impl RedisMembership {
             .arg(self.heartbeat_ttl.as_millis() as u64)
             .invoke_async(&mut **conn)
             .await?;
+        let (live, rejected) = parse_members(&raw, &self.prefix, &self.keys);
         Ok(Read {
             now_ms,
-            live: parse_members(&raw),
+            live,
+            rejected,
         })
     }
 
@@ -147,6 +216,7 @@ impl RedisMembership {
     async fn poll(
         &self,
         seen: &mut BTreeMap<String, Seen>,
+        rejected: &mut BTreeMap<String, Rejected>,
         tombstone_cleared: &mut bool,
         register: bool,
     ) -> Result<Vec<Member>, ClusterError> {
@@ -159,7 +229,19 @@ impl RedisMembership {
                 .await?;
             *tombstone_cleared = true;
         }
-        let read = self.heartbeat(&mut conn, register).await?;
+        let mut read = self.heartbeat(&mut conn, register).await?;
+        // Each ignored entry is logged and counted once while it stays in the set.
+        for (entry, why) in &read.rejected {
+            if !rejected.contains_key(entry) {
+                self.metrics.member_entry_rejected(why.label());
+                tracing::warn!(
+                    reason = why.label(),
+                    entry = %entry.chars().take(256).collect::<String>(),
+                    "ignoring a member entry without a valid signature: something other than a node with the internal secret wrote to the member set"
+                );
+            }
+        }
+        *rejected = std::mem::take(&mut read.rejected);
         // Checked after the script rather than in it, which keeps the script on one key
         // (Redis Cluster). No race: a leaver writes its tombstone before its ZREM.
         let left = self.tombstoned(&mut conn, &vanished(seen, &read)).await?;
@@ -202,25 +284,45 @@ fn tombstone_key(prefix: &str, node_id: &str) -> String {
 }
 
 /// Decodes the set's entries (ascending expiry), keeping per id the one heard from
-/// last (an earlier run may linger with another address).
-fn parse_members(raw: &[(String, i64)]) -> BTreeMap<String, Seen> {
+/// last (an earlier run may linger with another address), and only entries signed
+/// with one of `keys`; the others are returned with why they were ignored.
+fn parse_members(
+    raw: &[(String, i64)],
+    prefix: &str,
+    keys: &SigningKeys,
+) -> (BTreeMap<String, Seen>, BTreeMap<String, Rejected>) {
     let mut by_id = BTreeMap::new();
-    for (entry, expires_ms) in raw {
-        match serde_json::from_str::<Member>(entry) {
-            Ok(member) => {
-                by_id.insert(
-                    member.id.clone(),
-                    Seen {
-                        member,
-                        expires_ms: *expires_ms,
-                        vanished: false,
-                    },
-                );
+    let mut rejected = BTreeMap::new();
+    for (text, expires_ms) in raw {
+        let entry = match serde_json::from_str::<Entry>(text) {
+            Ok(entry) => entry,
+            Err(_) => {
+                rejected.insert(text.clone(), Rejected::Malformed);
+                continue;
             }
-            Err(error) => tracing::warn!(%error, entry, "ignoring malformed member entry"),
+        };
+        let member = Member {
+            id: entry.id,
+            internal_addr: entry.internal_addr,
+        };
+        let Some(signature) = entry.signature else {
+            rejected.insert(text.clone(), Rejected::Unsigned);
+            continue;
+        };
+        if !keys.verify(ENTRY_PURPOSE, &entry_fields(prefix, &member), &signature) {
+            rejected.insert(text.clone(), Rejected::BadSignature);
+            continue;
         }
+        by_id.insert(
+            member.id.clone(),
+            Seen {
+                member,
+                expires_ms: *expires_ms,
+                vanished: false,
+            },
+        );
     }
-    by_id
+    (by_id, rejected)
 }
 
 /// Members seen before whose last known expiry has not passed but whom `read` lacks:
@@ -270,6 +372,7 @@ impl Membership for RedisMembership {
         let mut last_read = Instant::now();
         let mut healthy = true;
         let mut seen = BTreeMap::new();
+        let mut rejected = BTreeMap::new();
         let mut tombstone_cleared = false;
         let mut registered = false;
         let mut eligible_open = true;
@@ -304,7 +407,10 @@ impl Membership for RedisMembership {
                     }
                 }
             }
-            match self.poll(&mut seen, &mut tombstone_cleared, register).await {
+            match self
+                .poll(&mut seen, &mut rejected, &mut tombstone_cleared, register)
+                .await
+            {
                 Ok(members) => {
                     if register && !registered {
                         tracing::info!("registered in the membership");
@@ -375,24 +481,27 @@ mod tests {
         view.keys().map(String::as_str).collect()
     }
 
+    fn keys() -> SigningKeys {
+        SigningKeys::new("the-secret".into(), None)
+    }
+
+    fn entry(id: &str, addr: &str) -> String {
+        serde_json::to_string(&Entry::signed(&member(id, addr), "wallet", &keys())).expect("json")
+    }
+
     #[test]
     fn later_entry_of_the_same_id_wins_and_output_is_sorted() {
         let raw = vec![
-            (
-                r#"{"id":"node-1","internalAddr":"10.0.0.1:8090"}"#.to_owned(),
-                10,
-            ),
-            (
-                r#"{"id":"node-0","internalAddr":"10.0.0.9:8090"}"#.to_owned(),
-                11,
-            ),
+            (entry("node-1", "10.0.0.1:8090"), 10),
+            (entry("node-0", "10.0.0.9:8090"), 11),
             ("not json".to_owned(), 12),
-            (
-                r#"{"id":"node-1","internalAddr":"10.0.0.2:8090"}"#.to_owned(),
-                13,
-            ),
+            (entry("node-1", "10.0.0.2:8090"), 13),
         ];
-        let members = parse_members(&raw);
+        let (members, rejected) = parse_members(&raw, "wallet", &keys());
+        assert_eq!(
+            rejected.into_iter().collect::<Vec<_>>(),
+            [("not json".to_owned(), Rejected::Malformed)]
+        );
         let view: Vec<_> = members.values().map(|s| s.member.clone()).collect();
         assert_eq!(
             view,
@@ -405,10 +514,47 @@ mod tests {
     }
 
     #[test]
+    fn entries_without_a_valid_signature_are_ignored() {
+        let signed = entry("node-0", "10.0.0.1:8090");
+        let unsigned = r#"{"id":"node-9","internalAddr":"10.6.6.6:8090"}"#.to_owned();
+        // A real node's entry with its address changed, or signed with another secret,
+        // or for another cluster's prefix.
+        let redirected = signed.replace("10.0.0.1", "10.6.6.6");
+        let foreign = serde_json::to_string(&Entry::signed(
+            &member("node-8", "10.6.6.6:8090"),
+            "wallet",
+            &SigningKeys::new("another-secret".into(), None),
+        ))
+        .expect("json");
+        let other_prefix = serde_json::to_string(&Entry::signed(
+            &member("node-7", "10.6.6.6:8090"),
+            "other",
+            &keys(),
+        ))
+        .expect("json");
+        let raw: Vec<(String, i64)> = [&signed, &unsigned, &redirected, &foreign, &other_prefix]
+            .into_iter()
+            .map(|text| (text.clone(), 10))
+            .collect();
+        let (members, rejected) = parse_members(&raw, "wallet", &keys());
+        assert_eq!(members.keys().collect::<Vec<_>>(), ["node-0"]);
+        assert_eq!(members["node-0"].member, member("node-0", "10.0.0.1:8090"));
+        assert_eq!(rejected[&unsigned], Rejected::Unsigned);
+        for forged in [&redirected, &foreign, &other_prefix] {
+            assert_eq!(rejected[forged], Rejected::BadSignature, "{forged}");
+        }
+        // The previous secret still verifies while it is being rotated out.
+        let rotated = SigningKeys::new("new-secret".into(), Some("the-secret".into()));
+        let (members, _) = parse_members(&raw[..1], "wallet", &rotated);
+        assert_eq!(members.keys().collect::<Vec<_>>(), ["node-0"]);
+    }
+
+    #[test]
     fn a_lost_entry_is_kept_until_its_expiry_and_a_leaver_is_not() {
         let before: BTreeMap<_, _> = [seen("a", 2000), seen("b", 1500), seen("c", 1800)].into();
         // Redis lost b's and c's entries; c left (tombstone), b did not.
         let read = Read {
+            rejected: BTreeMap::new(),
             now_ms: 1000,
             live: [seen("a", 3000)].into(),
         };
@@ -424,6 +570,7 @@ mod tests {
 
         // Still missing at its expiry: kept (as Redis keeps an entry whose score is now).
         let read = Read {
+            rejected: BTreeMap::new(),
             now_ms: 1500,
             live: [seen("a", 3500)].into(),
         };
@@ -431,6 +578,7 @@ mod tests {
 
         // Past it: gone, without asking for a tombstone.
         let read = Read {
+            rejected: BTreeMap::new(),
             now_ms: 1501,
             live: [seen("a", 3501)].into(),
         };
@@ -439,6 +587,7 @@ mod tests {
 
         // Back before that: live again, with its new expiry.
         let read = Read {
+            rejected: BTreeMap::new(),
             now_ms: 1200,
             live: [seen("a", 3200), seen("b", 3100)].into(),
         };

@@ -134,7 +134,13 @@ pub fn config(node_id: &str, prefix: &str, shards: u32) -> ClusterConfig {
         lease_ttl: Duration::from_millis(2000),
         heartbeat_ttl: Duration::from_millis(2000),
         redis_prefix: prefix.to_owned(),
+        keys: keys(),
     }
+}
+
+/// The internal secret every test node shares.
+pub fn keys() -> wallet_cluster::SigningKeys {
+    wallet_cluster::SigningKeys::new("cluster-test-secret".into(), None)
 }
 
 /// What every fake host did, in one place, so overlapping ownership is caught at the

@@ -89,6 +89,8 @@ pub struct OperationCommand {
     /// Chosen by the node that took the request and kept across retries, so a retry
     /// after an ambiguous failure finds the operation instead of applying it twice.
     pub operation_id: Uuid,
+    /// The caller's tenant: a wallet of another tenant is "not found".
+    pub tenant: crate::auth::Tenant,
     pub wallet_id: Uuid,
     pub operation_type: OperationType,
     pub amount: Amount,

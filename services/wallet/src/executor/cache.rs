@@ -17,7 +17,7 @@ use crate::store::WalletState;
 /// different threads rarely meet on one.
 const STRIPES: usize = 64;
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Entry {
     fence: i64,
     state: WalletState,
@@ -50,7 +50,7 @@ impl WalletCache {
     pub fn get(&self, fence: i64, wallet_id: &Uuid) -> Option<WalletState> {
         let mut stripe = self.stripe(wallet_id);
         match stripe.get(wallet_id) {
-            Some(entry) if entry.fence == fence => Some(entry.state),
+            Some(entry) if entry.fence == fence => Some(entry.state.clone()),
             Some(_) => {
                 stripe.pop(wallet_id);
                 None
@@ -95,6 +95,7 @@ mod tests {
         WalletState {
             balance: Decimal::new(version * 100, 2),
             version,
+            tenant: crate::auth::Tenant::parse("t").expect("tenant"),
         }
     }
 

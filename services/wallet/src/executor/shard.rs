@@ -347,9 +347,9 @@ impl ShardExecutor {
             .collect();
         for (wallet_id, state) in &plan.next_state {
             if applied.contains(wallet_id) {
-                self.cache.put(self.fence, *wallet_id, *state);
+                self.cache.put(self.fence, *wallet_id, state.clone());
             } else {
-                self.cache.refresh(self.fence, *wallet_id, *state);
+                self.cache.refresh(self.fence, *wallet_id, state.clone());
             }
         }
         for record in &plan.records {
@@ -458,6 +458,16 @@ impl ShardExecutor {
 
         for pending in batch {
             let command = &pending.command;
+            // First of all: another tenant's wallet does not exist for this caller, not
+            // even its operations or idempotency keys.
+            let owner = next_state
+                .get(&command.wallet_id)
+                .or_else(|| prepared.states.get(&command.wallet_id))
+                .map(|state| &state.tenant);
+            if owner != Some(&command.tenant) {
+                planned.push(Planned::Done(CommandOutcome::WalletNotFound));
+                continue;
+            }
             if let Some(previous) = by_id.get(&command.operation_id) {
                 planned.push(Planned::Done(CommandOutcome::Recorded((*previous).clone())));
                 continue;
@@ -497,7 +507,7 @@ impl ShardExecutor {
             let Some(state) = next_state
                 .get(&command.wallet_id)
                 .or_else(|| prepared.states.get(&command.wallet_id))
-                .copied()
+                .cloned()
             else {
                 planned.push(Planned::Done(CommandOutcome::WalletNotFound));
                 continue;
@@ -505,7 +515,14 @@ impl ShardExecutor {
             let amount = command.amount.value();
             let (balance, rejection) = apply(state.balance, command.operation_type, amount);
             let version = state.version + 1;
-            next_state.insert(command.wallet_id, WalletState { balance, version });
+            next_state.insert(
+                command.wallet_id,
+                WalletState {
+                    balance,
+                    version,
+                    tenant: state.tenant,
+                },
+            );
             records.push(OperationRecord {
                 operation_id: command.operation_id,
                 wallet_id: command.wallet_id,

@@ -1,12 +1,13 @@
 //! The one error type of the public API and the one place that picks its HTTP status.
 
-use salvo::http::header::{HeaderValue, RETRY_AFTER};
+use salvo::http::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use salvo::oapi::{Components, EndpointOutRegister, Operation};
 use salvo::prelude::*;
 use uuid::Uuid;
 
 use super::problem::Problem;
 use super::views::OperationView;
+use crate::auth::{AuthError, Scope};
 use crate::domain::OperationRecord;
 use crate::store::StoreError;
 use crate::submit::NotApplied;
@@ -44,8 +45,27 @@ pub enum ApiError {
     /// The database did not answer in time; nothing was written.
     #[error("the database did not answer in time")]
     DatabaseUnavailable(#[source] StoreError),
+    /// No token, or one that does not verify.
+    #[error(transparent)]
+    Unauthenticated(AuthError),
+    #[error("the token lacks the scope {}", .0.as_str())]
+    Forbidden(Scope),
+    /// The tenant's token bucket for this kind of request is empty; not applied.
+    #[error("rate limit exceeded; retry in {retry_after_seconds} s")]
+    RateLimited { retry_after_seconds: u64 },
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::MissingScope(scope) => Self::Forbidden(scope),
+            // The issuer's keys could not be fetched: the caller is not to blame.
+            AuthError::KeysUnavailable(error) => Self::Unexpected(error.into()),
+            error => Self::Unauthenticated(error),
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -77,6 +97,9 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::WalletNotFound(_) | Self::OperationNotFound { .. } => StatusCode::NOT_FOUND,
             Self::InsufficientFunds(_) => StatusCode::CONFLICT,
             Self::NotApplied(_) | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -163,6 +186,17 @@ impl ApiError {
                 "Service unavailable",
                 "the database did not answer in time; nothing was written, retry later",
             ),
+            Self::Unauthenticated(_) => {
+                Problem::new(status, "unauthorized", "Unauthorized", detail)
+            }
+            Self::Forbidden(scope) => Problem::new(status, "forbidden", "Forbidden", detail)
+                .with("requiredScope", scope.as_str()),
+            Self::RateLimited { .. } => Problem::new(
+                status,
+                "rate-limited",
+                "Too many requests",
+                format!("{detail}; this request was not applied"),
+            ),
             Self::OutcomeUnknown => Problem::new(
                 status,
                 "internal-error",
@@ -205,9 +239,31 @@ impl ApiError {
         if status.is_server_error() {
             tracing::error!(error = ?anyhow_chain(&self), status = status.as_u16(), "request failed");
         }
-        if let Self::NotApplied(_) | Self::DatabaseUnavailable(_) = self {
-            res.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        match &self {
+            Self::NotApplied(_) | Self::DatabaseUnavailable(_) => {
+                res.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::RateLimited {
+                retry_after_seconds,
+            } => {
+                res.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
+            }
+            Self::Unauthenticated(error) => {
+                res.headers_mut()
+                    .insert(WWW_AUTHENTICATE, bearer_challenge(error));
+            }
+            Self::Forbidden(scope) => {
+                let challenge = format!(
+                    r#"Bearer realm="wallet", error="insufficient_scope", scope="{}""#,
+                    scope.as_str()
+                );
+                if let Ok(value) = HeaderValue::from_str(&challenge) {
+                    res.headers_mut().insert(WWW_AUTHENTICATE, value);
+                }
+            }
+            _ => {}
         }
         let mut problem = self.problem();
         if let Some(operation_id) = operation_id {
@@ -256,6 +312,17 @@ impl From<crate::routing::RoutingError> for ApiError {
 /// Statuses are documented per endpoint with `responses(...)`.
 impl EndpointOutRegister for ApiError {
     fn register(_components: &mut Components, _operation: &mut Operation) {}
+}
+
+/// RFC 6750: no `error` for a request without a token, `invalid_token` otherwise.
+fn bearer_challenge(error: &AuthError) -> HeaderValue {
+    match error {
+        AuthError::Missing => HeaderValue::from_static(r#"Bearer realm="wallet""#),
+        AuthError::Expired => HeaderValue::from_static(
+            r#"Bearer realm="wallet", error="invalid_token", error_description="the token has expired""#,
+        ),
+        _ => HeaderValue::from_static(r#"Bearer realm="wallet", error="invalid_token""#),
+    }
 }
 
 fn anyhow_chain(error: &ApiError) -> String {

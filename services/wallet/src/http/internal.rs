@@ -1,9 +1,8 @@
-//! The owner's side of forwarding: authenticated; each command of a batch is answered
-//! with its outcome or why it has none (`Undelivered`), as the local executor said.
+//! The owner's side of forwarding: signed requests only (`crate::internal_auth`); each
+//! command of a batch is answered with its outcome or why it has none (`Undelivered`),
+//! as the local executor said.
 
-use salvo::http::header::AUTHORIZATION;
 use salvo::prelude::*;
-use secrecy::ExposeSecret;
 
 use super::problem::{Problem, write_json};
 use super::{AppState, app_state};
@@ -14,19 +13,22 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::internal_auth::{self, AuthError};
 use crate::routing::{
     ForwardBatch, ForwardReply, ForwardResult, ForwardedCommand, MAX_FORWARD_BATCH,
 };
 use crate::submit::Submit;
 
-/// Compares in constant time, so the secret cannot be guessed byte by byte.
-fn secret_matches(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+fn unauthorized(state: &AppState, error: AuthError, res: &mut Response) {
+    state.internal_auth.refused(error);
+    tracing::warn!(reason = error.label(), "internal request refused: {error}");
+    Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        error.to_string(),
+    )
+    .write_to(res);
 }
 
 #[handler]
@@ -34,29 +36,41 @@ pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut R
     let Some(state) = app_state(depot, res) else {
         return;
     };
-    let expected = format!("Bearer {}", state.internal_secret.expose_secret());
-    let given = req
-        .headers()
-        .get(AUTHORIZATION)
-        .map(|value| value.as_bytes())
-        .unwrap_or_default();
-    if !secret_matches(given, expected.as_bytes()) {
-        Problem::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Unauthorized",
-            "missing or wrong internal secret",
+    // The headers first: an unsigned or stale request is refused before its body is read.
+    let claimed = {
+        let headers = req.headers();
+        state.internal_auth.check_headers(
+            |name| headers.get(name).and_then(|value| value.to_str().ok()),
+            internal_auth::now_ms(),
         )
-        .write_to(res);
-        return;
+    };
+    let claimed = match claimed {
+        Ok(claimed) => claimed,
+        Err(error) => return unauthorized(&state, error, res),
+    };
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let body = match req.payload_with_max_size(state.max_body_bytes * 512).await {
+        Ok(body) => body,
+        Err(error) => {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-request",
+                "Malformed request",
+                error.to_string(),
+            )
+            .write_to(res);
+            return;
+        }
+    };
+    if let Err(error) =
+        state
+            .internal_auth
+            .verify(&claimed, &method, &path, body, internal_auth::now_ms())
+    {
+        return unauthorized(&state, error, res);
     }
-    let parsed = req
-        .payload_with_max_size(state.max_body_bytes * 512)
-        .await
-        .map_err(|error| error.to_string())
-        .and_then(|bytes| {
-            serde_json::from_slice::<ForwardBatch>(bytes).map_err(|error| error.to_string())
-        });
+    let parsed = serde_json::from_slice::<ForwardBatch>(body).map_err(|error| error.to_string());
     let batch = match parsed {
         Ok(batch) if batch.operations.len() <= MAX_FORWARD_BATCH => batch,
         Ok(batch) => {
@@ -113,17 +127,4 @@ async fn execute(state: &AppState, forwarded: ForwardedCommand) -> ForwardResult
         .instrument(span)
         .await
         .into()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::secret_matches;
-
-    #[test]
-    fn secrets_must_match_exactly() {
-        assert!(secret_matches(b"Bearer abc", b"Bearer abc"));
-        assert!(!secret_matches(b"Bearer abd", b"Bearer abc"));
-        assert!(!secret_matches(b"Bearer ab", b"Bearer abc"));
-        assert!(!secret_matches(b"", b"Bearer abc"));
-    }
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod error;
+mod guard;
 mod input;
 mod internal;
 mod limits;
@@ -12,6 +13,7 @@ mod views;
 mod wallets;
 
 pub use error::ApiError;
+pub use guard::{Authentication, Rate, RateLimiters, RateLimits};
 pub use observe::HttpMetrics;
 pub use problem::Problem;
 pub use views::{OperationPage, OperationView, WalletView};
@@ -19,15 +21,17 @@ pub use views::{OperationPage, OperationView, WalletView};
 use std::sync::Arc;
 
 use salvo::catcher::Catcher;
+use salvo::oapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use salvo::oapi::swagger_ui::SwaggerUi;
-use salvo::oapi::{Info, OpenApi};
+use salvo::oapi::{Info, OpenApi, RouterExt};
 use salvo::prelude::*;
-use secrecy::SecretString;
 use wallet_cluster::Cluster;
 
+use crate::auth::Scope;
 use crate::executor::ExecutorPool;
 use crate::routing::OperationRouter;
 use crate::store::Store;
+use guard::{Guard, RateClass};
 use observe::{Observe, RouteTemplate};
 
 pub const OPENAPI_PATH: &str = "/api-doc/openapi.json";
@@ -46,7 +50,11 @@ pub struct AppState {
     pub request_deadline: std::time::Duration,
     /// The last bound on any request's handler.
     pub handler_timeout: std::time::Duration,
-    pub internal_secret: SecretString,
+    /// Checks the signatures of internal requests.
+    pub internal_auth: Arc<crate::internal_auth::Verifier>,
+    /// How public callers are authenticated.
+    pub authentication: Arc<Authentication>,
+    pub rate_limiters: Arc<RateLimiters>,
     pub registry: prometheus::Registry,
 }
 
@@ -70,15 +78,34 @@ fn route(template: &'static str) -> Router {
     Router::with_path(template.trim_start_matches('/')).hoop(RouteTemplate(template))
 }
 
+/// A public route behind its guard: a bearer token with `scope`, within the tenant's
+/// rate for `class`; the OpenAPI document declares the same.
+fn guarded(template: &'static str, scope: Scope, class: RateClass) -> Router {
+    route(template)
+        .hoop(Guard::new(Some(scope), class))
+        .oapi_security(guard::security(scope))
+}
+
 /// The versioned public API, without docs; the OpenAPI document is generated from it.
 pub fn api_router() -> Router {
+    let read = |template| guarded(template, Scope::WalletsRead, RateClass::Read);
     Router::new()
-        .push(route("/api/v1/wallets").post(wallets::create_wallet))
-        .push(route("/api/v1/wallet").post(wallets::post_operation))
-        .push(route("/api/v1/wallets/{wallet_id}").get(wallets::get_wallet))
-        .push(route("/api/v1/wallets/{wallet_id}/operations").get(wallets::list_operations))
         .push(
-            route("/api/v1/wallets/{wallet_id}/operations/{operation_id}")
+            guarded("/api/v1/wallets", Scope::WalletsCreate, RateClass::Create)
+                .post(wallets::create_wallet),
+        )
+        // The scope depends on the operation's type, in the body: the handler checks it.
+        .push(
+            route("/api/v1/wallet")
+                .hoop(Guard::new(None, RateClass::Write))
+                .oapi_security(guard::security(Scope::WalletsDeposit))
+                .oapi_security(guard::security(Scope::WalletsWithdraw))
+                .post(wallets::post_operation),
+        )
+        .push(read("/api/v1/wallets/{wallet_id}").get(wallets::get_wallet))
+        .push(read("/api/v1/wallets/{wallet_id}/operations").get(wallets::list_operations))
+        .push(
+            read("/api/v1/wallets/{wallet_id}/operations/{operation_id}")
                 .get(wallets::get_operation),
         )
 }
@@ -86,8 +113,14 @@ pub fn api_router() -> Router {
 pub fn openapi() -> OpenApi {
     OpenApi::with_info(
         Info::new("Wallet service", env!("CARGO_PKG_VERSION")).description(
-            "Exact-money wallets: create, deposit, withdraw, balances and a full audit trail.",
+            "Exact-money wallets: create, deposit, withdraw, balances and a full audit trail. \
+             Every operation needs `Authorization: Bearer <JWT>` with the scopes it lists; \
+             wallets belong to the tenant of the token that created them.",
         ),
+    )
+    .add_security_scheme(
+        guard::BEARER,
+        SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer).bearer_format("JWT")),
     )
     .merge_router(&api_router())
 }

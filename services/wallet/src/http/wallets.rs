@@ -6,13 +6,16 @@ use salvo::prelude::*;
 use uuid::Uuid;
 
 use super::error::{ApiError, OperationError};
+use super::guard::{principal, require};
 use super::problem::write_json;
 use super::views::{
     CreateWalletRequest, OperationPage, OperationRequestDoc, OperationView, WalletView,
 };
 use super::{AppState, input};
+use crate::auth::Scope;
 use crate::domain::{
-    CommandOutcome, Deadline, OperationCommand, OperationRecord, OperationStatus, RejectionReason,
+    CommandOutcome, Deadline, OperationCommand, OperationRecord, OperationStatus, OperationType,
+    RejectionReason,
 };
 
 const JSON: &str = "application/json";
@@ -59,6 +62,9 @@ fn state(depot: &Depot) -> Result<&AppState, ApiError> {
     request_body(content = Option<CreateWalletRequest>, description = "Optional, empty object"),
     parameters(("Idempotency-Key" = Option<String>, Header, description = "Replays return the first answer")),
     responses(
+        (status_code = 401, description = "No bearer token, or one that does not verify", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 403, description = "The token lacks the scope", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 429, description = "The tenant's rate limit; not applied, Retry-After says when to retry", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 201, description = "Wallet created", body = WalletView),
         (status_code = 400, description = "Malformed JSON or header", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 413, description = "Body too large", body = super::problem::Problem, content_type = "application/problem+json"),
@@ -67,6 +73,7 @@ fn state(depot: &Depot) -> Result<&AppState, ApiError> {
 )]
 pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, ApiError> {
     let state = state(depot)?;
+    let tenant = &principal(depot)?.tenant;
     let key = input::idempotency_key(req)?;
     if let Some(bytes) = input::body(req, state.max_body_bytes).await? {
         let _: CreateWalletRequest = input::json(&bytes)?;
@@ -81,6 +88,7 @@ pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply
     let stored = state
         .store
         .create_wallet(
+            tenant,
             wallet_id,
             key.as_deref().map(|key| (key, CREATE_FINGERPRINT)),
             &body,
@@ -106,6 +114,9 @@ pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply
     tags("wallets"),
     parameters(("wallet_id" = Uuid, Path, description = "Wallet id")),
     responses(
+        (status_code = 401, description = "No bearer token, or one that does not verify", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 403, description = "The token lacks the scope", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 429, description = "The tenant's rate limit; not applied, Retry-After says when to retry", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 200, description = "The wallet", body = WalletView),
         (status_code = 400, description = "Malformed UUID", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 404, description = "No such wallet", body = super::problem::Problem, content_type = "application/problem+json"),
@@ -113,8 +124,9 @@ pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply
 )]
 pub async fn get_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, ApiError> {
     let state = state(depot)?;
+    let tenant = &principal(depot)?.tenant;
     let wallet_id = input::path_uuid(req, "wallet_id", "walletId")?;
-    let wallet = state.store.wallet(wallet_id).await?;
+    let wallet = state.store.wallet(tenant, wallet_id).await?;
     let wallet = wallet.ok_or(ApiError::WalletNotFound(wallet_id))?;
     Reply::new(
         StatusCode::OK,
@@ -135,6 +147,9 @@ pub async fn get_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, A
     request_body = OperationRequestDoc,
     parameters(("Idempotency-Key" = Option<String>, Header, description = "Replays return the first answer; the same key with another body is 422")),
     responses(
+        (status_code = 401, description = "No bearer token, or one that does not verify", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 403, description = "The token lacks the scope", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 429, description = "The tenant's rate limit; not applied, Retry-After says when to retry", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 200, description = "Operation applied", body = OperationView),
         (status_code = 400, description = "Malformed JSON or UUID", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 404, description = "No such wallet", body = super::problem::Problem, content_type = "application/problem+json"),
@@ -166,8 +181,17 @@ async fn operate(
         .await?
         .ok_or_else(|| ApiError::MalformedJson("the request body is empty".to_owned()))?;
     let request = input::operation(&bytes)?;
+    let caller = principal(depot)?;
+    require(
+        caller,
+        match request.operation_type {
+            OperationType::Deposit => Scope::WalletsDeposit,
+            OperationType::Withdraw => Scope::WalletsWithdraw,
+        },
+    )?;
     let command = OperationCommand {
         operation_id,
+        tenant: caller.tenant.clone(),
         wallet_id: request.wallet_id,
         operation_type: request.operation_type,
         amount: request.amount,
@@ -209,6 +233,9 @@ fn recorded(record: OperationRecord) -> Result<Reply, ApiError> {
         ("cursor" = Option<String>, Query, description = "nextCursor of the previous page"),
     ),
     responses(
+        (status_code = 401, description = "No bearer token, or one that does not verify", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 403, description = "The token lacks the scope", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 429, description = "The tenant's rate limit; not applied, Retry-After says when to retry", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 200, description = "A page of operations", body = OperationPage),
         (status_code = 400, description = "Malformed UUID or cursor", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 404, description = "No such wallet", body = super::problem::Problem, content_type = "application/problem+json"),
@@ -232,8 +259,9 @@ pub async fn list_operations(req: &mut Request, depot: &mut Depot) -> Result<Rep
         .query::<String>("cursor")
         .map(|cursor| decode_cursor(&cursor))
         .transpose()?;
+    let tenant = &principal(depot)?.tenant;
     let store = &state.store;
-    if store.wallet(wallet_id).await?.is_none() {
+    if store.wallet(tenant, wallet_id).await?.is_none() {
         return Err(ApiError::WalletNotFound(wallet_id));
     }
     let records = store.operations_page(wallet_id, before, limit + 1).await?;
@@ -259,6 +287,9 @@ pub async fn list_operations(req: &mut Request, depot: &mut Depot) -> Result<Rep
         ("operation_id" = Uuid, Path, description = "Operation id"),
     ),
     responses(
+        (status_code = 401, description = "No bearer token, or one that does not verify", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 403, description = "The token lacks the scope", body = super::problem::Problem, content_type = "application/problem+json"),
+        (status_code = 429, description = "The tenant's rate limit; not applied, Retry-After says when to retry", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 200, description = "The operation", body = OperationView),
         (status_code = 400, description = "Malformed UUID", body = super::problem::Problem, content_type = "application/problem+json"),
         (status_code = 404, description = "No such operation in this wallet", body = super::problem::Problem, content_type = "application/problem+json"),
@@ -268,9 +299,10 @@ pub async fn get_operation(req: &mut Request, depot: &mut Depot) -> Result<Reply
     let state = state(depot)?;
     let wallet_id = input::path_uuid(req, "wallet_id", "walletId")?;
     let operation_id = input::path_uuid(req, "operation_id", "operationId")?;
+    let tenant = &principal(depot)?.tenant;
     let record = state
         .store
-        .operation(wallet_id, operation_id)
+        .operation(tenant, wallet_id, operation_id)
         .await?
         .ok_or(ApiError::OperationNotFound {
             wallet_id,

@@ -4,7 +4,7 @@
 //! while its previous requests were in flight as ONE request, so a hot wallet reached
 //! through any node costs one internal round trip per batch, not per operation. Each
 //! command keeps its own deadline and trace context. Every queue is bounded; a full one
-//! refuses the command at once.
+//! refuses the command at once. Every request is signed (`crate::internal_auth`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,12 +13,11 @@ use std::time::Duration;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use reqwest::StatusCode;
-use reqwest::header::AUTHORIZATION;
-use secrecy::{ExposeSecret, SecretString};
+use reqwest::header::CONTENT_TYPE;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use wallet_cluster::Member;
+use wallet_cluster::{Member, SigningKeys};
 
 use crate::domain::{CommandOutcome, OperationCommand};
 use crate::submit::{MayExist, NotApplied, Submit, Undelivered};
@@ -74,8 +73,10 @@ pub struct ForwardReply {
 enum RequestError {
     #[error("the peer could not be reached: {0}")]
     Unreachable(String),
-    #[error("the peer refused the internal secret")]
+    #[error("the peer refused the request's signature")]
     Unauthorized,
+    #[error("the batch could not be encoded: {0}")]
+    Encoding(#[from] serde_json::Error),
     #[error("no answer before the timeout")]
     Timeout,
     #[error("the request failed midway: {0}")]
@@ -88,7 +89,7 @@ impl RequestError {
     fn undelivered(&self) -> Undelivered {
         match self {
             // Nothing reached the owner's executors.
-            Self::Unreachable(_) | Self::Unauthorized => {
+            Self::Unreachable(_) | Self::Unauthorized | Self::Encoding(_) => {
                 Undelivered::NotApplied(NotApplied::Unreachable)
             }
             Self::Timeout => Undelivered::MayExist(MayExist::OwnerSilent),
@@ -115,17 +116,17 @@ pub struct ForwardTimeouts {
     pub attempt: Duration,
 }
 
-/// The peers of this node, one [`Peer`] per internal address.
+/// The peers of this node, one [`Peer`] per member (id and internal address).
 #[derive(Clone)]
 pub struct Forwarder {
     client: reqwest::Client,
-    secret: SecretString,
+    keys: SigningKeys,
     timeouts: ForwardTimeouts,
-    peers: Arc<Mutex<HashMap<String, Arc<Peer>>>>,
+    peers: Arc<Mutex<HashMap<Member, Arc<Peer>>>>,
 }
 
 impl Forwarder {
-    pub fn new(secret: SecretString, timeouts: ForwardTimeouts) -> Result<Self, reqwest::Error> {
+    pub fn new(keys: SigningKeys, timeouts: ForwardTimeouts) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(MAX_IN_FLIGHT_PER_PEER * 2)
             .tcp_nodelay(true)
@@ -133,7 +134,7 @@ impl Forwarder {
             .build()?;
         Ok(Self {
             client,
-            secret,
+            keys,
             timeouts,
             peers: Arc::new(Mutex::new(HashMap::new())),
         })
@@ -148,15 +149,12 @@ impl Forwarder {
                 let Some(peers) = peers.upgrade() else {
                     return;
                 };
-                let live: std::collections::HashSet<String> = members
-                    .borrow_and_update()
-                    .iter()
-                    .map(|member| member.internal_addr.clone())
-                    .collect();
+                let live: std::collections::HashSet<Member> =
+                    members.borrow_and_update().iter().cloned().collect();
                 peers
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .retain(|addr, _| live.contains(addr));
+                    .retain(|member, _| live.contains(member));
             }
         });
     }
@@ -169,26 +167,25 @@ impl Forwarder {
             .len()
     }
 
-    /// The peer at `addr`, its task started on first use.
-    pub fn peer(&self, addr: &str) -> Arc<Peer> {
+    /// The peer `member`, its task started on first use. Its requests are signed for
+    /// the member's id: a request only the intended node accepts.
+    pub fn peer(&self, member: &Member) -> Arc<Peer> {
         let mut peers = self
             .peers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(peer) = peers.get(addr).filter(|peer| !peer.queue.is_closed()) {
+        if let Some(peer) = peers.get(member).filter(|peer| !peer.queue.is_closed()) {
             return peer.clone();
         }
         let (queue, jobs) = mpsc::channel(PEER_QUEUE_MAX);
-        let url = format!("http://{addr}{INTERNAL_OPERATIONS_PATH}");
-        tokio::spawn(peer_loop(
-            url,
-            jobs,
-            self.client.clone(),
-            self.secret.clone(),
-            self.timeouts,
-        ));
+        let target = Target {
+            url: format!("http://{}{INTERNAL_OPERATIONS_PATH}", member.internal_addr),
+            node: member.id.clone(),
+            keys: self.keys.clone(),
+        };
+        tokio::spawn(peer_loop(target, jobs, self.client.clone(), self.timeouts));
         let peer = Arc::new(Peer { queue });
-        peers.insert(addr.to_owned(), peer.clone());
+        peers.insert(member.clone(), peer.clone());
         peer
     }
 }
@@ -226,15 +223,22 @@ impl Submit for Peer {
     }
 }
 
-async fn peer_loop(
+/// Where a peer's requests go, and what signs them.
+struct Target {
     url: String,
+    /// The member id the requests are signed for.
+    node: String,
+    keys: SigningKeys,
+}
+
+async fn peer_loop(
+    target: Target,
     mut jobs: mpsc::Receiver<Job>,
     client: reqwest::Client,
-    secret: SecretString,
     timeouts: ForwardTimeouts,
 ) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PEER));
-    let authorization = format!("Bearer {}", secret.expose_secret());
+    let target = Arc::new(target);
     loop {
         // Wait for a free slot first, so jobs keep queueing (and batching) meanwhile.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -251,10 +255,9 @@ async fn peer_loop(
             }
         }
         let client = client.clone();
-        let url = url.clone();
-        let authorization = authorization.clone();
+        let target = target.clone();
         tokio::spawn(async move {
-            send_batch(&client, &url, &authorization, batch, timeouts).await;
+            send_batch(&client, &target, batch, timeouts).await;
             drop(permit);
         });
     }
@@ -262,8 +265,7 @@ async fn peer_loop(
 
 async fn send_batch(
     client: &reqwest::Client,
-    url: &str,
-    authorization: &str,
+    target: &Target,
     batch: Vec<Job>,
     timeouts: ForwardTimeouts,
 ) {
@@ -285,14 +287,7 @@ async fn send_batch(
     let timeout = (latest.remaining() + timeouts.answer_grace).min(timeouts.attempt);
     let (items, replies): (Vec<ForwardedCommand>, Vec<_>) =
         live.into_iter().map(|job| (job.item, job.reply)).unzip();
-    let result = request(
-        client,
-        url,
-        authorization,
-        ForwardBatch { operations: items },
-        timeout,
-    )
-    .await;
+    let result = request(client, target, ForwardBatch { operations: items }, timeout).await;
     match result {
         Ok(reply) if reply.results.len() == replies.len() => {
             for (result, reply_to) in reply.results.into_iter().zip(replies) {
@@ -313,7 +308,7 @@ async fn send_batch(
             }
         }
         Err(error) => {
-            tracing::debug!(%url, %error, "internal request failed");
+            tracing::debug!(url = %target.url, %error, "internal request failed");
             let undelivered = error.undelivered();
             for reply_to in replies {
                 let _ = reply_to.send(Err(undelivered));
@@ -324,23 +319,37 @@ async fn send_batch(
 
 async fn request(
     client: &reqwest::Client,
-    url: &str,
-    authorization: &str,
+    target: &Target,
     batch: ForwardBatch,
     timeout: Duration,
 ) -> Result<ForwardReply, RequestError> {
-    let response = client
-        .post(url)
-        .header(AUTHORIZATION, authorization)
-        .json(&batch)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(classify)?;
+    let body = serde_json::to_vec(&batch)?;
+    let signed = crate::internal_auth::sign(
+        &target.keys,
+        "POST",
+        INTERNAL_OPERATIONS_PATH,
+        &target.node,
+        &body,
+        crate::internal_auth::now_ms(),
+    );
+    let mut request = client
+        .post(&target.url)
+        .header(CONTENT_TYPE, "application/json")
+        .timeout(timeout);
+    for (name, value) in signed.pairs() {
+        request = request.header(name, value);
+    }
+    let response = request.body(body).send().await.map_err(classify)?;
     match response.status() {
         StatusCode::OK => response.json::<ForwardReply>().await.map_err(classify),
         StatusCode::UNAUTHORIZED => {
-            tracing::error!(%url, "peer refused the internal secret: check WALLET_INTERNAL_SECRET");
+            // Nothing ran. A peer with other secrets, or clocks apart by more than the
+            // replay window; the peer's log says which.
+            tracing::error!(
+                url = %target.url,
+                node = %target.node,
+                "peer refused the request's signature: check WALLET_INTERNAL_SECRET(_PREVIOUS) and the clocks"
+            );
             Err(RequestError::Unauthorized)
         }
         status => Err(RequestError::UnexpectedStatus(status)),

@@ -137,7 +137,7 @@ impl OperationRouter {
         let started = std::time::Instant::now();
         let result = self
             .forwarder
-            .peer(&owner.internal_addr)
+            .peer(&owner)
             .submit(shard, command.clone())
             .await;
         self.metrics

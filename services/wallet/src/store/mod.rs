@@ -6,6 +6,7 @@ mod batch;
 
 pub use batch::{BatchWrite, CommitError, Resolution, ShardFence, WalletUpdate};
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -15,10 +16,11 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
+use crate::auth::Tenant;
 use crate::domain::{OperationRecord, OperationStatus, OperationType, RejectionReason};
 
 /// The schema version this build needs: the newest file in `migrations/`.
-pub const REQUIRED_SCHEMA_VERSION: i64 = 1;
+pub const REQUIRED_SCHEMA_VERSION: i64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -89,10 +91,11 @@ pub struct Timeouts {
     pub read: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WalletState {
     pub balance: Decimal,
     pub version: i64,
+    pub tenant: Tenant,
 }
 
 /// A stored response to a non-operation request (wallet creation).
@@ -182,6 +185,7 @@ impl Store {
     /// the server. `Unsettled` if the outcome is still unknown then.
     pub async fn create_wallet(
         &self,
+        tenant: &Tenant,
         wallet_id: Uuid,
         idempotency: Option<(&str, &str)>,
         response_body: &serde_json::Value,
@@ -191,7 +195,7 @@ impl Store {
         let mut backoff = Duration::from_millis(50);
         loop {
             let last = match self
-                .try_create_wallet(wallet_id, idempotency, response_body)
+                .try_create_wallet(tenant, wallet_id, idempotency, response_body)
                 .await
             {
                 Ok(created) => return Ok(created),
@@ -221,6 +225,7 @@ impl Store {
 
     async fn try_create_wallet(
         &self,
+        tenant: &Tenant,
         wallet_id: Uuid,
         idempotency: Option<(&str, &str)>,
         response_body: &serde_json::Value,
@@ -229,21 +234,23 @@ impl Store {
             let mut tx = self.pool.begin().await?;
             if let Some((key, request_hash)) = idempotency {
                 let inserted = sqlx::query(
-                    "INSERT INTO idempotency_keys (scope, idempotency_key, request_hash, response_status, response_body) \
-                     VALUES ('create-wallet', $1, $2, 201, $3) ON CONFLICT (scope, idempotency_key) DO NOTHING",
+                    "INSERT INTO idempotency_keys (tenant_id, scope, idempotency_key, request_hash, response_status, response_body) \
+                     VALUES ($4, 'create-wallet', $1, $2, 201, $3) ON CONFLICT (tenant_id, scope, idempotency_key) DO NOTHING",
                 )
                 .bind(key)
                 .bind(request_hash)
                 .bind(response_body)
+                .bind(tenant.as_str())
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
                 if inserted == 0 {
                     let row = sqlx::query(
                         "SELECT request_hash, response_status, response_body FROM idempotency_keys \
-                         WHERE scope = 'create-wallet' AND idempotency_key = $1",
+                         WHERE tenant_id = $2 AND scope = 'create-wallet' AND idempotency_key = $1",
                     )
                     .bind(key)
+                    .bind(tenant.as_str())
                     .fetch_one(&mut *tx)
                     .await?;
                     tx.rollback().await?;
@@ -261,9 +268,10 @@ impl Store {
             }
             // Conflicts only with an earlier attempt of this request: the id is new.
             sqlx::query(
-                "INSERT INTO wallets (id, balance, version) VALUES ($1, 0, 0) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO wallets (id, tenant_id, balance, version) VALUES ($1, $2, 0, 0) ON CONFLICT (id) DO NOTHING",
             )
             .bind(wallet_id)
+            .bind(tenant.as_str())
             .execute(&mut *tx)
             .await?;
             Ok(Ok(tx))
@@ -283,16 +291,25 @@ impl Store {
         }
     }
 
-    pub async fn wallet(&self, wallet_id: Uuid) -> Result<Option<WalletState>, StoreError> {
+    /// A wallet of `tenant`; another tenant's wallet is not found.
+    pub async fn wallet(
+        &self,
+        tenant: &Tenant,
+        wallet_id: Uuid,
+    ) -> Result<Option<WalletState>, StoreError> {
         self.bounded(async {
-            let row = sqlx::query("SELECT balance, version FROM wallets WHERE id = $1")
-                .bind(wallet_id)
-                .fetch_optional(&self.pool)
-                .await?;
+            let row = sqlx::query(
+                "SELECT balance, version FROM wallets WHERE id = $1 AND tenant_id = $2",
+            )
+            .bind(wallet_id)
+            .bind(tenant.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
             row.map(|row| {
                 Ok(WalletState {
                     balance: row.try_get("balance")?,
                     version: row.try_get("version")?,
+                    tenant: tenant.clone(),
                 })
             })
             .transpose()
@@ -305,17 +322,32 @@ impl Store {
         wallet_ids: &[Uuid],
     ) -> Result<Vec<(Uuid, WalletState)>, StoreError> {
         self.bounded(async {
-            let rows = sqlx::query("SELECT id, balance, version FROM wallets WHERE id = ANY($1)")
-                .bind(wallet_ids)
-                .fetch_all(&self.commits)
-                .await?;
+            let rows = sqlx::query(
+                "SELECT id, tenant_id, balance, version FROM wallets WHERE id = ANY($1)",
+            )
+            .bind(wallet_ids)
+            .fetch_all(&self.commits)
+            .await?;
+            // One shared name per tenant of the load, not one per cached wallet.
+            let mut tenants: HashMap<String, Tenant> = HashMap::new();
             rows.iter()
                 .map(|row| {
+                    let name: String = row.try_get("tenant_id")?;
+                    let tenant = match tenants.get(&name) {
+                        Some(tenant) => tenant.clone(),
+                        None => {
+                            let tenant = Tenant::parse(&name)
+                                .ok_or_else(|| StoreError::Corrupt(format!("tenant {name:?}")))?;
+                            tenants.insert(name, tenant.clone());
+                            tenant
+                        }
+                    };
                     Ok((
                         row.try_get("id")?,
                         WalletState {
                             balance: row.try_get("balance")?,
                             version: row.try_get("version")?,
+                            tenant,
                         },
                     ))
                 })
@@ -352,8 +384,10 @@ impl Store {
         .await
     }
 
+    /// An operation of a wallet of `tenant`.
     pub async fn operation(
         &self,
+        tenant: &Tenant,
         wallet_id: Uuid,
         operation_id: Uuid,
     ) -> Result<Option<OperationRecord>, StoreError> {
@@ -361,10 +395,12 @@ impl Store {
             let row = sqlx::query(concat!(
                 "SELECT ",
                 operation_columns!(),
-                " FROM operations WHERE wallet_id = $1 AND id = $2"
+                " FROM operations WHERE wallet_id = $1 AND id = $2 ",
+                "AND EXISTS (SELECT 1 FROM wallets w WHERE w.id = $1 AND w.tenant_id = $3)"
             ))
             .bind(wallet_id)
             .bind(operation_id)
+            .bind(tenant.as_str())
             .fetch_optional(&self.pool)
             .await?;
             row.as_ref().map(operation_from_row).transpose()
