@@ -95,6 +95,20 @@ Names of the objects other objects refer to.
 {{- default (include "wallet.suffixedName" (dict "root" . "suffix" "database")) .Values.database.existingSecret }}
 {{- end }}
 
+{{/* The migration's Secret and key: the owner's when given, else the nodes'. */}}
+{{- define "wallet.databaseOwnerSecretName" -}}
+{{- $owner := .Values.database.owner }}
+{{- if $owner.existingSecret }}{{ $owner.existingSecret }}
+{{- else if $owner.url }}{{ include "wallet.suffixedName" (dict "root" . "suffix" "database-owner") }}
+{{- else }}{{ include "wallet.databaseSecretName" . }}
+{{- end }}
+{{- end }}
+
+{{- define "wallet.databaseOwnerSecretKey" -}}
+{{- $owner := .Values.database.owner }}
+{{- if or $owner.existingSecret $owner.url }}{{ $owner.secretKey }}{{ else }}{{ .Values.database.secretKey }}{{ end }}
+{{- end }}
+
 {{- define "wallet.redisSecretName" -}}
 {{- default (include "wallet.suffixedName" (dict "root" . "suffix" "redis")) .Values.redis.existingSecret }}
 {{- end }}
@@ -164,3 +178,57 @@ Internal ports are fixed: the node's defaults, named as in the container spec.
 {{- define "wallet.internalPort" -}}8090{{- end }}
 {{- define "wallet.adminPort" -}}9090{{- end }}
 {{- define "wallet.publicPort" -}}8080{{- end }}
+
+{{/*
+The API container's authentication settings. With mode jwt exactly one key source.
+*/}}
+{{- define "wallet.authEnv" -}}
+{{- $auth := .Values.auth -}}
+{{- if eq $auth.mode "off" -}}
+- name: WALLET_AUTH
+  value: "off"
+- name: WALLET_AUTH_OFF_TENANT
+  value: {{ $auth.offTenant | quote }}
+{{- else -}}
+{{- $sources := 0 -}}
+{{- if $auth.oidcIssuerUrl }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if $auth.jwksUrl }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if $auth.jwksConfigMap }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if ne (int $sources) 1 -}}
+{{- fail "auth: set exactly one of auth.oidcIssuerUrl, auth.jwksUrl and auth.jwksConfigMap (the issuer of your tokens), or auth.mode=off for a benchmark" -}}
+{{- end -}}
+{{- if and (not $auth.oidcIssuerUrl) (not $auth.issuer) -}}
+{{- fail "auth.issuer: the accepted iss value(s) of your tokens are required with auth.jwksUrl or auth.jwksConfigMap" -}}
+{{- end -}}
+{{- with $auth.oidcIssuerUrl }}
+- name: WALLET_AUTH_OIDC_ISSUER_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $auth.jwksUrl }}
+- name: WALLET_AUTH_JWKS_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- if $auth.jwksConfigMap }}
+- name: WALLET_AUTH_JWKS_FILE
+  value: /etc/wallet/jwks/{{ $auth.jwksConfigMapKey }}
+{{- end }}
+{{- with $auth.issuer }}
+- name: WALLET_AUTH_ISSUER
+  value: {{ . | quote }}
+{{- end }}
+- name: WALLET_AUTH_AUDIENCE
+  value: {{ $auth.audience | quote }}
+- name: WALLET_AUTH_TENANT_CLAIM
+  value: {{ $auth.tenantClaim | quote }}
+- name: WALLET_AUTH_LEEWAY_SECONDS
+  value: {{ $auth.leewaySeconds | quote }}
+{{- end }}
+{{- with $auth.rateLimits }}
+- name: WALLET_RATE_LIMIT_READ
+  value: {{ .read | quote }}
+- name: WALLET_RATE_LIMIT_WRITE
+  value: {{ .write | quote }}
+- name: WALLET_RATE_LIMIT_CREATE
+  value: {{ .create | quote }}
+{{- end }}
+{{- end }}
