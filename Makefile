@@ -58,6 +58,10 @@ crds: ## Regenerate the WalletMigration CRD files from the Rust types
 	cp charts/wallet/crds/walletmigrations.wallet.dev.yaml k8s/crds/walletmigrations.wallet.dev.yaml
 
 .PHONY: bench soak
+.PHONY: chaos
+chaos: ## Fault tests of node processes: kill -9, SIGSTOP, partitions (network namespaces), PostgreSQL and Redis faults, rolling restarts
+	@scripts/chaos.sh
+
 bench: ## Release build, 3-node cluster, every load scenario with exact-balance checks (< 10 min)
 	@scripts/bench.sh all
 soak: ## 30 minutes at 1000 RPS with node memory sampled every 10 s

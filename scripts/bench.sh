@@ -72,28 +72,32 @@ build_bench() {
   else cargo build -p wallet-bench; fi
 }
 
+# Its SQL (seeding, the check, deleting what many-wallets seeded) runs as the owner of the
+# tables; the nodes it restarts keep the app login of DATABASE_URL.
+DB_ARGS=(--database-url "$DATABASE_OWNER_URL")
+
 case "$MODE" in
   all)
     build_bench release
     ensure_cluster release
-    target/release/wallet-bench run all "$@"
+    target/release/wallet-bench run all "${DB_ARGS[@]}" "$@"
     ;;
   soak)
     build_bench release
     ensure_cluster release
-    target/release/wallet-bench run soak "$@"
+    target/release/wallet-bench run soak "${DB_ARGS[@]}" "$@"
     ;;
   smoke)
     build_bench debug
     ensure_cluster debug
-    target/debug/wallet-bench run constant failover --strict --out target/bench/smoke \
+    target/debug/wallet-bench run constant failover --strict "${DB_ARGS[@]}" --out target/bench/smoke \
       --constant-rps 200 --constant-duration 5s \
       --failover-rps 200 --failover-duration 10s --failover-kill-at 3s --failover-restart-after 2s "$@"
     ;;
   run)
     build_bench release
     ensure_cluster release
-    target/release/wallet-bench run "$@"
+    target/release/wallet-bench run "${DB_ARGS[@]}" "$@"
     ;;
   *)
     echo "usage: $0 all | soak | smoke | run SCENARIO... [FLAGS]" >&2

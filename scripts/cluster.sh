@@ -23,12 +23,36 @@ build() {
 
 migrate() {
   log "applying migrations"
-  "$BIN_DIR/wallet-migrator" apply
+  # As the owner of the tables; the nodes connect as the app login (DATABASE_URL).
+  DATABASE_URL="$DATABASE_OWNER_URL" "$BIN_DIR/wallet-migrator" apply
 }
 
 secret() {
   [ -f "$SECRET_FILE" ] || (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$SECRET_FILE")
   cat "$SECRET_FILE"
+}
+
+AUTH_DIR="$DATA_DIR/auth"
+DEV_TOKEN="$DATA_DIR/dev-token"
+DEV_SCOPES=(wallets:read wallets:create wallets:deposit wallets:withdraw wallets:admin)
+
+# The local development issuer: an ES256 key in .data/auth, its JWKS (which the nodes
+# trust) and a token for tenant `dev` with every scope in .data/dev-token. Made once;
+# the token is renewed when it is older than a day (it lives 30 days).
+dev_issuer() {
+  mkdir -p "$AUTH_DIR"
+  if [ ! -f "$AUTH_DIR/signing-key.pem" ]; then
+    log "creating the development signing key in $AUTH_DIR"
+    (umask 077; openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$AUTH_DIR/signing-key.pem" 2>/dev/null)
+  fi
+  if [ ! -f "$AUTH_DIR/jwks.json" ] || [ "$AUTH_DIR/signing-key.pem" -nt "$AUTH_DIR/jwks.json" ]; then
+    "$BIN_DIR/wallet" jwks --key "$AUTH_DIR/signing-key.pem" > "$AUTH_DIR/jwks.json"
+  fi
+  if [ ! -s "$DEV_TOKEN" ] || [ -n "$(find "$DEV_TOKEN" -mmin +1440)" ] || [ "$AUTH_DIR/signing-key.pem" -nt "$DEV_TOKEN" ]; then
+    local scopes=(); for scope in "${DEV_SCOPES[@]}"; do scopes+=(--scope "$scope"); done
+    (umask 077; "$BIN_DIR/wallet" token --key "$AUTH_DIR/signing-key.pem" --issuer wallet-dev \
+      --tenant dev "${scopes[@]}" --ttl 30d > "$DEV_TOKEN")
+  fi
 }
 
 node_env() {
@@ -39,6 +63,8 @@ WALLET_PUBLIC_ADDR=127.0.0.1:$((8080 + i))
 WALLET_INTERNAL_ADDR=127.0.0.1:$((8180 + i))
 WALLET_ADMIN_ADDR=127.0.0.1:$((9090 + i))
 WALLET_INTERNAL_SECRET=$(secret)
+WALLET_AUTH_JWKS_FILE=$AUTH_DIR/jwks.json
+WALLET_AUTH_ISSUER=wallet-dev
 ENV
 }
 
@@ -91,6 +117,7 @@ up() {
   build
   migrate
   secret >/dev/null  # created once, before the nodes start in parallel
+  dev_issuer
   for i in $(seq 0 $((nodes - 1))); do start_node "$i"; done
   for i in $(seq 0 $((nodes - 1))); do wait_ready "$i"; done
   echo
@@ -98,6 +125,9 @@ up() {
     echo "node-$i  API http://127.0.0.1:$((8080 + i))/api/v1   Swagger UI http://127.0.0.1:$((8080 + i))/swagger-ui/   metrics http://127.0.0.1:$((9090 + i))/metrics"
   done
   echo "logs in $LOG_DIR"
+  echo
+  echo "A token for tenant dev with every scope is in $DEV_TOKEN (more: target/$PROFILE/wallet token --help):"
+  echo "  curl -s -X POST -H \"Authorization: Bearer \$(cat .data/dev-token)\" http://127.0.0.1:8080/api/v1/wallets"
 }
 
 case "${1:-}" in
@@ -111,7 +141,7 @@ case "${1:-}" in
     ;;
   down) stop_nodes; "$REPO_ROOT/scripts/stack.sh" down ;;
   stop) stop_nodes ;;
-  start-node) start_node "$2"; wait_ready "$2" ;;
+  start-node) dev_issuer; start_node "$2"; wait_ready "$2" ;;
   stop-node) signal_node TERM "$2" ;;
   kill-node) signal_node KILL "$2" ;;
   *) echo "usage: $0 dev|up [N] | down | stop | start-node I | stop-node I | kill-node I" >&2; exit 2 ;;

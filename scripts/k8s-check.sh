@@ -37,6 +37,17 @@ PY="$VENV/bin/python"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+# The chart refuses to render without a token issuer (auth.*). Renders that give no values
+# file and no auth setting get a stand-in issuer, as a user's `--set auth.oidcIssuerUrl=...`.
+HELM_BIN="$HELM"
+HELM="$WORK/helm"
+cat >"$HELM" <<WRAP
+#!/usr/bin/env bash
+case "\$1" in template|lint) ;; *) exec "$HELM_BIN" "\$@" ;; esac
+for arg in "\$@"; do case "\$arg" in -f|--values|auth.*|--set=auth.*) exec "$HELM_BIN" "\$@" ;; esac; done
+exec "$HELM_BIN" "\$@" --set auth.oidcIssuerUrl=https://issuer.example
+WRAP
+chmod +x "$HELM"
 passed=0
 failed=0
 ok() { passed=$((passed + 1)); printf '  \033[32mok\033[0m   %s\n' "$1"; }
@@ -50,6 +61,13 @@ check() {
 refuse() {
   local name=$1; shift
   if "$@" >"$WORK/out" 2>&1; then bad "$name (was accepted)" "$WORK/out"; else ok "$name"; fi
+}
+# refuse_because NAME PATTERN CMD...: CMD must fail, and for the reason PATTERN names.
+refuse_because() {
+  local name=$1 pattern=$2; shift 2
+  if "$@" >"$WORK/out" 2>&1; then bad "$name (was accepted)" "$WORK/out"
+  elif grep -qE "$pattern" "$WORK/out"; then ok "$name"
+  else bad "$name (refused, but not for: $pattern)" "$WORK/out"; fi
 }
 validate() {
   "$PY" "$SCHEMAS/validate.py" --kube-version "$KUBE_VERSION" \
@@ -94,22 +112,52 @@ if grep -q '^kind: HorizontalPodAutoscaler$' "$WORK/all-on-values.yaml"; then
 else
   ok "KEDA replaces the HorizontalPodAutoscaler"
 fi
+check "a JWKS ConfigMap (all-on) is mounted where WALLET_AUTH_JWKS_FILE points" \
+  "$PY" - "$WORK/all-on-values.yaml" <<'PYEOF'
+import os, sys, yaml
+deploy = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "Deployment"
+              and d["metadata"]["name"] == "wallet-all-on")
+pod = deploy["spec"]["template"]["spec"]
+api = pod["containers"][0]
+env = {e["name"]: e.get("value") for e in api["env"]}
+path = env["WALLET_AUTH_JWKS_FILE"]
+mount = next(m for m in api["volumeMounts"] if m["mountPath"] == os.path.dirname(path))
+volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+assert volume["configMap"]["name"] == "wallet-jwks", volume
+assert env["WALLET_AUTH_ISSUER"] == "https://issuer-a.example,https://issuer-b.example", env
+assert "WALLET_AUTH_OIDC_ISSUER_URL" not in env and env["WALLET_RATE_LIMIT_WRITE"] == "0", env
+print(path, "from ConfigMap", volume["configMap"]["name"])
+PYEOF
 
 log "values and manifests the chart must refuse"
-cat >"$WORK/bad-type.yaml" <<'EOF'
+# Each bad file names an issuer, so that it is refused for its own fault only.
+issuer='auth: {oidcIssuerUrl: "https://issuer.example"}'
+cat >"$WORK/bad-type.yaml" <<EOF
+$issuer
 node:
   shards: "many"
 EOF
-cat >"$WORK/bad-key.yaml" <<'EOF'
+cat >"$WORK/bad-key.yaml" <<EOF
+$issuer
 replicas: 3
 EOF
-cat >"$WORK/bad-nested-key.yaml" <<'EOF'
+cat >"$WORK/bad-nested-key.yaml" <<EOF
+$issuer
 autoscaling:
   targetRPS: 100
 EOF
-cat >"$WORK/bad-grace.yaml" <<'EOF'
+cat >"$WORK/bad-grace.yaml" <<EOF
+$issuer
 terminationGracePeriodSeconds: 10
 EOF
+refuse_because "no token issuer (auth.*)" "set exactly one of auth.oidcIssuerUrl" \
+  "$HELM_BIN" template wallet "$CHART"
+refuse_because "two token key sources" "set exactly one of auth.oidcIssuerUrl" \
+  "$HELM_BIN" template wallet "$CHART" --set auth.oidcIssuerUrl=https://a --set auth.jwksUrl=https://b/jwks
+refuse_because "a JWKS URL without the accepted issuer" "auth.issuer" \
+  "$HELM_BIN" template wallet "$CHART" --set auth.jwksUrl=https://b/jwks
+refuse_because "a malformed rate limit" "rateLimits" \
+  "$HELM_BIN" template wallet "$CHART" --set auth.oidcIssuerUrl=https://a --set auth.rateLimits.write=fast
 refuse "values with a wrong type" "$HELM" template wallet "$CHART" -f "$WORK/bad-type.yaml"
 refuse "values with an unknown top-level key" "$HELM" template wallet "$CHART" -f "$WORK/bad-key.yaml"
 refuse "values with an unknown nested key" "$HELM" template wallet "$CHART" -f "$WORK/bad-nested-key.yaml"
@@ -231,6 +279,25 @@ assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].e
 dep = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "wallet"][0]
 env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
 assert env["WALLET_INTERNAL_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == "mine"' "$WORK/gitops.yaml"
+render "$WORK/owner.yaml" wallet "$CHART" --set database.url=postgres://node@db/wallet \
+  --set database.owner.url=postgres://owner@db/wallet
+render "$WORK/owner-default.yaml" wallet "$CHART" --set database.url=postgres://node@db/wallet
+check "the migration runs as database.owner and the API pods as database; without an owner both use database" \
+  "$PY" -c 'import sys, yaml
+def docs(path):
+    return [d for d in yaml.safe_load_all(open(path)) if d]
+owner, default = docs(sys.argv[1]), docs(sys.argv[2])
+secrets = {d["metadata"]["name"]: d["stringData"] for d in owner if d["kind"] == "Secret" and "stringData" in d}
+assert secrets["wallet-database-owner"] == {"DATABASE_URL": "postgres://owner@db/wallet"}, secrets
+assert secrets["wallet-database"] == {"DATABASE_URL": "postgres://node@db/wallet"}, secrets
+def refs(ds):
+    wm = [d for d in ds if d["kind"] == "WalletMigration"][0]["spec"]["databaseSecretRef"]
+    dep = [d for d in ds if d["kind"] == "Deployment" and d["metadata"]["name"] == "wallet"][0]["spec"]["template"]["spec"]
+    pods = [e["valueFrom"]["secretKeyRef"]["name"] for c in dep["initContainers"] + dep["containers"]
+            for e in c.get("env", []) if e["name"] == "DATABASE_URL"]
+    return wm["name"], set(pods)
+assert refs(owner) == ("wallet-database-owner", {"wallet-database"}), refs(owner)
+assert refs(default) == ("wallet-database", {"wallet-database"}), refs(default)' "$WORK/owner.yaml" "$WORK/owner-default.yaml"
 render "$WORK/url-a.yaml" wallet "$CHART" --set database.url=postgres://a@db/wallet
 render "$WORK/url-b.yaml" wallet "$CHART" --set database.url=postgres://b@db/wallet
 check "a changed Secret from values rolls the API pods (checksum annotation)" \
@@ -438,7 +505,7 @@ print("\n".join(errors) or f"{len(alerts)} alerts, each firing and quiet")
 sys.exit(1 if errors else 0)
 PYEOF
 # The tests pin the thresholds and the release's selectors: other values must fail them.
-printf 'metrics:\n  prometheusRule:\n    slo:\n      availability:\n        target: 0.9\n' >"$WORK/target.yaml"
+printf '%s\nmetrics:\n  prometheusRule:\n    slo:\n      availability:\n        target: 0.9\n' "$issuer" >"$WORK/target.yaml"
 render_rules "$WORK/rules-target" -f "$WORK/target.yaml"
 refuse "unit tests notice another availability target" promtool test rules "$WORK/rules-target/wallet.rules.test.yaml"
 render_rules "$WORK/rules-release" --set fullnameOverride=other

@@ -5,10 +5,24 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DATA_DIR="${WALLET_DATA_DIR:-$REPO_ROOT/.data}"
 PG_PORT="${WALLET_PG_PORT:-55432}"
 REDIS_PORT="${WALLET_REDIS_PORT:-56379}"
-export DATABASE_URL="${DATABASE_URL:-postgres://wallet:wallet@127.0.0.1:$PG_PORT/wallet}"
+# The nodes connect as the app login, the migrator as the owner of the tables (stack.sh).
+export DATABASE_URL="${DATABASE_URL:-postgres://wallet_node:wallet_node@127.0.0.1:$PG_PORT/wallet}"
+export DATABASE_OWNER_URL="${DATABASE_OWNER_URL:-postgres://wallet_owner:wallet_owner@127.0.0.1:$PG_PORT/wallet}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}"
+# TLS beside the plain ports: a local CA in the data folder, PostgreSQL with ssl=on on its
+# port, Redis' TLS port with an ACL user (stack.sh); verify-full against 127.0.0.1.
+REDIS_TLS_PORT="${WALLET_REDIS_TLS_PORT:-$((REDIS_PORT + 1))}"
+TLS_DIR="$DATA_DIR/tls"
+REDIS_TLS_USER=wallet
+REDIS_TLS_PASSWORD=wallet-redis
 # Admin URL used by tests to create one database per test.
 export DATABASE_ADMIN_URL="${DATABASE_ADMIN_URL:-postgres://wallet:wallet@127.0.0.1:$PG_PORT/postgres}"
+
+# Whether the local PostgreSQL and Redis both answer (so a script knows if it started them).
+stack_running() {
+  redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 \
+    && PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -Atqc 'select 1' >/dev/null 2>&1
+}
 
 log() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
 

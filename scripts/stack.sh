@@ -7,6 +7,25 @@ PG_DATA="$DATA_DIR/pg"
 PG_RUN="$DATA_DIR/pg-run"
 REDIS_DIR="$DATA_DIR/redis"
 
+# A CA, a server certificate for 127.0.0.1 and localhost, and a second CA that signed
+# nothing (tests show that a wrong CA is refused). Made once.
+tls_certs() {
+  [ -f "$TLS_DIR/server.crt" ] && [ -f "$TLS_DIR/other-ca.crt" ] && return 0
+  log "making a local CA and server certificate in $TLS_DIR"
+  mkdir -p "$TLS_DIR"
+  local o=(openssl)
+  "${o[@]}" req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=wallet local CA" \
+    -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.crt" 2>/dev/null
+  "${o[@]}" req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$TLS_DIR/server.ext"
+  "${o[@]}" x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$TLS_DIR/server.ext" -out "$TLS_DIR/server.crt" 2>/dev/null
+  "${o[@]}" req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=some other CA" \
+    -keyout "$TLS_DIR/other-ca.key" -out "$TLS_DIR/other-ca.crt" 2>/dev/null
+  chmod 600 "$TLS_DIR"/*.key
+}
+
 pg_up() {
   local bin; bin=$(pg_bin_dir)
   mkdir -p "$DATA_DIR"
@@ -19,19 +38,49 @@ pg_up() {
     rm -f "$pwfile"
   fi
   mkdir -p "$PG_RUN"; [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_RUN"
+  # PostgreSQL wants its key owned by the server's user and private.
+  install -m 600 "$TLS_DIR/server.key" "$PG_DATA/server.key"
+  install -m 644 "$TLS_DIR/server.crt" "$PG_DATA/server.crt"
+  [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DATA/server.key" "$PG_DATA/server.crt"
   if ! as_pg_user "$bin/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
-    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT (TLS offered)"
     # Durable but tuned for a development machine: many connections for parallel tests.
     as_pg_user "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_RUN/postgres.log" -w -t 60 start \
-      -o "-p $PG_PORT -h 127.0.0.1 -k $PG_RUN -c max_connections=400 -c shared_buffers=256MB -c fsync=on -c synchronous_commit=on" >/dev/null
+      -o "-p $PG_PORT -h 127.0.0.1 -k $PG_RUN -c max_connections=400 -c shared_buffers=256MB -c fsync=on -c synchronous_commit=on -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key" >/dev/null
   fi
   for _ in $(seq 1 50); do
     PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -Atqc 'select 1' >/dev/null 2>&1 && break
     sleep 0.2
   done
-  if ! PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -Atqc "select 1 from pg_database where datname='wallet'" | grep -q 1; then
-    PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -qc 'create database wallet' >/dev/null
-  fi
+  pg_roles
+}
+
+# The superuser `wallet` is the administrator (tests create databases with it); the
+# database `wallet` belongs to the login `wallet_owner`, which runs the migrations, and
+# the nodes log in as `wallet_node`, a member of `wallet_app` (migrations/0003).
+pg_roles() {
+  local admin=(psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -v ON_ERROR_STOP=1 -Atq)
+  PGPASSWORD=wallet "${admin[@]}" -d postgres <<'SQL' >/dev/null
+SET client_min_messages = warning;
+SELECT 'CREATE ROLE wallet_app NOLOGIN' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'wallet_app') \gexec
+SELECT 'CREATE ROLE wallet_owner LOGIN' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'wallet_owner') \gexec
+SELECT 'CREATE ROLE wallet_node LOGIN' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'wallet_node') \gexec
+ALTER ROLE wallet_owner PASSWORD 'wallet_owner';
+ALTER ROLE wallet_node PASSWORD 'wallet_node';
+GRANT wallet_app TO wallet_node;
+SELECT 'CREATE DATABASE wallet OWNER wallet_owner' WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'wallet') \gexec
+ALTER DATABASE wallet OWNER TO wallet_owner;
+SQL
+  # A stack from before the owner login had its tables made by `wallet`: hand them over.
+  PGPASSWORD=wallet "${admin[@]}" -d wallet <<'SQL' >/dev/null
+DO $$
+DECLARE t record;
+BEGIN
+  FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner = 'wallet' LOOP
+    EXECUTE format('ALTER TABLE public.%I OWNER TO wallet_owner', t.tablename);
+  END LOOP;
+END $$;
+SQL
 }
 
 pg_down() {
@@ -43,12 +92,21 @@ pg_down() {
   fi
 }
 
+# What a node sends, and nothing else (README, "TLS"): connection set-up, the lease and
+# fence scripts, and the member entries. Tests use random key prefixes, so keys stay `~*`.
+REDIS_NODE_COMMANDS='+@connection +evalsha +eval +script|load +get +set +del +exists +incr +pexpire +time +zadd +zrem +zrangebyscore +zremrangebyscore'
+
 redis_up() {
   mkdir -p "$REDIS_DIR"
   if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then return 0; fi
-  log "starting Redis on 127.0.0.1:$REDIS_PORT"
+  log "starting Redis on 127.0.0.1:$REDIS_PORT, TLS on $REDIS_TLS_PORT"
+  # The default user stays open on the plain port for the tests; the TLS clients log in
+  # as the ACL user.
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$REDIS_DIR" --daemonize yes \
-    --pidfile "$REDIS_DIR/redis.pid" --logfile "$REDIS_DIR/redis.log" --save '' --appendonly no
+    --pidfile "$REDIS_DIR/redis.pid" --logfile "$REDIS_DIR/redis.log" --save '' --appendonly no \
+    --tls-port "$REDIS_TLS_PORT" --tls-cert-file "$TLS_DIR/server.crt" --tls-key-file "$TLS_DIR/server.key" \
+    --tls-ca-cert-file "$TLS_DIR/ca.crt" --tls-auth-clients no \
+    --user "$REDIS_TLS_USER" on ">$REDIS_TLS_PASSWORD" '~*' resetchannels -@all $REDIS_NODE_COMMANDS
   for _ in $(seq 1 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
   echo "Redis did not start; see $REDIS_DIR/redis.log" >&2; return 1
 }
@@ -61,8 +119,15 @@ redis_down() {
 }
 
 case "${1:-}" in
-  up) "$(dirname "${BASH_SOURCE[0]}")/deps.sh" --servers-only; pg_up; redis_up ;;
+  up) "$(dirname "${BASH_SOURCE[0]}")/deps.sh" --servers-only; tls_certs; pg_up; redis_up ;;
   down) redis_down; pg_down ;;
-  env) printf 'export DATABASE_URL=%q\nexport DATABASE_ADMIN_URL=%q\nexport REDIS_URL=%q\n' "$DATABASE_URL" "$DATABASE_ADMIN_URL" "$REDIS_URL" ;;
+  env)
+    printf 'export DATABASE_URL=%q\nexport DATABASE_OWNER_URL=%q\nexport DATABASE_ADMIN_URL=%q\nexport REDIS_URL=%q\n' \
+      "$DATABASE_URL" "$DATABASE_OWNER_URL" "$DATABASE_ADMIN_URL" "$REDIS_URL"
+    # verify-full to both: the CA, and URLs that demand it.
+    printf 'export WALLET_TLS_CA=%q\nexport WALLET_TLS_OTHER_CA=%q\nexport DATABASE_ADMIN_TLS_URL=%q\nexport REDIS_TLS_URL=%q\n' \
+      "$TLS_DIR/ca.crt" "$TLS_DIR/other-ca.crt" \
+      "$DATABASE_ADMIN_URL?sslmode=verify-full&sslrootcert=$TLS_DIR/ca.crt" \
+      "rediss://$REDIS_TLS_USER:$REDIS_TLS_PASSWORD@127.0.0.1:$REDIS_TLS_PORT" ;;
   *) echo "usage: $0 up|down|env" >&2; exit 2 ;;
 esac

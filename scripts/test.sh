@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # Everything CI checks, on a machine that may be brand new: installs what is missing,
 # starts PostgreSQL and Redis in .data/ (and stops them again if it started them),
-# then lint, the whole test suite, the API fuzz, the chart checks and a bench smoke run.
+# then lint, the test suite (all but the cluster fault tests, which are `make chaos`), the
+# API fuzz, the chart checks and a bench smoke run.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
 export PATH="$DATA_DIR/bin:$PATH"
 
 started_stack=0
-if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || ! PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -Atqc 'select 1' >/dev/null 2>&1; then
-  started_stack=1
-fi
+stack_running || started_stack=1
 cleanup() {
   local status=$?
   scripts/cluster.sh stop >/dev/null 2>&1 || true
@@ -24,6 +23,8 @@ step() { printf '\n\033[1;32m### %s\033[0m\n' "$*"; }
 step "installing what is missing"
 scripts/deps.sh
 scripts/stack.sh up
+# The URLs, and the CA and TLS URLs the TLS tests (tests/api/tls.rs) connect with.
+eval "$(scripts/stack.sh env)"
 
 # Databases left by earlier runs of the tests.
 PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -Atqc \
@@ -33,6 +34,15 @@ PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -Atqc \
 step "formatting and clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "supply chain: licenses, duplicate versions, sources (cargo-deny, deny.toml)"
+cargo deny --frozen check licenses bans sources
+# The RustSec advisory database comes over the network: checked where it can be fetched.
+if cargo deny fetch db >/dev/null 2>&1; then
+  cargo deny --frozen check advisories
+else
+  printf '\033[1;33mSKIPPED: cargo deny check advisories (the RustSec advisory database cannot be fetched from here)\033[0m\n'
+fi
 
 step "tests (real PostgreSQL and Redis)"
 cargo build --workspace --bins --locked
