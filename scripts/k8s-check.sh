@@ -129,6 +129,35 @@ assert "WALLET_AUTH_OIDC_ISSUER_URL" not in env and env["WALLET_RATE_LIMIT_WRITE
 print(path, "from ConfigMap", volume["configMap"]["name"])
 PYEOF
 
+check "a CA bundle (all-on) is mounted where PGSSLROOTCERT and REDIS_CA_FILE point, in the init container, the API container and the migration" \
+  "$PY" - "$WORK/all-on-values.yaml" <<'PYEOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+deploy = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "wallet-all-on")
+pod = deploy["spec"]["template"]["spec"]
+volume = next(v for v in pod["volumes"] if v["name"] == "ca-bundle")
+assert volume["configMap"] == {"name": "db-ca", "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}, volume
+for container in pod["initContainers"] + pod["containers"]:
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "ca-bundle")
+    assert mount["readOnly"] and env["PGSSLROOTCERT"] == mount["mountPath"] + "/bundle.pem", (container["name"], env)
+    assert env["PGSSLMODE"] == "verify-ca", env
+api = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+assert api["REDIS_CA_FILE"] == "/etc/wallet/ca/bundle.pem", api
+wm = next(d for d in docs if d["kind"] == "WalletMigration")
+assert wm["spec"]["caBundle"] == {"configMapName": "db-ca", "key": "bundle.pem", "sslMode": "verify-ca"}, wm["spec"]
+PYEOF
+check "no CA bundle by default: nothing mounted, no PGSSLROOTCERT" \
+  "$PY" - "$WORK/default-values.yaml" <<'PYEOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+deploy = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "api")
+pod = deploy["spec"]["template"]["spec"]
+assert not [v for v in pod["volumes"] if v["name"] == "ca-bundle"], pod["volumes"]
+assert not [e for c in pod["initContainers"] + pod["containers"] for e in c["env"] if e["name"].startswith("PGSSL")]
+assert all("caBundle" not in d["spec"] for d in docs if d["kind"] == "WalletMigration")
+PYEOF
+
 log "values and manifests the chart must refuse"
 # Each bad file names an issuer, so that it is refused for its own fault only.
 issuer='auth: {oidcIssuerUrl: "https://issuer.example"}'
@@ -158,6 +187,11 @@ refuse_because "a JWKS URL without the accepted issuer" "auth.issuer" \
   "$HELM_BIN" template wallet "$CHART" --set auth.jwksUrl=https://b/jwks
 refuse_because "a malformed rate limit" "rateLimits" \
   "$HELM_BIN" template wallet "$CHART" --set auth.oidcIssuerUrl=https://a --set auth.rateLimits.write=fast
+refuse_because "a CA bundle from both a Secret and a ConfigMap" "not both" \
+  "$HELM_BIN" template wallet "$CHART" --set auth.oidcIssuerUrl=https://a --set caBundle.secretName=a --set caBundle.configMapName=b
+refuse_because "caBundle.redis without a bundle" "caBundle.redis needs" \
+  "$HELM_BIN" template wallet "$CHART" --set auth.oidcIssuerUrl=https://a --set caBundle.redis=true
+refuse "an sslMode PostgreSQL does not know" "$HELM_BIN" template wallet "$CHART" --set auth.oidcIssuerUrl=https://a --set caBundle.secretName=a --set caBundle.sslMode=strict
 refuse "values with a wrong type" "$HELM" template wallet "$CHART" -f "$WORK/bad-type.yaml"
 refuse "values with an unknown top-level key" "$HELM" template wallet "$CHART" -f "$WORK/bad-key.yaml"
 refuse "values with an unknown nested key" "$HELM" template wallet "$CHART" -f "$WORK/bad-nested-key.yaml"

@@ -36,6 +36,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "supply chain: licenses, duplicate versions, sources (cargo-deny, deny.toml)"
+# cargo-deny reads the metadata of every platform's packages; a build fetches only this one's.
+cargo fetch --locked --quiet
 cargo deny --frozen check licenses bans sources
 # The RustSec advisory database comes over the network: checked where it can be fetched.
 if cargo deny fetch db >/dev/null 2>&1; then

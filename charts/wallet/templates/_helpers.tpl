@@ -232,3 +232,63 @@ The API container's authentication settings. With mode jwt exactly one key sourc
   value: {{ .create | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+"true" when a CA bundle is given (caBundle.secretName or caBundle.configMapName, never both).
+*/}}
+{{- define "wallet.caBundleEnabled" -}}
+{{- $ca := .Values.caBundle -}}
+{{- if and $ca.secretName $ca.configMapName -}}
+{{- fail "caBundle: set caBundle.secretName or caBundle.configMapName, not both" -}}
+{{- end -}}
+{{- if and $ca.redis (not (or $ca.secretName $ca.configMapName)) -}}
+{{- fail "caBundle.redis needs the bundle: set caBundle.secretName or caBundle.configMapName" -}}
+{{- end -}}
+{{- if or $ca.secretName $ca.configMapName }}true{{ end -}}
+{{- end }}
+
+{{/*
+PostgreSQL's CA for sqlx (the node and the migrator read PGSSLROOTCERT and PGSSLMODE).
+*/}}
+{{- define "wallet.caBundleEnv" -}}
+- name: PGSSLROOTCERT
+  value: /etc/wallet/ca/{{ .Values.caBundle.key }}
+- name: PGSSLMODE
+  value: {{ .Values.caBundle.sslMode | quote }}
+{{- end }}
+
+{{- define "wallet.caBundleMount" -}}
+- name: ca-bundle
+  mountPath: /etc/wallet/ca
+  readOnly: true
+{{- end }}
+
+{{- define "wallet.caBundleVolume" -}}
+{{- $ca := .Values.caBundle -}}
+- name: ca-bundle
+  {{- if $ca.secretName }}
+  secret:
+    secretName: {{ $ca.secretName }}
+  {{- else }}
+  configMap:
+    name: {{ $ca.configMapName }}
+  {{- end }}
+    items:
+      - key: {{ $ca.key }}
+        path: {{ $ca.key }}
+{{- end }}
+
+{{/*
+The WalletMigration's caBundle: the operator mounts the same bundle into the Job.
+*/}}
+{{- define "wallet.caBundleSpec" -}}
+{{- $ca := .Values.caBundle -}}
+caBundle:
+  {{- if $ca.secretName }}
+  secretName: {{ $ca.secretName }}
+  {{- else }}
+  configMapName: {{ $ca.configMapName }}
+  {{- end }}
+  key: {{ $ca.key }}
+  sslMode: {{ $ca.sslMode }}
+{{- end }}

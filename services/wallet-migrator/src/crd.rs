@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "WalletMigrationStatus",
     shortname = "wm",
-    annotation("wallet.dev/crd-revision", "2"),
+    // Must equal CRD_REVISION (the derive takes literals only; a unit test compares them).
+    annotation("wallet.dev/crd-revision", "3"),
     printcolumn(name = "Target", type_ = "integer", json_path = ".spec.targetVersion"),
     printcolumn(
         name = "Applied",
@@ -60,6 +61,43 @@ pub struct WalletMigrationSpec {
     /// spec gives a new Job, and this counter is the change that means "retry".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<i64>,
+    /// CA bundle PostgreSQL's certificate must chain to, mounted into the Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<CaBundle>,
+}
+
+/// A PEM CA bundle from a Secret or a ConfigMap (exactly one) of the resource's
+/// namespace. The Job mounts it at [`CA_BUNDLE_DIR`] and points `PGSSLROOTCERT` at it;
+/// `sslMode` is `PGSSLMODE`, the mode for a database URL that names none.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.secretName) != has(self.configMapName)",
+    "message": "caBundle needs exactly one of secretName and configMapName"
+}]))]
+pub struct CaBundle {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_name: Option<String>,
+    /// Key of the bundle in the Secret or ConfigMap (default ca.crt).
+    #[serde(default = "default_ca_key")]
+    pub key: String,
+    /// disable, require, verify-ca or verify-full (default verify-full).
+    #[serde(default = "default_ssl_mode")]
+    #[schemars(extend("enum" = ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]))]
+    pub ssl_mode: String,
+}
+
+/// Where the Job (and the chart's API pods) mount the CA bundle.
+pub const CA_BUNDLE_DIR: &str = "/etc/wallet/ca";
+
+fn default_ca_key() -> String {
+    "ca.crt".to_owned()
+}
+
+fn default_ssl_mode() -> String {
+    "verify-full".to_owned()
 }
 
 /// A key in a Secret of the resource's namespace.
@@ -107,7 +145,7 @@ pub struct JobSettings {
 
 /// Bumped whenever the schema changes; the operator refuses to run against a CRD in the
 /// cluster with another revision, because `helm upgrade` never updates CRDs.
-pub const CRD_REVISION: &str = "2";
+pub const CRD_REVISION: &str = "3";
 pub const CRD_REVISION_ANNOTATION: &str = "wallet.dev/crd-revision";
 pub const CRD_NAME: &str = "walletmigrations.wallet.dev";
 
@@ -156,4 +194,23 @@ pub struct WalletMigrationStatus {
 /// The CRD as YAML, exactly as checked in under charts/ and k8s/.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&WalletMigration::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    use super::*;
+
+    /// The operator compares the cluster's CRD annotation with CRD_REVISION: the
+    /// generated CRD must carry that very value.
+    #[test]
+    fn the_generated_crd_carries_the_revision_the_operator_wants() {
+        let crd = WalletMigration::crd();
+        let annotations = crd.metadata.annotations.unwrap_or_default();
+        assert_eq!(
+            annotations.get(CRD_REVISION_ANNOTATION).map(String::as_str),
+            Some(CRD_REVISION)
+        );
+    }
 }

@@ -32,6 +32,7 @@ impl WalletMigration {
                 },
                 job: None,
                 retry: None,
+                ca_bundle: None,
             },
         );
         let meta = wm.meta_mut();

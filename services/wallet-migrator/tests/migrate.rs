@@ -577,3 +577,45 @@ async fn wait_stops_at_once_on_sigterm() {
     assert_eq!(status.code(), Some(143), "{status}\n{rest}");
     assert!(rest.contains("stopped by SIGTERM"), "{rest}");
 }
+
+/// What the Job of a WalletMigration with `caBundle` gets: `PGSSLROOTCERT` and `PGSSLMODE`
+/// beside a URL that names neither. A wrong CA must then fail the connection (so the
+/// variables are read), the right one must pass.
+#[tokio::test]
+async fn the_ca_bundle_variables_make_apply_verify_the_servers_certificate() {
+    let (Ok(ca), Ok(other_ca)) = (
+        std::env::var("WALLET_TLS_CA"),
+        std::env::var("WALLET_TLS_OTHER_CA"),
+    ) else {
+        eprintln!(
+            "SKIPPED the_ca_bundle_variables_make_apply_verify_the_servers_certificate: no WALLET_TLS_CA; run `source <(scripts/stack.sh env)`"
+        );
+        return;
+    };
+    let db = TestDb::create().await;
+    assert!(!db.url.contains("sslmode"), "{}", db.url);
+    let mut wrong = db.command(&["apply", "--connect-timeout", "2s"]);
+    wrong
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", &other_ca);
+    let out = wrong.output().expect("run apply");
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        stderr(&out).to_lowercase().contains("certificate"),
+        "{}",
+        describe(&out)
+    );
+    let untouched: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NULL")
+        .fetch_one(&mut db.connect().await)
+        .await
+        .expect("look for the migrations table");
+    assert!(untouched, "nothing ran over the refused connection");
+
+    let mut right = db.command(&["apply"]);
+    right
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", &ca);
+    let out = right.output().expect("run apply");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(applied_rows(&db, 1).await, 1);
+}

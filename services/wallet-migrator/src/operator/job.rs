@@ -7,15 +7,16 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec,
-    SeccompProfile, SecretKeySelector, SecurityContext,
+    Capabilities, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource, KeyToPath,
+    PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::{
-    DEFAULT_ACTIVE_DEADLINE_SECONDS, DEFAULT_BACKOFF_LIMIT, DEFAULT_TTL_SECONDS_AFTER_FINISHED,
-    WalletMigration, WalletMigrationSpec,
+    CA_BUNDLE_DIR, CaBundle, DEFAULT_ACTIVE_DEADLINE_SECONDS, DEFAULT_BACKOFF_LIMIT,
+    DEFAULT_TTL_SECONDS_AFTER_FINISHED, WalletMigration, WalletMigrationSpec,
 };
 
 /// Kubernetes copies the Job name into a pod label, so it must fit a label value.
@@ -106,25 +107,15 @@ pub fn build(wm: &WalletMigration, name: &str) -> Job {
         ]),
         termination_message_path: Some(TERMINATION_LOG.to_owned()),
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
-        env: Some(vec![
-            EnvVar {
-                name: "DATABASE_URL".to_owned(),
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: spec.database_secret_ref.name.clone(),
-                        key: spec.database_secret_ref.key.clone(),
-                        optional: Some(false),
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-            EnvVar {
-                name: "RUST_LOG".to_owned(),
-                value: Some("info".to_owned()),
-                ..EnvVar::default()
-            },
-        ]),
+        env: Some(env(spec)),
+        volume_mounts: spec.ca_bundle.as_ref().map(|_| {
+            vec![VolumeMount {
+                name: CA_BUNDLE_VOLUME.to_owned(),
+                mount_path: CA_BUNDLE_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]
+        }),
         resources: settings.resources.clone(),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -177,6 +168,7 @@ pub fn build(wm: &WalletMigration, name: &str) -> Job {
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
+                    volumes: spec.ca_bundle.as_ref().map(|ca| vec![ca_bundle_volume(ca)]),
                     image_pull_secrets: non_empty(settings.image_pull_secrets),
                     node_selector: non_empty_map(settings.node_selector),
                     tolerations: non_empty(settings.tolerations),
@@ -189,6 +181,69 @@ pub fn build(wm: &WalletMigration, name: &str) -> Job {
             ..JobSpec::default()
         }),
         ..Job::default()
+    }
+}
+
+const CA_BUNDLE_VOLUME: &str = "ca-bundle";
+
+fn env(spec: &WalletMigrationSpec) -> Vec<EnvVar> {
+    let mut env = vec![
+        EnvVar {
+            name: "DATABASE_URL".to_owned(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: spec.database_secret_ref.name.clone(),
+                    key: spec.database_secret_ref.key.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+        EnvVar {
+            name: "RUST_LOG".to_owned(),
+            value: Some("info".to_owned()),
+            ..EnvVar::default()
+        },
+    ];
+    if let Some(ca) = &spec.ca_bundle {
+        // sqlx reads both; a `sslmode`/`sslrootcert` in the URL still wins.
+        env.push(EnvVar {
+            name: "PGSSLROOTCERT".to_owned(),
+            value: Some(format!("{CA_BUNDLE_DIR}/{}", ca.key)),
+            ..EnvVar::default()
+        });
+        env.push(EnvVar {
+            name: "PGSSLMODE".to_owned(),
+            value: Some(ca.ssl_mode.clone()),
+            ..EnvVar::default()
+        });
+    }
+    env
+}
+
+fn ca_bundle_volume(ca: &CaBundle) -> Volume {
+    let items = Some(vec![KeyToPath {
+        key: ca.key.clone(),
+        path: ca.key.clone(),
+        ..KeyToPath::default()
+    }]);
+    Volume {
+        name: CA_BUNDLE_VOLUME.to_owned(),
+        secret: ca.secret_name.as_ref().map(|name| SecretVolumeSource {
+            secret_name: Some(name.clone()),
+            items: items.clone(),
+            ..SecretVolumeSource::default()
+        }),
+        config_map: ca
+            .config_map_name
+            .as_ref()
+            .map(|name| ConfigMapVolumeSource {
+                name: name.clone(),
+                items: items.clone(),
+                ..ConfigMapVolumeSource::default()
+            }),
+        ..Volume::default()
     }
 }
 
@@ -287,6 +342,7 @@ mod tests {
             },
             job: None,
             retry: None,
+            ca_bundle: None,
         }
     }
 
@@ -332,5 +388,63 @@ mod tests {
         let retry = job_name(&wm(&long, spec(12), 1), 7);
         assert_eq!(retry.len(), MAX_JOB_NAME);
         assert!(retry.ends_with("-a7"), "{retry}");
+    }
+
+    #[test]
+    fn a_ca_bundle_is_mounted_and_named_for_sqlx() {
+        let plain = build(&wm("w", spec(3), 1), "w-3");
+        let pod = plain
+            .spec
+            .expect("job spec")
+            .template
+            .spec
+            .expect("pod spec");
+        assert!(pod.volumes.is_none());
+        assert!(pod.containers[0].volume_mounts.is_none());
+        let names: Vec<_> = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(names, ["DATABASE_URL", "RUST_LOG"]);
+
+        for (secret, config_map) in [(Some("db-ca"), None), (None, Some("db-ca"))] {
+            let mut with_ca = spec(3);
+            with_ca.ca_bundle = Some(CaBundle {
+                secret_name: secret.map(str::to_owned),
+                config_map_name: config_map.map(str::to_owned),
+                key: "bundle.pem".to_owned(),
+                ssl_mode: "verify-ca".to_owned(),
+            });
+            let job = build(&wm("w", with_ca, 1), "w-3");
+            let pod = job.spec.expect("job spec").template.spec.expect("pod spec");
+            let volume = &pod.volumes.as_ref().expect("volumes")[0];
+            assert_eq!(
+                volume
+                    .secret
+                    .as_ref()
+                    .and_then(|s| s.secret_name.as_deref()),
+                secret
+            );
+            assert_eq!(
+                volume.config_map.as_ref().map(|c| c.name.as_str()),
+                config_map
+            );
+            let container = &pod.containers[0];
+            let mount = &container.volume_mounts.as_ref().expect("mounts")[0];
+            assert_eq!(
+                (mount.name.as_str(), mount.mount_path.as_str()),
+                (volume.name.as_str(), CA_BUNDLE_DIR)
+            );
+            let env: BTreeMap<_, _> = container
+                .env
+                .iter()
+                .flatten()
+                .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+                .collect();
+            assert_eq!(env["PGSSLROOTCERT"], "/etc/wallet/ca/bundle.pem");
+            assert_eq!(env["PGSSLMODE"], "verify-ca");
+        }
     }
 }
