@@ -57,10 +57,14 @@ crds: ## Regenerate the WalletMigration CRD files from the Rust types
 	cargo run -q -p wallet-migrator -- crd > charts/wallet/crds/walletmigrations.wallet.dev.yaml
 	cp charts/wallet/crds/walletmigrations.wallet.dev.yaml k8s/crds/walletmigrations.wallet.dev.yaml
 
-.PHONY: bench soak
+.PHONY: bench soak bench-compare
 .PHONY: chaos
 chaos: ## Fault tests of node processes: kill -9, SIGSTOP, partitions (network namespaces), PostgreSQL and Redis faults, rolling restarts
 	@scripts/chaos.sh
+
+bench-compare: ## REV=<git rev>: that build against this tree, interleaved, fresh clusters (PAIRS, SCENARIOS, DURATION)
+	@COMPARE_PAIRS=$(or $(PAIRS),4) COMPARE_SCENARIOS="$(or $(SCENARIOS),saturate-one multi-uniform constant)" \
+	  COMPARE_DURATION=$(or $(DURATION),20s) scripts/bench-compare.sh "$(REV)"
 
 bench: ## Release build, 3-node cluster, every load scenario with exact-balance checks (< 10 min)
 	@scripts/bench.sh all

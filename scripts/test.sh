@@ -68,4 +68,7 @@ scripts/k8s-check.sh
 step "bench smoke: constant and failover with the consistency check"
 scripts/bench.sh smoke
 
+step "bench-compare's summary arithmetic (made-up results)"
+python3 scripts/bench_compare.py --self-test
+
 step "all checks passed"
