@@ -583,13 +583,13 @@ mod db_tests {
             .connect(&format!("{base}/{name}"))
             .await
             .expect("test database");
-        let schema = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../migrations/0001_wallets_and_operations.sql"
-        ))
-        .expect("migration file");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(schema))
-            .execute(&pool)
+        // Every migration, as the migrator applies them: the schema the bench meets.
+        let migrations =
+            std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations"));
+        sqlx::migrate::Migrator::new(migrations)
+            .await
+            .expect("read the migrations")
+            .run(&pool)
             .await
             .expect("schema");
         (pool, name)
