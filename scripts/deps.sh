@@ -34,6 +34,8 @@ if [ "${1:-}" = "--e2e" ]; then
   command -v podman >/dev/null 2>&1 || need_apt+=(podman)
   command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
   command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+  # kube play builds its pods' infra (pause) image from catatonit.
+  command -v catatonit >/dev/null 2>&1 || [ -x /usr/libexec/podman/catatonit ] || need_apt+=(catatonit)
   command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
   command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 fi

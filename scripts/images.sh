@@ -42,7 +42,9 @@ local_base() {
   nice -n 19 debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$DATA_DIR/images/debootstrap.log" 2>&1 \
     || { tail -n 20 "$DATA_DIR/images/debootstrap.log" >&2; exit 1; }
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-  tar --numeric-owner -C "$rootfs" -c . | "${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' - "$LOCAL_BASE" >/dev/null
+  # PATH as Debian's and distroless' images set it: the chart runs `wallet-migrator` by name.
+  tar --numeric-owner -C "$rootfs" -c . | "${PODMAN[@]}" import --quiet --change 'CMD ["/bin/bash"]' \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$LOCAL_BASE" >/dev/null
   rm -rf "$rootfs"
 }
 
