@@ -98,6 +98,14 @@ done
 echo "  Prometheus scrapes all $NODES nodes"
 
 step "load for ${LOAD_SECONDS}s (tests/e2e/load.py); node-2 paused for 4 s in the middle (deadline 503s)"
+# Each pod's own counters around the load, to hold the adapter's per-pod answer against.
+snapshot() {
+  mkdir -p "$PROM_DIR/metrics/$1"
+  for i in $(seq 0 $((NODES - 1))); do
+    curl -fsS "http://127.0.0.1:$((WALLET_ADMIN_PORT_BASE + i))/metrics" > "$PROM_DIR/metrics/$1/wallet-local-node$i.txt"
+  done
+}
+snapshot before
 "$PY" tests/e2e/load.py "$DATA_DIR/dev-token" "$LOAD_SECONDS" "${urls[@]}" > "$PROM_DIR/load.json" &
 load_pid=$!
 sleep "$((LOAD_SECONDS / 2))"
@@ -108,14 +116,17 @@ at=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["ended"])' "$
 echo "  answers by status: $("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["statuses"])' "$PROM_DIR/load.json")"
 # Two more scrapes, so the last requests are in Prometheus before the queries at $at.
 sleep "$((2 * SCRAPE_INTERVAL + 1))"
+snapshot after
 at=$("$PY" -c "print($at + $SCRAPE_INTERVAL)")
 
 step "the chart's queries against Prometheus (tests/e2e/prom_queries.py)"
-helm template wallet charts/wallet -n "$NAMESPACE" --set autoscaling.keda.enabled=true \
+# The e2e values (a key source for auth), with autoscaling through KEDA switched on.
+helm template wallet charts/wallet -n "$NAMESPACE" -f tests/e2e/values.yaml \
+  --set autoscaling.enabled=true --set autoscaling.keda.enabled=true \
   --set "autoscaling.keda.prometheusServerAddress=$PROM" --show-only templates/keda-scaledobject.yaml \
   > "$PROM_DIR/keda-render.yaml"
 "$PY" tests/e2e/prom_queries.py --prometheus "$PROM" --dashboard charts/wallet/dashboards/wallet.json \
   --adapter-values charts/wallet/prometheus-adapter-values.yaml --keda-render "$PROM_DIR/keda-render.yaml" \
-  --namespace "$NAMESPACE" --scrape-interval "$SCRAPE_INTERVAL" --load "$PROM_DIR/load.json" --at "$at" "${pods[@]}"
+  --namespace "$NAMESPACE" --scrape-interval "$SCRAPE_INTERVAL" --load "$PROM_DIR/load.json" --at "$at" --metrics-dir "$PROM_DIR/metrics" "${pods[@]}"
 
 step "e2e-prometheus passed in $((SECONDS - start)) s"
