@@ -46,8 +46,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
  && cp target/release/wallet target/release/wallet-migrator /out/
 
 # Where the runtime stages take the binaries from: one of these two, by BINARIES. An
-# unused stage is skipped, so the prebuilt mode never needs RUST_IMAGE.
-FROM builder AS binaries-builder
+# unused stage is skipped, so the prebuilt mode never needs RUST_IMAGE. podman/buildah 1.28
+# pick the stage from --build-arg values only, not from the default above: pass
+# --build-arg BINARIES=... explicitly there (scripts/images.sh does).
+FROM scratch AS binaries-builder
+COPY --from=builder /out/ /out/
 FROM scratch AS binaries-prebuilt
 COPY wallet wallet-migrator /out/
 FROM binaries-${BINARIES} AS binaries

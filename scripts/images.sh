@@ -66,7 +66,10 @@ fi
 build_args=()
 case "$mode" in
   registry)
-    context="$REPO_ROOT" ;;
+    # Explicit, although it is the default: buildah resolves `FROM binaries-${BINARIES}`
+    # from --build-arg values only, and skips the stage otherwise.
+    context="$REPO_ROOT"
+    build_args=(--build-arg BINARIES=builder) ;;
   local)
     local_base
     log "release build of wallet and wallet-migrator on the host (nice 19; a no-op when up to date)"
