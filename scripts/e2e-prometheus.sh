@@ -7,8 +7,10 @@
 # and that the KEDA query (from the chart's render) returns a number.
 # The scrape adds the labels the chart's ServiceMonitor and Kubernetes would give
 # (namespace, pod, job): the queries select on them. The cluster's ports are
-# WALLET_E2E_CLUSTER_PORT_BASE (default 38080) + I (public), + 100 + I (internal),
-# + 1010 + I (admin), so they meet neither `make up`'s nor `make e2e`'s pods.
+# WALLET_E2E_CLUSTER_PORT_BASE (default 26080) + I (public), + 100 + I (internal),
+# + 1010 + I (admin), so they meet neither `make up`'s nor `make e2e`'s pods. They stay below
+# the kernel's ephemeral range (32768-60999): a node once failed to bind 38182, which a
+# client connection to Prometheus had as its source port.
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
@@ -21,7 +23,7 @@ NODES=3
 SCRAPE_INTERVAL=2
 LOAD_SECONDS="${WALLET_E2E_LOAD_SECONDS:-40}"
 NAMESPACE=wallet
-BASE="${WALLET_E2E_CLUSTER_PORT_BASE:-38080}"
+BASE="${WALLET_E2E_CLUSTER_PORT_BASE:-26080}"
 export WALLET_PUBLIC_PORT_BASE=$BASE WALLET_INTERNAL_PORT_BASE=$((BASE + 100)) WALLET_ADMIN_PORT_BASE=$((BASE + 1010))
 export PROFILE=release
 # A short request deadline, under the lease TTL, so that a node paused for a few seconds
