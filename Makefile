@@ -57,6 +57,15 @@ crds: ## Regenerate the WalletMigration CRD files from the Rust types
 	cargo run -q -p wallet-migrator -- crd > charts/wallet/crds/walletmigrations.wallet.dev.yaml
 	cp charts/wallet/crds/walletmigrations.wallet.dev.yaml k8s/crds/walletmigrations.wallet.dev.yaml
 
+.PHONY: images e2e e2e-prometheus
+images: ## Both Dockerfile targets with podman (FROM a local debootstrap Debian where no registry answers)
+	@scripts/images.sh
+e2e: ## The chart's API and operator pods with podman kube play, then e2e-prometheus (fresh machine: installs podman etc.)
+	@scripts/e2e.sh
+	@scripts/e2e-prometheus.sh
+e2e-prometheus: ## Real Prometheus scraping a 3-node cluster under load: dashboard, adapter and KEDA queries return data
+	@scripts/e2e-prometheus.sh
+
 .PHONY: bench soak bench-compare
 .PHONY: chaos
 chaos: ## Fault tests of node processes: kill -9, SIGSTOP, partitions (network namespaces), PostgreSQL and Redis faults, rolling restarts

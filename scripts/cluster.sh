@@ -5,8 +5,12 @@
 #   cluster.sh down         stops the nodes, PostgreSQL and Redis (data kept)
 #   cluster.sh stop         stops the nodes only
 #   cluster.sh start-node I / stop-node I / kill-node I
-# Node I listens on 127.0.0.1:808I (public), 818I (internal), 909I (admin).
+#   cluster.sh issuer       makes the development issuer's key, JWKS and token only
+# Node I listens on 127.0.0.1:808I (public), 818I (internal), 909I (admin); another checkout
+# on the same machine moves them with WALLET_PUBLIC_PORT_BASE, WALLET_INTERNAL_PORT_BASE and
+# WALLET_ADMIN_PORT_BASE (node I gets base + I).
 # PROFILE=release uses release binaries (the bench does).
+# shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PROFILE="${PROFILE:-debug}"
@@ -14,6 +18,9 @@ RUN_DIR="$DATA_DIR/run"
 LOG_DIR="$DATA_DIR/logs"
 BIN_DIR="$REPO_ROOT/target/$PROFILE"
 SECRET_FILE="$DATA_DIR/internal-secret"
+PUBLIC_PORT_BASE="${WALLET_PUBLIC_PORT_BASE:-8080}"
+INTERNAL_PORT_BASE="${WALLET_INTERNAL_PORT_BASE:-8180}"
+ADMIN_PORT_BASE="${WALLET_ADMIN_PORT_BASE:-9090}"
 
 build() {
   local flags=(); [ "$PROFILE" = release ] && flags+=(--release)
@@ -59,9 +66,9 @@ node_env() {
   local i=$1
   cat <<ENV
 WALLET_NODE_ID=node-$i
-WALLET_PUBLIC_ADDR=127.0.0.1:$((8080 + i))
-WALLET_INTERNAL_ADDR=127.0.0.1:$((8180 + i))
-WALLET_ADMIN_ADDR=127.0.0.1:$((9090 + i))
+WALLET_PUBLIC_ADDR=127.0.0.1:$((PUBLIC_PORT_BASE + i))
+WALLET_INTERNAL_ADDR=127.0.0.1:$((INTERNAL_PORT_BASE + i))
+WALLET_ADMIN_ADDR=127.0.0.1:$((ADMIN_PORT_BASE + i))
 WALLET_INTERNAL_SECRET=$(secret)
 WALLET_AUTH_JWKS_FILE=$AUTH_DIR/jwks.json
 WALLET_AUTH_ISSUER=wallet-dev
@@ -83,7 +90,7 @@ start_node() {
 wait_ready() {
   local i=$1
   for _ in $(seq 1 150); do
-    curl -fsS "http://127.0.0.1:$((9090 + i))/readyz" >/dev/null 2>&1 && return 0
+    curl -fsS "http://127.0.0.1:$((ADMIN_PORT_BASE + i))/readyz" >/dev/null 2>&1 && return 0
     sleep 0.2
   done
   echo "node-$i did not become ready; see $LOG_DIR/node-$i.log" >&2
@@ -122,12 +129,12 @@ up() {
   for i in $(seq 0 $((nodes - 1))); do wait_ready "$i"; done
   echo
   for i in $(seq 0 $((nodes - 1))); do
-    echo "node-$i  API http://127.0.0.1:$((8080 + i))/api/v1   Swagger UI http://127.0.0.1:$((8080 + i))/swagger-ui/   metrics http://127.0.0.1:$((9090 + i))/metrics"
+    echo "node-$i  API http://127.0.0.1:$((PUBLIC_PORT_BASE + i))/api/v1   Swagger UI http://127.0.0.1:$((PUBLIC_PORT_BASE + i))/swagger-ui/   metrics http://127.0.0.1:$((ADMIN_PORT_BASE + i))/metrics"
   done
   echo "logs in $LOG_DIR"
   echo
   echo "A token for tenant dev with every scope is in $DEV_TOKEN (more: target/$PROFILE/wallet token --help):"
-  echo "  curl -s -X POST -H \"Authorization: Bearer \$(cat .data/dev-token)\" http://127.0.0.1:8080/api/v1/wallets"
+  echo "  curl -s -X POST -H \"Authorization: Bearer \$(cat .data/dev-token)\" http://127.0.0.1:$PUBLIC_PORT_BASE/api/v1/wallets"
 }
 
 case "${1:-}" in
@@ -141,8 +148,9 @@ case "${1:-}" in
     ;;
   down) stop_nodes; "$REPO_ROOT/scripts/stack.sh" down ;;
   stop) stop_nodes ;;
+  issuer) dev_issuer ;;
   start-node) dev_issuer; start_node "$2"; wait_ready "$2" ;;
   stop-node) signal_node TERM "$2" ;;
   kill-node) signal_node KILL "$2" ;;
-  *) echo "usage: $0 dev|up [N] | down | stop | start-node I | stop-node I | kill-node I" >&2; exit 2 ;;
+  *) echo "usage: $0 dev|up [N] | down | stop | issuer | start-node I | stop-node I | kill-node I" >&2; exit 2 ;;
 esac

