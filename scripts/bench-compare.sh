@@ -63,6 +63,9 @@ run() {
   local label=$1 tree=$2 pair=$3
   log "pair $pair: $label ($tree)"
   (
+    # Each tree's scripts pick their own stack's URLs (the logins differ between
+    # revisions); the ones this script's lib.sh exported would leak into the other tree.
+    unset DATABASE_URL DATABASE_OWNER_URL DATABASE_ADMIN_URL REDIS_URL WALLET_DATA_DIR
     cd "$tree"
     trap 'PROFILE=release scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
     PROFILE=release scripts/cluster.sh up 3 >"$OUT/$label-$pair.cluster.log" 2>&1 \
