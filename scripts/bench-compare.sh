@@ -33,8 +33,9 @@ BASE_TREE="$COMPARE_DIR/tree-${base_sha:0:12}"
 OUT="$COMPARE_DIR/${base_sha:0:8}-vs-${head_sha:0:8}$dirty-$(date -u +%Y%m%dT%H%M%SZ)"
 
 # Both builds use the same ports, PostgreSQL and Redis ports included: nothing else may run.
-if ss -ltn 2>/dev/null | grep -qE '127\.0\.0\.1:(808[0-2]|55432|56379)\b|\*:(808[0-2])\b'; then
-  echo "a cluster or the local stack is running (ports 8080-8082, 55432 or 56379): stop it first (make down)" >&2
+# (The nodes' public ports are fixed in older revisions' cluster.sh, as in wallet-bench's defaults.)
+if ss -ltn 2>/dev/null | grep -qE "(127\.0\.0\.1|\*):(808[0-2]|$PG_PORT|$REDIS_PORT)\b"; then
+  echo "a cluster or the local stack is running (ports 8080-8082, $PG_PORT or $REDIS_PORT): stop it first (make down)" >&2
   exit 1
 fi
 

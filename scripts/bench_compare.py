@@ -69,6 +69,7 @@ def summarise(runs):
         b = [metric(r) for r in base]
         h = [metric(r) for r in head]
         ratios = [y / x for x, y in zip(b, h) if x]
+        base_mean, head_mean = statistics.fmean(b), statistics.fmean(h)
         cpu_b = [c for c in map(cpu_us_per_op, base) if c is not None]
         cpu_h = [c for c in map(cpu_us_per_op, head) if c is not None]
         rows.append({
@@ -76,9 +77,9 @@ def summarise(runs):
             "unit": "p99 ms" if scenario in LATENCY_SCENARIOS else "ops/s",
             "base_runs": b,
             "head_runs": h,
-            "base_mean": statistics.fmean(b),
-            "head_mean": statistics.fmean(h),
-            "ratio_of_means": statistics.fmean(h) / statistics.fmean(b) if statistics.fmean(b) else None,
+            "base_mean": base_mean,
+            "head_mean": head_mean,
+            "ratio_of_means": head_mean / base_mean if base_mean else None,
             "pair_ratio_median": statistics.median(ratios) if ratios else None,
             "pair_ratio_min": min(ratios) if ratios else None,
             "pair_ratio_max": max(ratios) if ratios else None,

@@ -30,10 +30,7 @@ export PROFILE=release
 # makes the others answer 503 (deadline passed): the 5xx panels then have data too.
 export WALLET_REQUEST_DEADLINE_MS=1500
 PY="$DATA_DIR/venv-e2e/bin/python"
-start=$SECONDS
 
-step() { printf '\n\033[1;32m### %s\033[0m  (%ds)\n' "$*" "$((SECONDS - start))"; }
-fail() { printf '\033[1;31mFAILED: %s\033[0m\n' "$*" >&2; exit 1; }
 
 started_stack=0
 prom_pid=""
@@ -131,4 +128,4 @@ helm template wallet charts/wallet -n "$NAMESPACE" -f tests/e2e/values.yaml \
   --adapter-values charts/wallet/prometheus-adapter-values.yaml --keda-render "$PROM_DIR/keda-render.yaml" \
   --namespace "$NAMESPACE" --scrape-interval "$SCRAPE_INTERVAL" --load "$PROM_DIR/load.json" --at "$at" --metrics-dir "$PROM_DIR/metrics" "${pods[@]}"
 
-step "e2e-prometheus passed in $((SECONDS - start)) s"
+step "e2e-prometheus passed in $SECONDS s"

@@ -25,6 +25,9 @@ stack_running() {
 }
 
 log() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
+# The long scripts' headings, with the seconds since the script began, and their failures.
+step() { printf '\n\033[1;32m### %s\033[0m  (%ds)\n' "$*" "$SECONDS"; }
+fail() { printf '\033[1;31mFAILED: %s\033[0m\n' "$*" >&2; exit 1; }
 
 pg_bin_dir() {
   local dir

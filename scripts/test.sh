@@ -18,8 +18,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step() { printf '\n\033[1;32m### %s\033[0m\n' "$*"; }
-
 step "installing what is missing"
 scripts/deps.sh
 scripts/stack.sh up
