@@ -358,7 +358,7 @@ async fn a_hold_reserves_funds_and_a_partial_capture_releases_the_rest() -> anyh
         )
         .await?;
         assert_eq!(again.status, StatusCode::CONFLICT, "{action}: {again:?}");
-        assert_eq!(again.body["status"], "CAPTURED");
+        assert_eq!(again.body["holdStatus"], "CAPTURED");
         assert!(
             again.body["type"]
                 .as_str()
@@ -447,7 +447,7 @@ async fn a_hold_expires_soon_after_its_time_and_can_no_longer_be_captured() -> a
         .post_raw(&format!("/api/v1/holds/{hold_id}/capture"), "", &[])
         .await?;
     assert_eq!(capture.status, StatusCode::CONFLICT);
-    assert_eq!(capture.body["status"], "EXPIRED");
+    assert_eq!(capture.body["holdStatus"], "EXPIRED");
     assert_eq!(
         audit(&db.pool, wallet_id).await?,
         (dec("10.00"), dec("0.00"))
