@@ -30,6 +30,8 @@ cat > "$config" <<TOML
 "path.transfer_id" = "$transfer"
 "path.hold_id" = "$hold"
 "body.walletId" = "$wallet"
+"body.fromWalletId" = "$wallet"
+"body.toWalletId" = "$other"
 TOML
 
 # One worker: with two, CPython 3.11's ast module sometimes fails inside hypothesis
