@@ -58,11 +58,10 @@ pub async fn post_transfer(req: &mut Request, depot: &mut Depot) -> Result<Reply
     let request = input::transfer(&bytes)?;
     let tenant = &principal(depot)?.tenant;
     // Wallets are never deleted: a destination that exists now exists at the credit.
-    if state
+    if !state
         .store
-        .wallet(tenant, request.to_wallet_id)
+        .wallet_exists(tenant, request.to_wallet_id)
         .await?
-        .is_none()
     {
         return Err(ApiError::WalletNotFound(request.to_wallet_id));
     }
@@ -225,10 +224,12 @@ pub async fn create_hold(req: &mut Request, depot: &mut Depot) -> Result<Reply, 
     if record.status == OperationStatus::Rejected {
         return Err(recorded_rejection(record));
     }
+    let hold_id = record.hold_id.unwrap_or(record.operation_id);
+    state.store.remember_hold(hold_id, tenant, wallet_id);
     Reply::new(
         StatusCode::CREATED,
         &HoldView {
-            hold_id: record.hold_id.unwrap_or(record.operation_id),
+            hold_id,
             wallet_id,
             amount: record.amount,
             captured_amount: rust_decimal::Decimal::new(0, 2),
@@ -252,12 +253,12 @@ async fn settle(
     let action = action(hold_id, bytes.as_deref())?;
     let tenant = &principal(depot)?.tenant;
     // A hold never changes wallets: where it is now is where it was created.
-    let hold = state
+    let wallet_id = state
         .store
-        .hold(tenant, hold_id)
+        .hold_wallet(tenant, hold_id)
         .await?
         .ok_or(ApiError::HoldNotFound(hold_id))?;
-    let settle = command(state, tenant, hold.wallet_id, Uuid::now_v7(), action, key);
+    let settle = command(state, tenant, wallet_id, Uuid::now_v7(), action, key);
     match state.router.execute(settle).await? {
         CommandOutcome::Hold(hold) => Reply::new(StatusCode::OK, &HoldView::from(&hold)),
         // A replay of an earlier capture or void: the hold as it is now.
