@@ -480,7 +480,7 @@ pub fn summarize(
         operations_per_s: achieved_rps,
         baseline_ops_per_s: baseline,
         baseline: match baseline {
-            Some(_) => "saturate-one earlier in this run (same wallet seed, its own connections and duration)".to_owned(),
+            Some(_) => "saturate-one earlier in this run".to_owned(),
             None => "none: saturate-one did not run before holds or failed".to_owned(),
         },
         ratio: r,

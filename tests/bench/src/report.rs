@@ -377,7 +377,7 @@ fn transfers_section(s: &mut String, r: &ScenarioResult, t: &TransfersReport) {
         let g = &c["global_conservation"];
         let _ = writeln!(
             s,
-            "Check ({}): {} transfers stored ({} POSTED, {} REJECTED, {} still PENDING after waiting {} s), each with its TRANSFER_OUT / TRANSFER_IN rows; {} audit rows replayed on {} wallets; conservation over the scenario's wallets: {}; over the whole database: balances {} + PENDING {} = deposits {} - withdrawals {} - captures {}: {}.\n",
+            "Check ({}): {} transfers stored ({} POSTED, {} REJECTED, {} still PENDING after waiting {} s), each checked for its TRANSFER_OUT / TRANSFER_IN rows; {} audit rows replayed on {} wallets; conservation over the scenario's wallets: {}; over the whole database: balances {} + PENDING {} = deposits {} - withdrawals {} - captures {}: {}.\n",
             consistency_word(r),
             c["stored"],
             c["stored_posted"],
@@ -408,7 +408,7 @@ fn transfers_section(s: &mut String, r: &ScenarioResult, t: &TransfersReport) {
 fn holds_section(s: &mut String, h: &HoldsReport) {
     let _ = writeln!(
         s,
-        "**{:.0} hold+capture pairs/s**, {:.0} operations/s ({} pairs). Against saturate-one ({}): {}; pairs/s against it: {}. Target: operations/s >= {:.2} x saturate-one: {}.\n",
+        "**{:.0} hold+capture pairs/s**, {:.0} operations/s ({} pairs). Against saturate-one: {}; operations/s over it: {}, pairs/s over it: {}. Target: operations/s >= {:.2} x saturate-one: {}.\n",
         h.pairs_per_s,
         h.operations_per_s,
         h.pairs,
