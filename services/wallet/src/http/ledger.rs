@@ -140,7 +140,15 @@ async fn post_credit(
     );
     credit.deadline = Deadline::after(state.transfer_credit_wait);
     credit.may_exist = may_exist;
-    match state.router.execute(credit).await {
+    // Bounded here too: while a credit that may exist is being found out (its owner
+    // died mid-commit, say) the router would keep looking, but the answer is true
+    // without it: PENDING, and the owner's sweep finishes the transfer.
+    let bound = state.transfer_credit_wait + std::time::Duration::from_millis(500);
+    let Ok(outcome) = tokio::time::timeout(bound, state.router.execute(credit)).await else {
+        tracing::debug!(%transfer_id, "a transfer's credit is still being found out; it is left to the sweep");
+        return TransferStatus::Pending;
+    };
+    match outcome {
         Ok(CommandOutcome::Recorded(_)) => TransferStatus::Posted,
         Ok(other) => {
             tracing::warn!(%transfer_id, outcome = ?other, "a transfer's credit was refused; it stays PENDING");
