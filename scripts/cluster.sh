@@ -41,7 +41,7 @@ secret() {
 
 AUTH_DIR="$DATA_DIR/auth"
 DEV_TOKEN="$DATA_DIR/dev-token"
-DEV_SCOPES=(wallets:read wallets:create wallets:deposit wallets:withdraw wallets:admin)
+DEV_SCOPES=(wallets:read wallets:create wallets:deposit wallets:withdraw wallets:admin transfers:write holds:write)
 
 # The local development issuer: an ES256 key in .data/auth, its JWKS (which the nodes
 # trust) and a token for tenant `dev` with every scope in .data/dev-token. Made once;

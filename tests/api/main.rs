@@ -5,6 +5,7 @@ mod commit_failures;
 mod concurrency;
 mod errors;
 mod idempotency;
+mod ledger;
 mod ledger_races;
 mod privileges;
 mod readiness;

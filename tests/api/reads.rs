@@ -79,7 +79,7 @@ async fn an_operation_reads_back_by_id_and_only_in_its_wallet() -> anyhow::Resul
     let wallet_view = api.get(&format!("/api/v1/wallets/{wallet}")).await?;
     assert_eq!(
         wallet_view.body,
-        serde_json::json!({"walletId": wallet, "balance": "7.50"})
+        serde_json::json!({"walletId": wallet, "balance": "7.50", "available": "7.50", "held": "0.00", "overdraftLimit": "0.00"})
     );
     node.stop().await
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use uuid::Uuid;
 use wallet::auth::Tenant;
-use wallet::domain::{Amount, Deadline, OperationCommand, OperationType};
+use wallet::domain::{Action, Amount, Deadline, OperationCommand};
 use wallet::internal_auth::{self, SignedHeaders};
 use wallet::routing::{ForwardBatch, ForwardReply, ForwardResult, ForwardedCommand};
 use wallet_cluster::SigningKeys;
@@ -27,10 +27,9 @@ fn deposit(wallet: Uuid, amount: &str) -> anyhow::Result<Vec<u8>> {
                 // The tenant the tests' API client creates wallets for.
                 tenant: Tenant::parse(wallet_tests::auth::TENANT)
                     .ok_or_else(|| anyhow::anyhow!("test tenant"))?,
-                operation_type: OperationType::Deposit,
-                amount,
+                action: Action::Deposit { amount },
                 idempotency_key: None,
-                request_hash: OperationCommand::fingerprint(wallet, OperationType::Deposit, amount),
+                request_hash: Action::Deposit { amount }.fingerprint(wallet),
                 deadline: Deadline::after(Duration::from_secs(10)),
                 may_exist: false,
             },

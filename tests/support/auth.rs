@@ -13,12 +13,14 @@ pub const AUDIENCE: &str = "wallet";
 pub const KID: &str = "test-es256";
 /// The tenant of `ApiClient::new`'s token.
 pub const TENANT: &str = "test";
-pub const ALL_SCOPES: [&str; 5] = [
+pub const ALL_SCOPES: [&str; 7] = [
     "wallets:read",
     "wallets:create",
     "wallets:deposit",
     "wallets:withdraw",
     "wallets:admin",
+    "transfers:write",
+    "holds:write",
 ];
 
 pub fn key_path(name: &str) -> PathBuf {

@@ -80,6 +80,10 @@ pub struct Config {
     pub commit_stall: std::time::Duration,
     /// Health checks failing for this long make the database unusable for the node.
     pub database_unusable_after: std::time::Duration,
+    /// How often the owner expires due holds and posts PENDING transfers of its shards.
+    pub sweep_interval: std::time::Duration,
+    /// How long a transfer's answer waits for its credit before it says PENDING.
+    pub transfer_credit_wait: std::time::Duration,
     pub redis_url: SecretString,
     /// PEM CA bundle that a `rediss://` server's certificate must chain to (instead of
     /// the system's roots).
@@ -249,6 +253,8 @@ impl Config {
             read_timeout: millis(&get, "WALLET_READ_TIMEOUT_MS", 5_000)?,
             commit_stall,
             database_unusable_after: millis(&get, "WALLET_DB_UNUSABLE_AFTER_MS", 2_000)?,
+            sweep_interval: millis(&get, "WALLET_SWEEP_INTERVAL_MS", 250)?,
+            transfer_credit_wait: millis(&get, "WALLET_TRANSFER_CREDIT_WAIT_MS", 1_000)?,
             redis_url: required("REDIS_URL")?,
             redis_ca_file: get("REDIS_CA_FILE").map(std::path::PathBuf::from),
             internal_secret: required("WALLET_INTERNAL_SECRET")?,

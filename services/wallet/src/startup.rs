@@ -304,6 +304,17 @@ impl Application {
             fence_lost_tx,
         );
         let stop = CancellationToken::new();
+        tokio::spawn(crate::executor::sweep_until_stopped(
+            executors.clone(),
+            store.clone(),
+            crate::executor::SweepSettings {
+                interval: config.sweep_interval,
+                // The fast path's credit has its wait, and a little more to commit.
+                pending_after: config.transfer_credit_wait + Duration::from_millis(500),
+                batch: 256,
+            },
+            stop.child_token(),
+        ));
         let health = health::start(
             store.clone(),
             config.database_unusable_after,
@@ -370,6 +381,7 @@ impl Application {
             health: health.report,
             max_body_bytes: config.max_body_bytes,
             request_deadline: config.request_deadline,
+            transfer_credit_wait: config.transfer_credit_wait,
             handler_timeout: config.handler_timeout,
             internal_auth,
             authentication: Arc::new(authentication),

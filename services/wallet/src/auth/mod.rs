@@ -29,15 +29,21 @@ pub enum Scope {
     WalletsWithdraw,
     /// Settings such as limits.
     WalletsAdmin,
+    /// Moves money between the tenant's wallets.
+    TransfersWrite,
+    /// Creates, captures and voids holds.
+    HoldsWrite,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 7] = [
         Self::WalletsRead,
         Self::WalletsCreate,
         Self::WalletsDeposit,
         Self::WalletsWithdraw,
         Self::WalletsAdmin,
+        Self::TransfersWrite,
+        Self::HoldsWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +53,8 @@ impl Scope {
             Self::WalletsDeposit => "wallets:deposit",
             Self::WalletsWithdraw => "wallets:withdraw",
             Self::WalletsAdmin => "wallets:admin",
+            Self::TransfersWrite => "transfers:write",
+            Self::HoldsWrite => "holds:write",
         }
     }
 

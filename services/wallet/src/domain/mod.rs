@@ -1,8 +1,12 @@
 //! The wallet's vocabulary: amounts, operation types and recorded operations.
 
 mod amount;
+mod ledger;
 
 pub use amount::{Amount, AmountError, MAX_BALANCE};
+pub use ledger::{
+    Action, HoldRecord, HoldStatus, TransferRecord, TransferStatus, transfer_credit_id,
+};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -14,22 +18,47 @@ use uuid::Uuid;
 pub enum OperationType {
     Deposit,
     Withdraw,
+    /// The debit of a transfer, on its source wallet.
+    TransferOut,
+    /// The credit of a transfer, on its destination wallet.
+    TransferIn,
+    /// Funds reserved: `held` and `available` change, the balance does not.
+    Hold,
+    /// Held funds taken: the balance and `held` drop by the captured amount.
+    Capture,
+    /// Held funds given back (void, expiry, or the rest of a partial capture).
+    Release,
+    /// The wallet's overdraft limit was set; `amount` is the new limit.
+    OverdraftLimit,
 }
 
 impl OperationType {
+    pub const ALL: [Self; 8] = [
+        Self::Deposit,
+        Self::Withdraw,
+        Self::TransferOut,
+        Self::TransferIn,
+        Self::Hold,
+        Self::Capture,
+        Self::Release,
+        Self::OverdraftLimit,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Deposit => "DEPOSIT",
             Self::Withdraw => "WITHDRAW",
+            Self::TransferOut => "TRANSFER_OUT",
+            Self::TransferIn => "TRANSFER_IN",
+            Self::Hold => "HOLD",
+            Self::Capture => "CAPTURE",
+            Self::Release => "RELEASE",
+            Self::OverdraftLimit => "OVERDRAFT_LIMIT",
         }
     }
 
     pub fn parse(value: &str) -> Option<Self> {
-        match value {
-            "DEPOSIT" => Some(Self::Deposit),
-            "WITHDRAW" => Some(Self::Withdraw),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|kind| kind.as_str() == value)
     }
 }
 
@@ -84,16 +113,20 @@ impl RejectionReason {
 
 /// A validated request to change a wallet's balance, as it travels to the shard owner.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+// No deny_unknown_fields: serde does not support it next to `flatten`.
+#[serde(rename_all = "camelCase")]
 pub struct OperationCommand {
     /// Chosen by the node that took the request and kept across retries, so a retry
     /// after an ambiguous failure finds the operation instead of applying it twice.
     pub operation_id: Uuid,
     /// The caller's tenant: a wallet of another tenant is "not found".
     pub tenant: crate::auth::Tenant,
+    /// The wallet the command changes; its shard's owner runs it.
     pub wallet_id: Uuid,
-    pub operation_type: OperationType,
-    pub amount: Amount,
+    /// What to do. On the wire DEPOSIT and WITHDRAW keep the form of earlier builds
+    /// (`operationType`, `amount`), so nodes of both versions forward to each other.
+    #[serde(flatten)]
+    pub action: Action,
     pub idempotency_key: Option<String>,
     /// Fingerprint of the request body, to tell a replay from a key reused for another request.
     pub request_hash: String,
@@ -104,13 +137,6 @@ pub struct OperationCommand {
     /// it twice, and an expired command is only reported as not applied after that look-up.
     #[serde(default)]
     pub may_exist: bool,
-}
-
-impl OperationCommand {
-    pub fn fingerprint(wallet_id: Uuid, operation_type: OperationType, amount: Amount) -> String {
-        let canonical = format!("{wallet_id}|{}|{}", operation_type.as_str(), amount);
-        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(canonical.as_bytes()))
-    }
 }
 
 /// The moment after which a command is no longer planned, as Unix milliseconds.
@@ -156,6 +182,13 @@ pub struct OperationRecord {
     pub status: OperationStatus,
     pub reason: Option<RejectionReason>,
     pub balance_after: Decimal,
+    /// Funds held right after this operation.
+    #[serde(default)]
+    pub held_after: Decimal,
+    #[serde(default)]
+    pub transfer_id: Option<Uuid>,
+    #[serde(default)]
+    pub hold_id: Option<Uuid>,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -170,4 +203,16 @@ pub enum CommandOutcome {
     WalletNotFound,
     /// The idempotency key was used before with a different request.
     IdempotencyKeyReused,
+    /// A hold as this command left it (created, rejected, captured, voided or expired).
+    Hold(HoldRecord),
+    HoldNotFound,
+    /// The hold is no longer ACTIVE; nothing was done.
+    HoldNotActive(HoldRecord),
+    /// A capture of more than the hold reserves; nothing was done.
+    CaptureExceedsHold(HoldRecord),
+    /// A lower overdraft limit would leave less than nothing available; nothing was done.
+    LimitInUse,
+    /// A transfer's credit would take its destination past the largest balance; the
+    /// transfer stays PENDING.
+    CreditRefused,
 }

@@ -94,8 +94,11 @@ mod tests {
     fn state(version: i64) -> WalletState {
         WalletState {
             balance: Decimal::new(version * 100, 2),
+            held: Decimal::ZERO,
+            overdraft_limit: Decimal::ZERO,
             version,
             tenant: crate::auth::Tenant::parse("t").expect("tenant"),
+            updated_at: chrono::DateTime::UNIX_EPOCH,
         }
     }
 

@@ -14,13 +14,14 @@ use tracing::Instrument;
 
 use super::ExecutorMetrics;
 use crate::domain::OperationRecord;
-use crate::store::{BatchWrite, CommitError, ShardFence, Store, WalletUpdate};
+use crate::store::{BatchWrite, CommitError, LedgerWrites, ShardFence, Store, WalletUpdate};
 
 /// One shard's planned batch.
 pub(super) struct ShardCommit {
     pub fence: ShardFence,
     pub records: Vec<OperationRecord>,
     pub updates: Vec<WalletUpdate>,
+    pub ledger: LedgerWrites,
     pub reply: oneshot::Sender<Result<(), Arc<CommitError>>>,
 }
 
@@ -56,6 +57,7 @@ impl Committer {
         fence: ShardFence,
         records: Vec<OperationRecord>,
         updates: Vec<WalletUpdate>,
+        ledger: LedgerWrites,
     ) -> Result<(), Arc<CommitError>> {
         let (reply, answer) = oneshot::channel();
         let stopped = || {
@@ -68,6 +70,7 @@ impl Committer {
                 fence,
                 records,
                 updates,
+                ledger,
                 reply,
             })
             .await
@@ -178,12 +181,17 @@ async fn write(
         .iter()
         .flat_map(|commit| commit.updates.iter().cloned())
         .collect();
+    let mut ledger = LedgerWrites::default();
+    for commit in group {
+        ledger.extend(&commit.ledger);
+    }
     let started = Instant::now();
     store
         .commit_batch(BatchWrite {
             fences: &fences,
             operations: &operations,
             wallets: &wallets,
+            ledger: &ledger,
         })
         .instrument(tracing::info_span!(
             "commit",

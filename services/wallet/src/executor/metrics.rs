@@ -23,6 +23,8 @@ pub struct ExecutorMetrics {
     /// Commands dropped unplanned: their deadline passed or their caller left.
     pub dropped: IntCounterVec,
     pub cached_wallets: IntGauge,
+    /// Work the owner found left over and did itself: holds expired, transfers posted.
+    pub swept: IntCounterVec,
 }
 
 impl ExecutorMetrics {
@@ -59,9 +61,9 @@ impl ExecutorMetrics {
             &["reason"],
         )?;
         // Every label value from the start, so dashboards and alerts see zeros, not gaps.
-        for operation_type in ["DEPOSIT", "WITHDRAW"] {
+        for operation_type in crate::domain::OperationType::ALL {
             for result in ["applied", "rejected"] {
-                operations.with_label_values(&[operation_type, result]);
+                operations.with_label_values(&[operation_type.as_str(), result]);
             }
         }
         for reason in FAILURE_REASONS {
@@ -85,6 +87,17 @@ impl ExecutorMetrics {
             "wallet_cached_wallets",
             "Wallets in the node's cache of committed state",
         )?;
+        let swept = IntCounterVec::new(
+            Opts::new(
+                "wallet_swept_total",
+                "Holds expired and PENDING transfers posted by their owner's sweep, by kind",
+            ),
+            &["kind"],
+        )?;
+        for kind in ["hold_expired", "transfer_posted"] {
+            swept.with_label_values(&[kind]);
+        }
+        registry.register(Box::new(swept.clone()))?;
         registry.register(Box::new(overloaded.clone()))?;
         registry.register(Box::new(dropped.clone()))?;
         registry.register(Box::new(cached_wallets.clone()))?;
@@ -101,6 +114,7 @@ impl ExecutorMetrics {
             overloaded,
             dropped,
             cached_wallets,
+            swept,
         })
     }
 }

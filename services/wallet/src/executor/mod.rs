@@ -7,9 +7,12 @@
 mod cache;
 mod committer;
 mod metrics;
+mod plan;
 mod shard;
+mod sweep;
 
 pub use metrics::ExecutorMetrics;
+pub use sweep::{SweepSettings, sweep_until_stopped};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -140,6 +143,16 @@ impl ExecutorPool {
         self.metrics
             .cached_wallets
             .set(i64::try_from(self.cache.len()).unwrap_or(i64::MAX));
+    }
+
+    /// The shards this node serves now.
+    pub fn active_shards(&self) -> Vec<u32> {
+        self.shards
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .keys()
+            .copied()
+            .collect()
     }
 
     fn take(&self, shard: u32) -> Option<ShardHandle> {

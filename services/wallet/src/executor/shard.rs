@@ -3,7 +3,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
-use rust_decimal::Decimal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -11,13 +10,10 @@ use uuid::Uuid;
 
 use super::cache::WalletCache;
 use super::committer::Committer;
+use super::plan::{Plan, Planned, Prepared, plan};
 use super::{ExecutorMetrics, Pending, Stall};
-use crate::domain::{
-    CommandOutcome, MAX_BALANCE, OperationRecord, OperationStatus, OperationType, RejectionReason,
-};
-use crate::store::{
-    CommitError, Resolution, ShardFence, Store, StoreError, WalletState, WalletUpdate,
-};
+use crate::domain::{Action, OperationStatus};
+use crate::store::{CommitError, Resolution, ShardFence, Store, StoreError};
 use crate::submit::{MayExist, NotApplied, Undelivered};
 
 /// Attempts of one batch when the failure says a retry is safe.
@@ -41,29 +37,6 @@ enum Flow {
     Fenced,
     /// Stopped while a commit's outcome was still being looked up.
     Stopped,
-}
-
-/// What one command turns into while a batch is planned.
-enum Planned {
-    /// Settled without writing: found from an earlier request, or refused.
-    Done(CommandOutcome),
-    /// Its deadline passed before it was planned (after the look-up, if it may exist).
-    Expired,
-    /// Index into the batch's new operation records.
-    New(usize),
-}
-
-struct Plan {
-    planned: Vec<Planned>,
-    records: Vec<OperationRecord>,
-    updates: Vec<WalletUpdate>,
-    next_state: HashMap<Uuid, WalletState>,
-}
-
-/// What planning needs from the cache and the database.
-struct Prepared {
-    states: HashMap<Uuid, WalletState>,
-    existing: Vec<OperationRecord>,
 }
 
 /// How a planned batch ended.
@@ -178,7 +151,9 @@ impl ShardExecutor {
                     return self.unplanned(batch, Flow::Continue);
                 }
             };
-            let plan = self.plan(&batch, &prepared);
+            // PostgreSQL keeps microseconds: answer with what a replay will read back.
+            let now = Utc::now().trunc_subsecs(6);
+            let plan = plan(&batch, &prepared, self.shard, now);
             if plan.records.is_empty() {
                 self.answer(batch, plan, None);
                 return Flow::Continue;
@@ -295,7 +270,12 @@ impl ShardExecutor {
         };
         let error = match self
             .committer
-            .commit(fence, plan.records.clone(), plan.updates.clone())
+            .commit(
+                fence,
+                plan.records.clone(),
+                plan.updates.clone(),
+                plan.ledger.clone(),
+            )
             .await
         {
             Ok(()) => return Committed::Yes,
@@ -381,8 +361,8 @@ impl ShardExecutor {
                     self.metrics.dropped.with_label_values(&["expired"]).inc();
                     Err(Undelivered::NotApplied(NotApplied::Expired))
                 }
-                Planned::New(index) => match failure {
-                    None => Ok(CommandOutcome::Recorded(plan.records[index].clone())),
+                Planned::New(outcome) => match failure {
+                    None => Ok(outcome),
                     Some(failure) => Err(failure),
                 },
             };
@@ -413,9 +393,14 @@ impl ShardExecutor {
             let missing: Vec<Uuid> = missing.into_iter().collect();
             states.extend(self.store.wallets(&missing).await?);
         }
+        // A transfer's credit is always looked up: every attempt at it has the same id.
         let ids: Vec<Uuid> = batch
             .iter()
-            .filter(|pending| retrying || pending.command.may_exist)
+            .filter(|pending| {
+                retrying
+                    || pending.command.may_exist
+                    || matches!(pending.command.action, Action::TransferIn { .. })
+            })
             .map(|pending| pending.command.operation_id)
             .collect();
         let keyed: Vec<(Uuid, String)> = batch
@@ -432,155 +417,25 @@ impl ShardExecutor {
         } else {
             self.store.existing_operations(&ids, &keyed).await?
         };
-        Ok(Prepared { states, existing })
-    }
-
-    /// Applies the batch in arrival order to a copy of the wallets' committed state.
-    fn plan(&self, batch: &[Pending], prepared: &Prepared) -> Plan {
-        let by_id: HashMap<Uuid, &OperationRecord> = prepared
-            .existing
+        let hold_ids: Vec<Uuid> = batch
             .iter()
-            .map(|op| (op.operation_id, op))
+            .filter_map(|pending| pending.command.action.hold_id())
             .collect();
-        let by_key: HashMap<(Uuid, &str), &OperationRecord> = prepared
-            .existing
-            .iter()
-            .filter_map(|op| Some(((op.wallet_id, op.idempotency_key.as_deref()?), op)))
-            .collect();
-        let mut new_keys: HashMap<(Uuid, String), usize> = HashMap::new();
-        // A retried command can meet its earlier attempt in the same batch: one record for both.
-        let mut new_ids: HashMap<Uuid, usize> = HashMap::new();
-        let mut next_state: HashMap<Uuid, WalletState> = HashMap::new();
-        let mut records: Vec<OperationRecord> = Vec::new();
-        let mut planned = Vec::with_capacity(batch.len());
-        // PostgreSQL keeps microseconds: answer with what a replay will read back.
-        let now = Utc::now().trunc_subsecs(6);
-
-        for pending in batch {
-            let command = &pending.command;
-            // First of all: another tenant's wallet does not exist for this caller, not
-            // even its operations or idempotency keys.
-            let owner = next_state
-                .get(&command.wallet_id)
-                .or_else(|| prepared.states.get(&command.wallet_id))
-                .map(|state| &state.tenant);
-            if owner != Some(&command.tenant) {
-                planned.push(Planned::Done(CommandOutcome::WalletNotFound));
-                continue;
-            }
-            if let Some(previous) = by_id.get(&command.operation_id) {
-                planned.push(Planned::Done(CommandOutcome::Recorded((*previous).clone())));
-                continue;
-            }
-            if let Some(&index) = new_ids.get(&command.operation_id) {
-                planned.push(Planned::New(index));
-                continue;
-            }
-            if let Some(key) = command.idempotency_key.as_deref() {
-                // The key's first operation: stored earlier, or new in this very batch.
-                let first = match by_key.get(&(command.wallet_id, key)) {
-                    Some(stored) => Some((
-                        stored.request_hash.clone(),
-                        Planned::Done(CommandOutcome::Recorded((*stored).clone())),
-                    )),
-                    None => new_keys
-                        .get(&(command.wallet_id, key.to_owned()))
-                        .map(|&index| (records[index].request_hash.clone(), Planned::New(index))),
-                };
-                if let Some((first_hash, first_answer)) = first {
-                    planned.push(
-                        if first_hash.as_deref() == Some(command.request_hash.as_str()) {
-                            first_answer
-                        } else {
-                            Planned::Done(CommandOutcome::IdempotencyKeyReused)
-                        },
-                    );
-                    continue;
-                }
-            }
-            // Checked after the look-ups: a command that may exist is only reported
-            // expired once it is known not to be in the database.
-            if command.deadline.has_passed() {
-                planned.push(Planned::Expired);
-                continue;
-            }
-            let Some(state) = next_state
-                .get(&command.wallet_id)
-                .or_else(|| prepared.states.get(&command.wallet_id))
-                .cloned()
-            else {
-                planned.push(Planned::Done(CommandOutcome::WalletNotFound));
-                continue;
-            };
-            let amount = command.amount.value();
-            let (balance, rejection) = apply(state.balance, command.operation_type, amount);
-            let version = state.version + 1;
-            next_state.insert(
-                command.wallet_id,
-                WalletState {
-                    balance,
-                    version,
-                    tenant: state.tenant,
-                },
-            );
-            records.push(OperationRecord {
-                operation_id: command.operation_id,
-                wallet_id: command.wallet_id,
-                seq: version,
-                operation_type: command.operation_type,
-                amount,
-                status: if rejection.is_some() {
-                    OperationStatus::Rejected
-                } else {
-                    OperationStatus::Applied
-                },
-                reason: rejection,
-                balance_after: balance,
-                idempotency_key: command.idempotency_key.clone(),
-                request_hash: Some(command.request_hash.clone()),
-                created_at: now,
-            });
-            if let Some(key) = &command.idempotency_key {
-                new_keys.insert((command.wallet_id, key.clone()), records.len() - 1);
-            }
-            new_ids.insert(command.operation_id, records.len() - 1);
-            planned.push(Planned::New(records.len() - 1));
-        }
-
-        let updates = next_state
-            .iter()
-            .filter_map(|(wallet_id, next)| {
-                let before = prepared.states.get(wallet_id)?;
-                Some(WalletUpdate {
-                    wallet_id: *wallet_id,
-                    balance: next.balance,
-                    version: next.version,
-                    expected_version: before.version,
-                })
-            })
-            .collect();
-        Plan {
-            planned,
-            records,
-            updates,
-            next_state,
-        }
-    }
-}
-
-/// The balance after one operation, or the unchanged balance and why it was refused.
-fn apply(
-    balance: Decimal,
-    operation_type: OperationType,
-    amount: Decimal,
-) -> (Decimal, Option<RejectionReason>) {
-    match operation_type {
-        OperationType::Deposit => match balance.checked_add(amount) {
-            Some(next) if next <= MAX_BALANCE => (next, None),
-            _ => (balance, Some(RejectionReason::BalanceLimitExceeded)),
-        },
-        OperationType::Withdraw if amount <= balance => (balance - amount, None),
-        OperationType::Withdraw => (balance, Some(RejectionReason::InsufficientFunds)),
+        let holds = if hold_ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.store
+                .holds(&hold_ids)
+                .await?
+                .into_iter()
+                .map(|hold| (hold.hold_id, hold))
+                .collect()
+        };
+        Ok(Prepared {
+            states,
+            existing,
+            holds,
+        })
     }
 }
 
@@ -593,44 +448,4 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rust_decimal_macros_free::dec;
-
-    mod rust_decimal_macros_free {
-        macro_rules! dec {
-            ($text:literal) => {
-                <rust_decimal::Decimal as std::str::FromStr>::from_str($text)
-                    .expect("decimal literal")
-            };
-        }
-        pub(crate) use dec;
-    }
-
-    #[test]
-    fn withdraw_beyond_the_balance_is_rejected_without_change() {
-        assert_eq!(
-            apply(dec!("10.00"), OperationType::Withdraw, dec!("10.01")),
-            (dec!("10.00"), Some(RejectionReason::InsufficientFunds))
-        );
-        assert_eq!(
-            apply(dec!("10.00"), OperationType::Withdraw, dec!("10.00")),
-            (dec!("0.00"), None)
-        );
-    }
-
-    #[test]
-    fn deposit_past_the_column_limit_is_rejected() {
-        assert_eq!(
-            apply(MAX_BALANCE, OperationType::Deposit, dec!("0.01")),
-            (MAX_BALANCE, Some(RejectionReason::BalanceLimitExceeded))
-        );
-        assert_eq!(
-            apply(dec!("1.10"), OperationType::Deposit, dec!("2.25")),
-            (dec!("3.35"), None)
-        );
-    }
 }

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::problem::Problem;
 use super::views::OperationView;
 use crate::auth::{AuthError, Scope};
-use crate::domain::OperationRecord;
+use crate::domain::{HoldRecord, OperationRecord, OperationType};
 use crate::store::StoreError;
 use crate::submit::NotApplied;
 
@@ -33,6 +33,22 @@ pub enum ApiError {
     InsufficientFunds(Box<OperationRecord>),
     #[error("balance limit exceeded")]
     BalanceLimitExceeded(Box<OperationRecord>),
+    #[error("transfer {0} not found")]
+    TransferNotFound(Uuid),
+    #[error("hold {0} not found")]
+    HoldNotFound(Uuid),
+    /// A capture or void of a hold that is no longer ACTIVE; nothing was done.
+    #[error("the hold is {}", .0.status.as_str())]
+    HoldNotActive(Box<HoldRecord>),
+    #[error("a capture of {captured} exceeds the hold's {}", .hold.amount)]
+    CaptureExceedsHold {
+        hold: Box<HoldRecord>,
+        captured: rust_decimal::Decimal,
+    },
+    #[error("the new overdraft limit would leave less than nothing available")]
+    LimitInUse(Uuid),
+    #[error("wallet {0} did not exist yet at that point")]
+    NoBalanceYet(Uuid),
     #[error("idempotency key reused with a different request")]
     IdempotencyKeyReused,
     /// Certainly not applied, now or later: the client may retry.
@@ -93,15 +109,22 @@ impl ApiError {
             Self::MalformedJson(_) | Self::MalformedRequest(_) | Self::InvalidUuid(_) => {
                 StatusCode::BAD_REQUEST
             }
-            Self::Validation(_) | Self::IdempotencyKeyReused | Self::BalanceLimitExceeded(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::Validation(_)
+            | Self::IdempotencyKeyReused
+            | Self::BalanceLimitExceeded(_)
+            | Self::CaptureExceedsHold { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::WalletNotFound(_) | Self::OperationNotFound { .. } => StatusCode::NOT_FOUND,
-            Self::InsufficientFunds(_) => StatusCode::CONFLICT,
+            Self::WalletNotFound(_)
+            | Self::OperationNotFound { .. }
+            | Self::TransferNotFound(_)
+            | Self::HoldNotFound(_)
+            | Self::NoBalanceYet(_) => StatusCode::NOT_FOUND,
+            Self::InsufficientFunds(_) | Self::HoldNotActive(_) | Self::LimitInUse(_) => {
+                StatusCode::CONFLICT
+            }
             Self::NotApplied(_) | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -144,12 +167,56 @@ impl ApiError {
                     "insufficient-funds",
                     "Insufficient funds",
                     format!(
-                        "the balance {} does not cover a withdrawal of {}",
-                        record.balance_after, record.amount
+                        "the available funds do not cover {} of {} (balance {}, held {})",
+                        match record.operation_type {
+                            OperationType::TransferOut => "a transfer",
+                            OperationType::Hold => "a hold",
+                            _ => "a withdrawal",
+                        },
+                        record.amount,
+                        record.balance_after,
+                        record.held_after
                     ),
                 ),
                 record,
             ),
+            Self::TransferNotFound(transfer_id) => {
+                Problem::new(status, "transfer-not-found", "Transfer not found", detail)
+                    .with("transferId", transfer_id.to_string())
+            }
+            Self::HoldNotFound(hold_id) => {
+                Problem::new(status, "hold-not-found", "Hold not found", detail)
+                    .with("holdId", hold_id.to_string())
+            }
+            Self::HoldNotActive(hold) => Problem::new(
+                status,
+                "hold-not-active",
+                "Hold not active",
+                format!("{detail}; only an ACTIVE hold can be captured or voided"),
+            )
+            .with("holdId", hold.hold_id.to_string())
+            .with("status", hold.status.as_str()),
+            Self::CaptureExceedsHold { hold, .. } => Problem::new(
+                status,
+                "capture-exceeds-hold",
+                "Capture exceeds the hold",
+                detail,
+            )
+            .with("holdId", hold.hold_id.to_string()),
+            Self::LimitInUse(wallet_id) => Problem::new(
+                status,
+                "limit-in-use",
+                "Overdraft limit in use",
+                format!("{detail}: the balance minus the held funds needs more of the limit"),
+            )
+            .with("walletId", wallet_id.to_string()),
+            Self::NoBalanceYet(wallet_id) => Problem::new(
+                status,
+                "no-balance-at-that-point",
+                "No balance at that point",
+                detail,
+            )
+            .with("walletId", wallet_id.to_string()),
             Self::BalanceLimitExceeded(record) => rejected(
                 Problem::new(
                     status,
@@ -217,10 +284,16 @@ impl ApiError {
 /// A rejected operation's problem carries the operation itself, so a replay is identical.
 fn rejected(problem: Problem, record: &OperationRecord) -> Problem {
     let view = OperationView::from(record);
-    problem
+    let mut problem = problem
         .with("operationId", view.operation_id.to_string())
-        .with("walletId", view.wallet_id.to_string())
-        .with("operation", serde_json::to_value(&view).unwrap_or_default())
+        .with("walletId", view.wallet_id.to_string());
+    if let Some(transfer_id) = view.transfer_id {
+        problem = problem.with("transferId", transfer_id.to_string());
+    }
+    if let Some(hold_id) = view.hold_id {
+        problem = problem.with("holdId", hold_id.to_string());
+    }
+    problem.with("operation", serde_json::to_value(&view).unwrap_or_default())
 }
 
 impl ApiError {

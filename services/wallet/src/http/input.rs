@@ -7,7 +7,10 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use crate::domain::{Amount, OperationType};
+use chrono::{DateTime, SubsecRound, Utc};
+use rust_decimal::Decimal;
+
+use crate::domain::{Amount, AmountError, OperationType};
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -93,40 +96,195 @@ pub struct OperationInput {
 
 pub fn operation(bytes: &[u8]) -> Result<OperationInput, ApiError> {
     let raw: RawOperationRequest<'_> = json(bytes)?;
-    let wallet_id = match serde_json::from_str::<String>(raw.wallet_id.get()) {
-        Ok(text) => uuid(&text, "walletId")?,
-        Err(_) => {
-            return Err(ApiError::InvalidUuid(format!(
-                "walletId must be a UUID string, got {}",
-                raw.wallet_id.get()
-            )));
-        }
-    };
+    let wallet_id = raw_uuid(raw.wallet_id, "walletId")?;
+    // The other types are written by their own endpoints.
     let operation_type = serde_json::from_str::<String>(raw.operation_type.get())
         .ok()
         .and_then(|text| OperationType::parse(&text))
+        .filter(|kind| matches!(kind, OperationType::Deposit | OperationType::Withdraw))
         .ok_or_else(|| {
             ApiError::Validation(format!(
                 "operationType must be \"DEPOSIT\" or \"WITHDRAW\", got {}",
                 raw.operation_type.get()
             ))
         })?;
-    let amount_text = raw.amount.get();
-    let amount = if amount_text.starts_with('"') {
-        let text: String = serde_json::from_str(amount_text)
-            .map_err(|_| ApiError::Validation("amount must be a decimal number".to_owned()))?;
-        Amount::parse(&text)
-    } else if amount_text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
-        Amount::parse(amount_text)
-    } else {
-        Err(crate::domain::AmountError::NotANumber)
-    }
-    .map_err(|error| ApiError::Validation(error.to_string()))?;
+    let amount = raw_amount(raw.amount, "amount")?;
     Ok(OperationInput {
         wallet_id,
         operation_type,
         amount,
     })
+}
+
+/// A UUID given as a JSON string.
+fn raw_uuid(raw: &RawValue, what: &str) -> Result<Uuid, ApiError> {
+    match serde_json::from_str::<String>(raw.get()) {
+        Ok(text) => uuid(&text, what),
+        Err(_) => Err(ApiError::InvalidUuid(format!(
+            "{what} must be a UUID string, got {}",
+            raw.get()
+        ))),
+    }
+}
+
+/// A decimal given as a JSON string or number, read from its text.
+fn raw_decimal_text(raw: &RawValue, what: &str) -> Result<String, ApiError> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        serde_json::from_str(text)
+            .map_err(|_| ApiError::Validation(format!("{what} must be a decimal number")))
+    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        Ok(text.to_owned())
+    } else {
+        Err(ApiError::Validation(format!(
+            "{what} must be a decimal number, given as a string like \"10.50\" or a JSON number"
+        )))
+    }
+}
+
+fn raw_amount(raw: &RawValue, what: &str) -> Result<Amount, ApiError> {
+    let text = raw_decimal_text(raw, what)?;
+    Amount::parse(&text)
+        .map_err(|error| ApiError::Validation(error.to_string().replacen("amount", what, 1)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTransferRequest<'a> {
+    #[serde(borrow)]
+    from_wallet_id: &'a RawValue,
+    #[serde(borrow)]
+    to_wallet_id: &'a RawValue,
+    #[serde(borrow)]
+    amount: &'a RawValue,
+}
+
+pub struct TransferInput {
+    pub from_wallet_id: Uuid,
+    pub to_wallet_id: Uuid,
+    pub amount: Amount,
+}
+
+pub fn transfer(bytes: &[u8]) -> Result<TransferInput, ApiError> {
+    let raw: RawTransferRequest<'_> = json(bytes)?;
+    let input = TransferInput {
+        from_wallet_id: raw_uuid(raw.from_wallet_id, "fromWalletId")?,
+        to_wallet_id: raw_uuid(raw.to_wallet_id, "toWalletId")?,
+        amount: raw_amount(raw.amount, "amount")?,
+    };
+    if input.from_wallet_id == input.to_wallet_id {
+        return Err(ApiError::Validation(
+            "fromWalletId and toWalletId must be different wallets".to_owned(),
+        ));
+    }
+    Ok(input)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawHoldRequest<'a> {
+    #[serde(borrow)]
+    amount: &'a RawValue,
+    #[serde(default, borrow)]
+    expires_at: Option<&'a RawValue>,
+}
+
+pub struct HoldInput {
+    pub amount: Amount,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A hold's amount and optional expiry, which must lie in the future.
+pub fn hold(bytes: &[u8]) -> Result<HoldInput, ApiError> {
+    let raw: RawHoldRequest<'_> = json(bytes)?;
+    let amount = raw_amount(raw.amount, "amount")?;
+    let expires_at = match raw.expires_at.map(RawValue::get) {
+        None | Some("null") => None,
+        Some(text) => {
+            let at = serde_json::from_str::<String>(text)
+                .ok()
+                .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
+                .ok_or_else(|| {
+                    ApiError::Validation(format!(
+                        "expiresAt must be an RFC 3339 time such as \"2030-01-01T00:00:00Z\", got {text}"
+                    ))
+                })?
+                .with_timezone(&Utc)
+                .trunc_subsecs(6);
+            if at <= Utc::now() {
+                return Err(ApiError::Validation(format!(
+                    "expiresAt must lie in the future, got {}",
+                    at.to_rfc3339()
+                )));
+            }
+            Some(at)
+        }
+    };
+    Ok(HoldInput { amount, expires_at })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCaptureRequest<'a> {
+    #[serde(default, borrow)]
+    amount: Option<&'a RawValue>,
+}
+
+/// The amount of a capture; none (or no body) captures the whole hold.
+pub fn capture(bytes: Option<&[u8]>) -> Result<Option<Amount>, ApiError> {
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    let raw: RawCaptureRequest<'_> = json(bytes)?;
+    match raw.amount {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => raw_amount(raw, "amount").map(Some),
+    }
+}
+
+/// A void takes no parameters: no body, or an empty object.
+pub fn void(bytes: Option<&[u8]>) -> Result<(), ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    if let Some(bytes) = bytes {
+        let _: Empty = json(bytes)?;
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawWalletPatch<'a> {
+    #[serde(borrow)]
+    overdraft_limit: &'a RawValue,
+}
+
+/// A new overdraft limit: zero or more, with at most two decimals.
+pub fn overdraft_limit(bytes: &[u8]) -> Result<Decimal, ApiError> {
+    let raw: RawWalletPatch<'_> = json(bytes)?;
+    let text = raw_decimal_text(raw.overdraft_limit, "overdraftLimit")?;
+    match Amount::parse(&text) {
+        Ok(amount) => Ok(amount.value()),
+        Err(AmountError::NotPositive) => {
+            let value: Decimal = text.trim().parse().map_err(|_| {
+                ApiError::Validation("overdraftLimit must be a decimal number".to_owned())
+            })?;
+            if value.is_zero() {
+                Ok(Decimal::new(0, 2))
+            } else {
+                Err(ApiError::Validation(
+                    "overdraftLimit must not be negative".to_owned(),
+                ))
+            }
+        }
+        Err(error) => Err(ApiError::Validation(error.to_string().replacen(
+            "amount",
+            "overdraftLimit",
+            1,
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod error;
 mod guard;
 mod input;
 mod internal;
+mod ledger;
 mod limits;
 mod observe;
 mod problem;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// How long a write may wait to be planned by its shard's owner.
     pub request_deadline: std::time::Duration,
+    /// How long a transfer's answer waits for its credit before it says PENDING.
+    pub transfer_credit_wait: std::time::Duration,
     /// The last bound on any request's handler.
     pub handler_timeout: std::time::Duration,
     /// Checks the signatures of internal requests.
@@ -103,6 +106,45 @@ pub fn api_router() -> Router {
                 .post(wallets::post_operation),
         )
         .push(read("/api/v1/wallets/{wallet_id}").get(wallets::get_wallet))
+        .push(
+            guarded(
+                "/api/v1/wallets/{wallet_id}",
+                Scope::WalletsAdmin,
+                RateClass::Write,
+            )
+            .patch(ledger::patch_wallet),
+        )
+        .push(read("/api/v1/wallets/{wallet_id}/balance").get(ledger::balance_at))
+        .push(
+            guarded(
+                "/api/v1/wallets/{wallet_id}/holds",
+                Scope::HoldsWrite,
+                RateClass::Write,
+            )
+            .post(ledger::create_hold),
+        )
+        .push(read("/api/v1/holds/{hold_id}").get(ledger::get_hold))
+        .push(
+            guarded(
+                "/api/v1/holds/{hold_id}/capture",
+                Scope::HoldsWrite,
+                RateClass::Write,
+            )
+            .post(ledger::capture_hold),
+        )
+        .push(
+            guarded(
+                "/api/v1/holds/{hold_id}/void",
+                Scope::HoldsWrite,
+                RateClass::Write,
+            )
+            .post(ledger::void_hold),
+        )
+        .push(
+            guarded("/api/v1/transfers", Scope::TransfersWrite, RateClass::Write)
+                .post(ledger::post_transfer),
+        )
+        .push(read("/api/v1/transfers/{transfer_id}").get(ledger::get_transfer))
         .push(read("/api/v1/wallets/{wallet_id}/operations").get(wallets::list_operations))
         .push(
             read("/api/v1/wallets/{wallet_id}/operations/{operation_id}")
@@ -113,7 +155,8 @@ pub fn api_router() -> Router {
 pub fn openapi() -> OpenApi {
     OpenApi::with_info(
         Info::new("Wallet service", env!("CARGO_PKG_VERSION")).description(
-            "Exact-money wallets: create, deposit, withdraw, balances and a full audit trail. \
+            "Exact-money wallets: create, deposit, withdraw, transfers, holds, overdraft limits, \
+             balances now and at any past point, and a full audit trail. \
              Every operation needs `Authorization: Bearer <JWT>` with the scopes it lists; \
              wallets belong to the tenant of the token that created them.",
         ),

@@ -6,15 +6,62 @@ use salvo::oapi::ToSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::{OperationRecord, OperationStatus, OperationType, RejectionReason};
+use crate::domain::{
+    HoldRecord, HoldStatus, OperationRecord, OperationStatus, OperationType, RejectionReason,
+    TransferStatus,
+};
+use crate::store::{BalanceAt, WalletState};
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WalletView {
     pub wallet_id: Uuid,
-    /// Exact balance with two decimals, e.g. "10.50".
+    /// Exact balance with two decimals, e.g. "10.50". Below zero only within the overdraft limit.
     #[salvo(schema(value_type = String, example = "10.50"))]
     pub balance: Decimal,
+    /// What may still be spent: balance - held + overdraftLimit.
+    #[salvo(schema(value_type = String, example = "8.50"))]
+    pub available: Decimal,
+    /// Reserved by ACTIVE holds.
+    #[salvo(schema(value_type = String, example = "2.00"))]
+    pub held: Decimal,
+    #[salvo(schema(value_type = String, example = "0.00"))]
+    pub overdraft_limit: Decimal,
+}
+
+impl WalletView {
+    pub fn new(wallet_id: Uuid, state: &WalletState) -> Self {
+        Self {
+            wallet_id,
+            balance: state.balance,
+            available: state.available(),
+            held: state.held,
+            overdraft_limit: state.overdraft_limit,
+        }
+    }
+
+    /// The wallet right after an OVERDRAFT_LIMIT row, whose amount is the new limit.
+    pub fn after_limit(record: &OperationRecord) -> Self {
+        Self {
+            wallet_id: record.wallet_id,
+            balance: record.balance_after,
+            available: record.balance_after - record.held_after + record.amount,
+            held: record.held_after,
+            overdraft_limit: record.amount,
+        }
+    }
+
+    /// A new wallet: everything zero.
+    pub fn empty(wallet_id: Uuid) -> Self {
+        let zero = Decimal::new(0, 2);
+        Self {
+            wallet_id,
+            balance: zero,
+            available: zero,
+            held: zero,
+            overdraft_limit: zero,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -31,6 +78,13 @@ pub struct OperationView {
     /// The balance right after this operation (unchanged when rejected).
     #[salvo(schema(value_type = String, example = "125.00"))]
     pub balance_after: Decimal,
+    /// Funds held right after this operation.
+    #[salvo(schema(value_type = String, example = "0.00"))]
+    pub held_after: Decimal,
+    /// The transfer of a TRANSFER_OUT or TRANSFER_IN row.
+    pub transfer_id: Option<Uuid>,
+    /// The hold of a HOLD, CAPTURE or RELEASE row.
+    pub hold_id: Option<Uuid>,
     /// Position in the wallet's history: 1 for its first operation, then +1 each.
     pub sequence: i64,
     pub created_at: DateTime<Utc>,
@@ -46,6 +100,9 @@ impl From<&OperationRecord> for OperationView {
             status: record.status,
             reason: record.reason,
             balance_after: record.balance_after,
+            held_after: record.held_after,
+            transfer_id: record.transfer_id,
+            hold_id: record.hold_id,
             sequence: record.seq,
             created_at: record.created_at,
         }
@@ -82,3 +139,140 @@ pub struct OperationRequestDoc {
 #[serde(deny_unknown_fields)]
 #[salvo(schema(name = "CreateWalletRequest"))]
 pub struct CreateWalletRequest {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferView {
+    pub transfer_id: Uuid,
+    pub from_wallet_id: Uuid,
+    pub to_wallet_id: Uuid,
+    #[salvo(schema(value_type = String, example = "25.00"))]
+    pub amount: Decimal,
+    /// POSTED: both legs committed. PENDING: the debit is committed and the credit is
+    /// recorded and will be applied exactly once. REJECTED: nothing moved.
+    pub status: TransferStatus,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<&crate::domain::TransferRecord> for TransferView {
+    fn from(transfer: &crate::domain::TransferRecord) -> Self {
+        Self {
+            transfer_id: transfer.transfer_id,
+            from_wallet_id: transfer.from_wallet_id,
+            to_wallet_id: transfer.to_wallet_id,
+            amount: transfer.amount,
+            status: transfer.status,
+            created_at: transfer.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldView {
+    pub hold_id: Uuid,
+    pub wallet_id: Uuid,
+    #[salvo(schema(value_type = String, example = "25.00"))]
+    pub amount: Decimal,
+    #[salvo(schema(value_type = String, example = "0.00"))]
+    pub captured_amount: Decimal,
+    pub status: HoldStatus,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<&HoldRecord> for HoldView {
+    fn from(hold: &HoldRecord) -> Self {
+        Self {
+            hold_id: hold.hold_id,
+            wallet_id: hold.wallet_id,
+            amount: hold.amount,
+            captured_amount: hold.captured_amount,
+            status: hold.status,
+            expires_at: hold.expires_at,
+            created_at: hold.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BalanceAtView {
+    pub wallet_id: Uuid,
+    #[salvo(schema(value_type = String, example = "10.50"))]
+    pub balance: Decimal,
+    #[salvo(schema(value_type = String, example = "0.00"))]
+    pub held: Decimal,
+    /// The last operation at or before the point asked for; 0 before the first.
+    pub sequence: i64,
+    /// When that operation was recorded (the wallet's creation for sequence 0).
+    pub as_of: DateTime<Utc>,
+}
+
+impl BalanceAtView {
+    pub fn new(wallet_id: Uuid, at: &BalanceAt) -> Self {
+        Self {
+            wallet_id,
+            balance: at.balance,
+            held: at.held,
+            sequence: at.sequence,
+            as_of: at.as_of,
+        }
+    }
+}
+
+/// The body of `POST /api/v1/transfers`. Unknown fields are refused.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[salvo(schema(name = "TransferRequest"))]
+#[expect(
+    dead_code,
+    reason = "documents the body; input::transfer reads it exactly"
+)]
+pub struct TransferRequestDoc {
+    pub from_wallet_id: Uuid,
+    /// Another wallet of the same tenant.
+    pub to_wallet_id: Uuid,
+    #[salvo(schema(value_type = String, example = "10.50", pattern = r"^[0-9]{1,18}(\.[0-9]{1,2})?$"))]
+    pub amount: String,
+}
+
+/// The body of `POST /api/v1/wallets/{walletId}/holds`. Unknown fields are refused.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[salvo(schema(name = "HoldRequest"))]
+#[expect(dead_code, reason = "documents the body; input::hold reads it exactly")]
+pub struct HoldRequestDoc {
+    #[salvo(schema(value_type = String, example = "10.50", pattern = r"^[0-9]{1,18}(\.[0-9]{1,2})?$"))]
+    pub amount: String,
+    /// When the hold lapses and its amount is released; in the future. None: never.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The optional body of `POST /api/v1/holds/{holdId}/capture`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[salvo(schema(name = "CaptureRequest"))]
+#[expect(
+    dead_code,
+    reason = "documents the body; input::capture reads it exactly"
+)]
+pub struct CaptureRequestDoc {
+    /// At most the hold's amount; the rest is released. None: the whole hold.
+    #[salvo(schema(value_type = Option<String>, example = "10.50", pattern = r"^[0-9]{1,18}(\.[0-9]{1,2})?$"))]
+    pub amount: Option<String>,
+}
+
+/// The body of `PATCH /api/v1/wallets/{walletId}`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[salvo(schema(name = "WalletPatch"))]
+#[expect(
+    dead_code,
+    reason = "documents the body; input::overdraft_limit reads it exactly"
+)]
+pub struct WalletPatchDoc {
+    /// Zero or more: how far below zero the balance may go.
+    #[salvo(schema(value_type = String, example = "100.00", pattern = r"^[0-9]{1,18}(\.[0-9]{1,2})?$"))]
+    pub overdraft_limit: String,
+}

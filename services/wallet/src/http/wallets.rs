@@ -12,10 +12,10 @@ use super::views::{
     CreateWalletRequest, OperationPage, OperationRequestDoc, OperationView, WalletView,
 };
 use super::{AppState, input};
-use crate::auth::Scope;
+use crate::auth::{Scope, Tenant};
 use crate::domain::{
-    CommandOutcome, Deadline, OperationCommand, OperationRecord, OperationStatus, OperationType,
-    RejectionReason,
+    Action, CommandOutcome, Deadline, OperationCommand, OperationRecord, OperationStatus,
+    OperationType, RejectionReason,
 };
 
 const JSON: &str = "application/json";
@@ -23,13 +23,13 @@ const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
 
 /// A success response whose status and body were decided by the handler.
-pub struct Reply {
+pub(super) struct Reply {
     status: StatusCode,
     body: serde_json::Value,
 }
 
 impl Reply {
-    fn new(status: StatusCode, body: &impl serde::Serialize) -> Result<Self, ApiError> {
+    pub(super) fn new(status: StatusCode, body: &impl serde::Serialize) -> Result<Self, ApiError> {
         let body = serde_json::to_value(body)?;
         Ok(Self { status, body })
     }
@@ -50,7 +50,7 @@ impl salvo::oapi::EndpointOutRegister for Reply {
     }
 }
 
-fn state(depot: &Depot) -> Result<&AppState, ApiError> {
+pub(super) fn state(depot: &Depot) -> Result<&AppState, ApiError> {
     depot.get_typed::<AppState>().map_err(|_| {
         ApiError::Unexpected(anyhow::anyhow!("application state missing from the depot"))
     })
@@ -79,10 +79,7 @@ pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply
         let _: CreateWalletRequest = input::json(&bytes)?;
     }
     let wallet_id = Uuid::now_v7();
-    let body = serde_json::to_value(WalletView {
-        wallet_id,
-        balance: rust_decimal::Decimal::new(0, 2),
-    })?;
+    let body = serde_json::to_value(WalletView::empty(wallet_id))?;
     // Creation has no parameters, so every request with the key is "the same request".
     const CREATE_FINGERPRINT: &str = "create-wallet:v1";
     let stored = state
@@ -109,7 +106,8 @@ pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply
     }
 }
 
-/// Read a wallet's balance (from PostgreSQL: every answered operation is committed there).
+/// Read a wallet's balance, held funds, overdraft limit and what is available (from
+/// PostgreSQL: every answered operation is committed there).
 #[endpoint(
     tags("wallets"),
     parameters(("wallet_id" = Uuid, Path, description = "Wallet id")),
@@ -128,13 +126,7 @@ pub async fn get_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, A
     let wallet_id = input::path_uuid(req, "wallet_id", "walletId")?;
     let wallet = state.store.wallet(tenant, wallet_id).await?;
     let wallet = wallet.ok_or(ApiError::WalletNotFound(wallet_id))?;
-    Reply::new(
-        StatusCode::OK,
-        &WalletView {
-            wallet_id,
-            balance: wallet.balance,
-        },
-    )
+    Reply::new(StatusCode::OK, &WalletView::new(wallet_id, &wallet))
 }
 
 /// Deposit into or withdraw from a wallet.
@@ -185,42 +177,76 @@ async fn operate(
     require(
         caller,
         match request.operation_type {
-            OperationType::Deposit => Scope::WalletsDeposit,
             OperationType::Withdraw => Scope::WalletsWithdraw,
+            // input::operation reads DEPOSIT or WITHDRAW only.
+            _ => Scope::WalletsDeposit,
         },
     )?;
-    let command = OperationCommand {
-        operation_id,
-        tenant: caller.tenant.clone(),
-        wallet_id: request.wallet_id,
-        operation_type: request.operation_type,
-        amount: request.amount,
-        idempotency_key: key,
-        request_hash: OperationCommand::fingerprint(
-            request.wallet_id,
-            request.operation_type,
-            request.amount,
-        ),
-        deadline: Deadline::after(state.request_deadline),
-        may_exist: false,
+    let action = match request.operation_type {
+        OperationType::Withdraw => Action::Withdraw {
+            amount: request.amount,
+        },
+        _ => Action::Deposit {
+            amount: request.amount,
+        },
     };
+    let command = command(
+        state,
+        &caller.tenant,
+        request.wallet_id,
+        operation_id,
+        action,
+        key,
+    );
     let wallet_id = command.wallet_id;
     let outcome = state.router.execute(command).await?;
     match outcome {
         CommandOutcome::Recorded(record) => recorded(record),
         CommandOutcome::WalletNotFound => Err(ApiError::WalletNotFound(wallet_id)),
         CommandOutcome::IdempotencyKeyReused => Err(ApiError::IdempotencyKeyReused),
+        other => Err(ApiError::Unexpected(anyhow::anyhow!(
+            "unexpected outcome {other:?}"
+        ))),
+    }
+}
+
+/// A command for `wallet_id` from a request of `tenant`, to be planned within the
+/// request deadline.
+pub(super) fn command(
+    state: &AppState,
+    tenant: &Tenant,
+    wallet_id: Uuid,
+    operation_id: Uuid,
+    action: Action,
+    idempotency_key: Option<String>,
+) -> OperationCommand {
+    OperationCommand {
+        operation_id,
+        tenant: tenant.clone(),
+        wallet_id,
+        request_hash: action.fingerprint(wallet_id),
+        action,
+        idempotency_key,
+        deadline: Deadline::after(state.request_deadline),
+        may_exist: false,
     }
 }
 
 /// The answer for a recorded operation depends only on the row, so replays are identical.
 fn recorded(record: OperationRecord) -> Result<Reply, ApiError> {
-    match (record.status, record.reason) {
-        (OperationStatus::Applied, _) => Reply::new(StatusCode::OK, &OperationView::from(&record)),
-        (OperationStatus::Rejected, Some(RejectionReason::BalanceLimitExceeded)) => {
-            Err(ApiError::BalanceLimitExceeded(Box::new(record)))
+    match record.status {
+        OperationStatus::Applied => Reply::new(StatusCode::OK, &OperationView::from(&record)),
+        OperationStatus::Rejected => Err(recorded_rejection(record)),
+    }
+}
+
+/// The problem of a REJECTED row, which carries the row.
+pub(super) fn recorded_rejection(record: OperationRecord) -> ApiError {
+    match record.reason {
+        Some(RejectionReason::BalanceLimitExceeded) => {
+            ApiError::BalanceLimitExceeded(Box::new(record))
         }
-        (OperationStatus::Rejected, _) => Err(ApiError::InsufficientFunds(Box::new(record))),
+        _ => ApiError::InsufficientFunds(Box::new(record)),
     }
 }
 

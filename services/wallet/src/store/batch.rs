@@ -1,18 +1,23 @@
 //! The one transaction a group of shard batches commits in.
 
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::Row;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use crate::domain::OperationRecord;
+use crate::domain::{HoldRecord, OperationRecord, TransferRecord};
 
 /// The new state of one wallet touched by a batch.
 #[derive(Clone, Debug)]
 pub struct WalletUpdate {
     pub wallet_id: Uuid,
     pub balance: Decimal,
+    pub held: Decimal,
+    pub overdraft_limit: Decimal,
     pub version: i64,
+    /// When its last operation of the batch was recorded.
+    pub updated_at: DateTime<Utc>,
     /// The version the owner's cache was built on; the update only lands if it is still current.
     pub expected_version: i64,
 }
@@ -24,10 +29,36 @@ pub struct ShardFence {
     pub fence: i64,
 }
 
+/// Holds and transfers a batch creates or settles, next to its operations.
+#[derive(Clone, Debug, Default)]
+pub struct LedgerWrites {
+    /// Transfers whose debit this batch records: PENDING, or REJECTED.
+    pub new_transfers: Vec<TransferRecord>,
+    /// PENDING transfers whose credit this batch records, with the moment.
+    pub posted_transfers: Vec<(Uuid, DateTime<Utc>)>,
+    /// Holds created (ACTIVE) or refused (REJECTED) by this batch.
+    pub new_holds: Vec<HoldRecord>,
+    /// ACTIVE holds this batch captures, voids or expires, as they end up.
+    pub settled_holds: Vec<HoldRecord>,
+}
+
+impl LedgerWrites {
+    pub fn extend(&mut self, other: &LedgerWrites) {
+        self.new_transfers
+            .extend(other.new_transfers.iter().cloned());
+        self.posted_transfers
+            .extend(other.posted_transfers.iter().cloned());
+        self.new_holds.extend(other.new_holds.iter().cloned());
+        self.settled_holds
+            .extend(other.settled_holds.iter().cloned());
+    }
+}
+
 pub struct BatchWrite<'a> {
     pub fences: &'a [ShardFence],
     pub operations: &'a [OperationRecord],
     pub wallets: &'a [WalletUpdate],
+    pub ledger: &'a LedgerWrites,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +69,10 @@ pub enum CommitError {
     /// A wallet changed under the cache (should not happen while the fence holds).
     #[error("wallet versions changed under the cache")]
     StaleVersion,
+    /// A hold or transfer was not in the state the batch was planned on (should not
+    /// happen while the fence holds: the owner is their only writer).
+    #[error("{0} changed under the plan")]
+    StaleLedger(&'static str),
     /// Failed before COMMIT was sent: nothing of the transaction is in the database.
     #[error("the batch transaction failed before its commit")]
     Failed(#[source] StoreError),
@@ -67,7 +102,7 @@ impl CommitError {
     /// transaction did not commit, and nothing about the batch itself was wrong.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::StaleVersion | Self::NotCommitted => true,
+            Self::StaleVersion | Self::StaleLedger(_) | Self::NotCommitted => true,
             Self::Failed(error) => error.is_transient(),
             Self::Fenced { .. } | Self::Ambiguous(_) => false,
         }
@@ -77,7 +112,7 @@ impl CommitError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::Fenced { .. } => "fenced",
-            Self::StaleVersion => "stale_version",
+            Self::StaleVersion | Self::StaleLedger(_) => "stale_version",
             Self::Ambiguous(_) => "ambiguous",
             Self::NotCommitted => "not_committed",
             Self::Failed(error) if error.is_transient() => "transient",
@@ -118,7 +153,7 @@ impl Store {
         };
         if !matches!(
             error,
-            CommitError::Fenced { .. } | CommitError::StaleVersion
+            CommitError::Fenced { .. } | CommitError::StaleVersion | CommitError::StaleLedger(_)
         ) {
             // The connection may be mid-statement or dead (a black-holed server): close the
             // socket instead of handing it back to the pool, where the next user would hang.
@@ -167,7 +202,7 @@ impl Store {
     }
 }
 
-fn shard_params(shards: &[u32]) -> Result<Vec<i32>, StoreError> {
+pub(super) fn shard_params(shards: &[u32]) -> Result<Vec<i32>, StoreError> {
     shards
         .iter()
         .map(|shard| i32::try_from(*shard))
@@ -182,7 +217,8 @@ async fn write_batch(
 ) -> Result<(), CommitError> {
     check_fences(tx, batch.fences).await?;
     insert_operations(tx, batch.operations).await?;
-    update_wallets(tx, batch.wallets).await
+    update_wallets(tx, batch.wallets).await?;
+    write_ledger(tx, batch.ledger).await
 }
 
 /// The one fence check: FOR SHARE, so a concurrent claim of a shard waits for this
@@ -225,8 +261,8 @@ async fn insert_operations(
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO operations (id, wallet_id, seq, operation_type, amount, status, reason, balance_after, idempotency_key, request_hash, created_at) \
-         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::numeric[], $6::text[], $7::text[], $8::numeric[], $9::text[], $10::text[], $11::timestamptz[])",
+        "INSERT INTO operations (id, wallet_id, seq, operation_type, amount, status, reason, balance_after, held_after, transfer_id, hold_id, idempotency_key, request_hash, created_at) \
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::numeric[], $6::text[], $7::text[], $8::numeric[], $9::numeric[], $10::uuid[], $11::uuid[], $12::text[], $13::text[], $14::timestamptz[])",
     )
     .bind(ops.iter().map(|op| op.operation_id).collect::<Vec<_>>())
     .bind(ops.iter().map(|op| op.wallet_id).collect::<Vec<_>>())
@@ -236,6 +272,9 @@ async fn insert_operations(
     .bind(ops.iter().map(|op| op.status.as_str()).collect::<Vec<_>>())
     .bind(ops.iter().map(|op| op.reason.map(|r| r.as_str())).collect::<Vec<_>>())
     .bind(ops.iter().map(|op| op.balance_after).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.held_after).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.transfer_id).collect::<Vec<_>>())
+    .bind(ops.iter().map(|op| op.hold_id).collect::<Vec<_>>())
     .bind(ops.iter().map(|op| op.idempotency_key.clone()).collect::<Vec<_>>())
     .bind(ops.iter().map(|op| op.request_hash.clone()).collect::<Vec<_>>())
     .bind(ops.iter().map(|op| op.created_at).collect::<Vec<_>>())
@@ -254,14 +293,19 @@ async fn update_wallets(
         return Ok(());
     }
     let updated = sqlx::query(
-        "UPDATE wallets AS w SET balance = u.balance, version = u.version, updated_at = now() \
-         FROM UNNEST($1::uuid[], $2::numeric[], $3::bigint[], $4::bigint[]) AS u(id, balance, version, expected) \
+        "UPDATE wallets AS w SET balance = u.balance, held = u.held, overdraft_limit = u.overdraft_limit, \
+         version = u.version, updated_at = u.updated_at \
+         FROM UNNEST($1::uuid[], $2::numeric[], $3::numeric[], $4::numeric[], $5::bigint[], $6::bigint[], $7::timestamptz[]) \
+         AS u(id, balance, held, overdraft_limit, version, expected, updated_at) \
          WHERE w.id = u.id AND w.version = u.expected",
     )
     .bind(wallets.iter().map(|w| w.wallet_id).collect::<Vec<_>>())
     .bind(wallets.iter().map(|w| w.balance).collect::<Vec<_>>())
+    .bind(wallets.iter().map(|w| w.held).collect::<Vec<_>>())
+    .bind(wallets.iter().map(|w| w.overdraft_limit).collect::<Vec<_>>())
     .bind(wallets.iter().map(|w| w.version).collect::<Vec<_>>())
     .bind(wallets.iter().map(|w| w.expected_version).collect::<Vec<_>>())
+    .bind(wallets.iter().map(|w| w.updated_at).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -270,4 +314,83 @@ async fn update_wallets(
     } else {
         Err(CommitError::StaleVersion)
     }
+}
+
+/// Transfers and holds of the batch. Settling only touches rows still in the state the
+/// plan read, and all of them must be: anything else means the plan was stale.
+async fn write_ledger(
+    tx: &mut sqlx::PgConnection,
+    ledger: &LedgerWrites,
+) -> Result<(), CommitError> {
+    let transfers = &ledger.new_transfers;
+    if !transfers.is_empty() {
+        sqlx::query(
+            "INSERT INTO transfers (id, tenant_id, from_wallet_id, to_wallet_id, amount, status, to_shard, created_at) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::numeric[], $6::text[], $7::int[], $8::timestamptz[])",
+        )
+        .bind(transfers.iter().map(|t| t.transfer_id).collect::<Vec<_>>())
+        .bind(transfers.iter().map(|t| t.tenant.as_str()).collect::<Vec<_>>())
+        .bind(transfers.iter().map(|t| t.from_wallet_id).collect::<Vec<_>>())
+        .bind(transfers.iter().map(|t| t.to_wallet_id).collect::<Vec<_>>())
+        .bind(transfers.iter().map(|t| t.amount).collect::<Vec<_>>())
+        .bind(transfers.iter().map(|t| t.status.as_str()).collect::<Vec<_>>())
+        .bind(shard_params(&transfers.iter().map(|t| t.to_shard).collect::<Vec<_>>())?)
+        .bind(transfers.iter().map(|t| t.created_at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let posted = &ledger.posted_transfers;
+    if !posted.is_empty() {
+        let updated = sqlx::query(
+            "UPDATE transfers AS t SET status = 'POSTED', posted_at = u.posted_at \
+             FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, posted_at) \
+             WHERE t.id = u.id AND t.status = 'PENDING'",
+        )
+        .bind(posted.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(posted.iter().map(|(_, at)| *at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != posted.len() as u64 {
+            return Err(CommitError::StaleLedger("a pending transfer"));
+        }
+    }
+    let holds = &ledger.new_holds;
+    if !holds.is_empty() {
+        sqlx::query(
+            "INSERT INTO holds (id, tenant_id, wallet_id, shard, amount, captured_amount, status, expires_at, created_at, updated_at) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::int[], $5::numeric[], $6::numeric[], $7::text[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[])",
+        )
+        .bind(holds.iter().map(|h| h.hold_id).collect::<Vec<_>>())
+        .bind(holds.iter().map(|h| h.tenant.as_str()).collect::<Vec<_>>())
+        .bind(holds.iter().map(|h| h.wallet_id).collect::<Vec<_>>())
+        .bind(shard_params(&holds.iter().map(|h| h.shard).collect::<Vec<_>>())?)
+        .bind(holds.iter().map(|h| h.amount).collect::<Vec<_>>())
+        .bind(holds.iter().map(|h| h.captured_amount).collect::<Vec<_>>())
+        .bind(holds.iter().map(|h| h.status.as_str()).collect::<Vec<_>>())
+        .bind(holds.iter().map(|h| h.expires_at).collect::<Vec<_>>())
+        .bind(holds.iter().map(|h| h.created_at).collect::<Vec<_>>())
+        .bind(holds.iter().map(|h| h.updated_at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let settled = &ledger.settled_holds;
+    if !settled.is_empty() {
+        let updated = sqlx::query(
+            "UPDATE holds AS h SET status = u.status, captured_amount = u.captured_amount, updated_at = u.updated_at \
+             FROM UNNEST($1::uuid[], $2::text[], $3::numeric[], $4::timestamptz[]) AS u(id, status, captured_amount, updated_at) \
+             WHERE h.id = u.id AND h.status = 'ACTIVE'",
+        )
+        .bind(settled.iter().map(|h| h.hold_id).collect::<Vec<_>>())
+        .bind(settled.iter().map(|h| h.status.as_str()).collect::<Vec<_>>())
+        .bind(settled.iter().map(|h| h.captured_amount).collect::<Vec<_>>())
+        .bind(settled.iter().map(|h| h.updated_at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != settled.len() as u64 {
+            return Err(CommitError::StaleLedger("an active hold"));
+        }
+    }
+    Ok(())
 }

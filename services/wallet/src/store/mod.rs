@@ -4,7 +4,10 @@
 
 mod batch;
 
-pub use batch::{BatchWrite, CommitError, Resolution, ShardFence, WalletUpdate};
+mod ledger;
+
+pub use batch::{BatchWrite, CommitError, LedgerWrites, Resolution, ShardFence, WalletUpdate};
+pub use ledger::{BalanceAt, PastBalance, PointInTime};
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +23,7 @@ use crate::auth::Tenant;
 use crate::domain::{OperationRecord, OperationStatus, OperationType, RejectionReason};
 
 /// The schema version this build needs: the newest file in `migrations/`.
-pub const REQUIRED_SCHEMA_VERSION: i64 = 3;
+pub const REQUIRED_SCHEMA_VERSION: i64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -94,8 +97,21 @@ pub struct Timeouts {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WalletState {
     pub balance: Decimal,
+    /// Funds reserved by ACTIVE holds.
+    pub held: Decimal,
+    pub overdraft_limit: Decimal,
     pub version: i64,
     pub tenant: Tenant,
+    /// When its last operation was recorded: the next one is never recorded earlier, so
+    /// a point-in-time look-up by time agrees with the order of the sequence.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl WalletState {
+    /// What may still be spent: `balance - held + overdraft_limit`.
+    pub fn available(&self) -> Decimal {
+        self.balance - self.held + self.overdraft_limit
+    }
 }
 
 /// A stored response to a non-operation request (wallet creation).
@@ -109,7 +125,7 @@ pub struct StoredResponse {
 /// The operation columns, as a literal so queries stay static strings.
 macro_rules! operation_columns {
     () => {
-        "id, wallet_id, seq, operation_type, amount, status, reason, balance_after, idempotency_key, request_hash, created_at"
+        "id, wallet_id, seq, operation_type, amount, status, reason, balance_after, held_after, transfer_id, hold_id, idempotency_key, request_hash, created_at"
     };
 }
 
@@ -299,20 +315,13 @@ impl Store {
     ) -> Result<Option<WalletState>, StoreError> {
         self.bounded(async {
             let row = sqlx::query(
-                "SELECT balance, version FROM wallets WHERE id = $1 AND tenant_id = $2",
+                "SELECT balance, held, overdraft_limit, version, updated_at FROM wallets WHERE id = $1 AND tenant_id = $2",
             )
             .bind(wallet_id)
             .bind(tenant.as_str())
             .fetch_optional(&self.pool)
             .await?;
-            row.map(|row| {
-                Ok(WalletState {
-                    balance: row.try_get("balance")?,
-                    version: row.try_get("version")?,
-                    tenant: tenant.clone(),
-                })
-            })
-            .transpose()
+            row.map(|row| wallet_from_row(&row, tenant.clone())).transpose()
         })
         .await
     }
@@ -323,7 +332,7 @@ impl Store {
     ) -> Result<Vec<(Uuid, WalletState)>, StoreError> {
         self.bounded(async {
             let rows = sqlx::query(
-                "SELECT id, tenant_id, balance, version FROM wallets WHERE id = ANY($1)",
+                "SELECT id, tenant_id, balance, held, overdraft_limit, version, updated_at FROM wallets WHERE id = ANY($1)",
             )
             .bind(wallet_ids)
             .fetch_all(&self.commits)
@@ -342,14 +351,7 @@ impl Store {
                             tenant
                         }
                     };
-                    Ok((
-                        row.try_get("id")?,
-                        WalletState {
-                            balance: row.try_get("balance")?,
-                            version: row.try_get("version")?,
-                            tenant,
-                        },
-                    ))
+                    Ok((row.try_get("id")?, wallet_from_row(row, tenant)?))
                 })
                 .collect()
         })
@@ -433,6 +435,25 @@ impl Store {
     }
 }
 
+/// Money as stored, with its two decimals: PostgreSQL sends a NUMERIC zero without
+/// digits, which would otherwise read back as "0" instead of "0.00".
+pub(crate) fn money(row: &PgRow, column: &str) -> Result<Decimal, StoreError> {
+    let mut value: Decimal = row.try_get(column)?;
+    value.rescale(2);
+    Ok(value)
+}
+
+fn wallet_from_row(row: &PgRow, tenant: Tenant) -> Result<WalletState, StoreError> {
+    Ok(WalletState {
+        balance: money(row, "balance")?,
+        held: money(row, "held")?,
+        overdraft_limit: money(row, "overdraft_limit")?,
+        version: row.try_get("version")?,
+        tenant,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
 pub(crate) fn operation_from_row(row: &PgRow) -> Result<OperationRecord, StoreError> {
     let operation_type: String = row.try_get("operation_type")?;
     let status: String = row.try_get("status")?;
@@ -444,7 +465,7 @@ pub(crate) fn operation_from_row(row: &PgRow) -> Result<OperationRecord, StoreEr
         seq: row.try_get("seq")?,
         operation_type: OperationType::parse(&operation_type)
             .ok_or_else(|| StoreError::Corrupt(format!("operation_type {operation_type}")))?,
-        amount: row.try_get("amount")?,
+        amount: money(row, "amount")?,
         status: OperationStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
         reason: reason
@@ -453,7 +474,10 @@ pub(crate) fn operation_from_row(row: &PgRow) -> Result<OperationRecord, StoreEr
                     .ok_or_else(|| StoreError::Corrupt(format!("reason {reason}")))
             })
             .transpose()?,
-        balance_after: row.try_get("balance_after")?,
+        balance_after: money(row, "balance_after")?,
+        held_after: money(row, "held_after")?,
+        transfer_id: row.try_get("transfer_id")?,
+        hold_id: row.try_get("hold_id")?,
         idempotency_key: row.try_get("idempotency_key")?,
         request_hash: row.try_get("request_hash")?,
         created_at,
