@@ -172,9 +172,10 @@ async fn captures_and_voids_racing_on_a_hold_have_exactly_one_winner() -> anyhow
         holds.push(active_hold(&node.api, wallet, "25.00").await?);
     }
 
-    // 20 captures and 20 voids of each of the 10 holds, interleaved, all 400 at once.
+    // 20 captures and 20 voids of each of the 10 holds, interleaved, all 400 at once;
+    // half the holds see a capture first, the other half a void.
     let requests: Vec<(usize, bool)> = (0..40)
-        .flat_map(|i| (0..holds.len()).map(move |hold| (hold, i % 2 == 0)))
+        .flat_map(|i| (0..holds.len()).map(move |hold| (hold, (i + hold) % 2 == 0)))
         .collect();
     let answers = join_all(requests.iter().map(|(hold, capture)| {
         let (api, hold) = (&node.api, holds[*hold]);

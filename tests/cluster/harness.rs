@@ -1224,8 +1224,13 @@ impl TransferLoad {
         rate: f64,
         max_in_flight: usize,
     ) -> Self {
+        let targets = cluster
+            .targets()
+            .into_iter()
+            .map(|(index, api)| (index, ApiClient::for_load(&api.base_url)))
+            .collect();
         let shared = Arc::new(TransferShared {
-            targets: RwLock::new(cluster.targets()),
+            targets: RwLock::new(targets),
             records: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
@@ -1298,7 +1303,8 @@ impl TransferLoad {
             .retain(|(i, _)| *i != index);
     }
 
-    pub fn add_target(&self, index: usize, api: ApiClient) {
+    pub fn add_target(&self, index: usize, api: &ApiClient) {
+        let api = ApiClient::for_load(&api.base_url);
         let mut targets = self
             .shared
             .targets
@@ -1633,14 +1639,24 @@ pub async fn inspect_transfers(
     Ok(report)
 }
 
+/// What `replay_keyed` saw.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub sent: usize,
+    /// 503 answers to replays (not applied, so retried after a pause).
+    pub retried: usize,
+    /// Replays whose answer differs from the first, and transfers they added.
+    pub mismatches: Vec<String>,
+}
+
 /// Sends up to `limit` acknowledged keyed transfers again, spread over the run, through
-/// the live nodes: each must get the status and transferId of its first answer, and no
-/// transfer may be added. Returns the mismatches (empty: all replays were exact).
+/// the live nodes: each must get the status and transferId of its first answer (a 503
+/// is retried, as a client would), and no transfer may be added.
 pub async fn replay_keyed(
     cluster: &TestCluster,
     records: &[TransferRecord],
     limit: usize,
-) -> anyhow::Result<(usize, Vec<String>)> {
+) -> anyhow::Result<Replayed> {
     let keyed: Vec<&TransferRecord> = records
         .iter()
         .filter(|record| record.key.is_some() && record.acknowledged())
@@ -1655,18 +1671,31 @@ pub async fn replay_keyed(
             .await
     };
     let before = count().await?;
+    let retried = AtomicUsize::new(0);
     let answers = futures::stream::iter(picked.iter().enumerate().map(|(i, record)| {
         let api = targets[i % targets.len()].1.clone();
+        let retried = &retried;
         async move {
             let amount = record.amount.to_string();
-            (
-                *record,
-                api.transfer(record.from, record.to, &amount, record.key.as_deref())
-                    .await,
-            )
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let answer = api
+                    .transfer(record.from, record.to, &amount, record.key.as_deref())
+                    .await;
+                match &answer {
+                    Ok(answer)
+                        if answer.status == StatusCode::SERVICE_UNAVAILABLE && attempt < 5 =>
+                    {
+                        retried.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    _ => return (*record, answer),
+                }
+            }
         }
     }))
-    .buffer_unordered(16)
+    .buffer_unordered(8)
     .collect::<Vec<_>>()
     .await;
     let mut mismatches = Vec::new();
@@ -1700,7 +1729,11 @@ pub async fn replay_keyed(
     if after != before {
         mismatches.push(format!("replays added {} transfers", after - before));
     }
-    Ok((picked.len(), mismatches))
+    Ok(Replayed {
+        sent: picked.len(),
+        retried: retried.into_inner(),
+        mismatches,
+    })
 }
 
 /// Conservation and PENDING transfers sampled from PostgreSQL while a load runs.

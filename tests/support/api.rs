@@ -42,21 +42,41 @@ impl ApiClient {
 
     /// A client sending `token` as its bearer token, or none.
     pub fn with_token(base_url: &str, token: Option<&str>) -> Self {
+        Self::build(base_url, token, None)
+    }
+
+    /// `new`'s client, but idle connections are dropped after 2 s, before a node's header
+    /// timeout (5 s, which hyper also applies between requests) closes them: under a load
+    /// whose concurrency swings, a request on a connection the node is closing at that
+    /// very moment fails without an answer, and that says nothing about the node.
+    pub fn for_load(base_url: &str) -> Self {
+        Self::build(
+            base_url,
+            Some(&crate::auth::token(
+                crate::auth::TENANT,
+                &crate::auth::ALL_SCOPES,
+            )),
+            Some(std::time::Duration::from_secs(2)),
+        )
+    }
+
+    fn build(base_url: &str, token: Option<&str>, idle: Option<std::time::Duration>) -> Self {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(value) = token.and_then(|token| {
             reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).ok()
         }) {
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .pool_max_idle_per_host(512)
             .timeout(std::time::Duration::from_secs(60))
-            .default_headers(headers)
-            .build()
-            .unwrap_or_default();
+            .default_headers(headers);
+        if let Some(idle) = idle {
+            builder = builder.pool_idle_timeout(idle);
+        }
         Self {
             base_url: base_url.trim_end_matches('/').to_owned(),
-            http,
+            http: builder.build().unwrap_or_default(),
         }
     }
 
