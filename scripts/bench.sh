@@ -5,8 +5,12 @@
 #   bench.sh soak           release build, 30 min at 1000 RPS with node RSS sampled every 10 s
 #   bench.sh smoke          debug build, short constant + failover with the consistency check;
 #                           fails on any inconsistency or on any 5xx/unanswered request outside failover
-#   bench.sh run ARGS...    release build, `wallet-bench run ARGS...` (e.g. `run spike --spike-phase 5s`)
+#   bench.sh run ARGS...    release build, `wallet-bench run ARGS...` (e.g. `run spike --spike-phase 5s`,
+#                           `run transfers holds balance-at --transfers-duration 10s`)
 # With WALLET_BENCH_URLS set, the cluster at those URLs is used and not started or stopped.
+# A cluster on moved ports (WALLET_PUBLIC_PORT_BASE, WALLET_ADMIN_PORT_BASE: cluster.sh) is
+# started and benchmarked there. The bench mints its own token with every scope it uses
+# (transfers:write, holds:write, wallets:admin too) unless WALLET_BENCH_TOKEN is set.
 # Results: target/bench/ (smoke: target/bench/smoke/): results.json, report.md, *.svg.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
@@ -66,6 +70,45 @@ ensure_cluster() {
   scripts/cluster.sh up "$NODES"
 }
 
+# The bench's token: tenant dev, every scope the bench uses, signed with the development
+# issuer's key that cluster.sh made. .data/dev-token is made once and renewed only daily,
+# so it may lack scopes added since. Not for someone else's cluster (WALLET_BENCH_URLS):
+# its token is theirs to give (WALLET_BENCH_TOKEN).
+BENCH_SCOPES=(wallets:read wallets:create wallets:deposit wallets:withdraw wallets:admin transfers:write holds:write)
+bench_token() {
+  [ -z "${WALLET_BENCH_TOKEN:-}" ] || return 0
+  [ -z "${WALLET_BENCH_URLS:-}" ] || return 0
+  local key="$DATA_DIR/auth/signing-key.pem" bin="$REPO_ROOT/target/$PROFILE/wallet"
+  if [ ! -f "$key" ] || [ ! -x "$bin" ]; then
+    log "no development signing key or $bin: wallet-bench falls back to .data/dev-token"
+    return 0
+  fi
+  local scopes=() scope
+  for scope in "${BENCH_SCOPES[@]}"; do scopes+=(--scope "$scope"); done
+  local token
+  if ! token=$("$bin" token --key "$key" --issuer wallet-dev --tenant "${WALLET_BENCH_TENANT:-dev}" \
+    "${scopes[@]}" --ttl 12h); then
+    log "minting the bench's token failed: wallet-bench falls back to .data/dev-token"
+    return 0
+  fi
+  export WALLET_BENCH_TOKEN="$token"
+}
+
+# Where the nodes listen when cluster.sh's port bases are moved (another checkout on the
+# same machine): wallet-bench's defaults are the unmoved ports.
+URL_ARGS=()
+url_args() {
+  [ -z "${WALLET_BENCH_URLS:-}" ] || return 0
+  [ -n "${WALLET_PUBLIC_PORT_BASE:-}${WALLET_ADMIN_PORT_BASE:-}" ] || return 0
+  local i public=() admin=()
+  for i in $(seq 0 $((NODES - 1))); do
+    public+=("http://127.0.0.1:$((${WALLET_PUBLIC_PORT_BASE:-8080} + i))")
+    admin+=("http://127.0.0.1:$((${WALLET_ADMIN_PORT_BASE:-9090} + i))")
+  done
+  URL_ARGS=(--urls "$(IFS=,; echo "${public[*]}")")
+  [ -n "${WALLET_BENCH_ADMIN_URLS:-}" ] || URL_ARGS+=(--admin-urls "$(IFS=,; echo "${admin[*]}")")
+}
+
 # Only the generator: `cluster.sh up` builds the node and the migrator itself when it starts them.
 build_bench() {
   if [ "$1" = release ]; then cargo build --release -p wallet-bench
@@ -75,29 +118,34 @@ build_bench() {
 # Its SQL (seeding, the check, deleting what many-wallets seeded) runs as the owner of the
 # tables; the nodes it restarts keep the app login of DATABASE_URL.
 DB_ARGS=(--database-url "$DATABASE_OWNER_URL")
+url_args
 
 case "$MODE" in
   all)
     build_bench release
     ensure_cluster release
-    target/release/wallet-bench run all "${DB_ARGS[@]}" "$@"
+    bench_token
+    target/release/wallet-bench run all "${DB_ARGS[@]}" "${URL_ARGS[@]}" "$@"
     ;;
   soak)
     build_bench release
     ensure_cluster release
-    target/release/wallet-bench run soak "${DB_ARGS[@]}" "$@"
+    bench_token
+    target/release/wallet-bench run soak "${DB_ARGS[@]}" "${URL_ARGS[@]}" "$@"
     ;;
   smoke)
     build_bench debug
     ensure_cluster debug
-    target/debug/wallet-bench run constant failover --strict "${DB_ARGS[@]}" --out target/bench/smoke \
+    bench_token
+    target/debug/wallet-bench run constant failover --strict "${DB_ARGS[@]}" "${URL_ARGS[@]}" --out target/bench/smoke \
       --constant-rps 200 --constant-duration 5s \
       --failover-rps 200 --failover-duration 10s --failover-kill-at 3s --failover-restart-after 2s "$@"
     ;;
   run)
     build_bench release
     ensure_cluster release
-    target/release/wallet-bench run "${DB_ARGS[@]}" "$@"
+    bench_token
+    target/release/wallet-bench run "${DB_ARGS[@]}" "${URL_ARGS[@]}" "$@"
     ;;
   *)
     echo "usage: $0 all | soak | smoke | run SCENARIO... [FLAGS]" >&2

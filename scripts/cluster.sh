@@ -45,7 +45,8 @@ DEV_SCOPES=(wallets:read wallets:create wallets:deposit wallets:withdraw wallets
 
 # The local development issuer: an ES256 key in .data/auth, its JWKS (which the nodes
 # trust) and a token for tenant `dev` with every scope in .data/dev-token. Made once;
-# the token is renewed when it is older than a day (it lives 30 days).
+# the token is renewed when it is older than a day (it lives 30 days), or when the list
+# of scopes changed (kept next to it).
 dev_issuer() {
   mkdir -p "$AUTH_DIR"
   if [ ! -f "$AUTH_DIR/signing-key.pem" ]; then
@@ -55,10 +56,12 @@ dev_issuer() {
   if [ ! -f "$AUTH_DIR/jwks.json" ] || [ "$AUTH_DIR/signing-key.pem" -nt "$AUTH_DIR/jwks.json" ]; then
     "$BIN_DIR/wallet" jwks --key "$AUTH_DIR/signing-key.pem" > "$AUTH_DIR/jwks.json"
   fi
-  if [ ! -s "$DEV_TOKEN" ] || [ -n "$(find "$DEV_TOKEN" -mmin +1440)" ] || [ "$AUTH_DIR/signing-key.pem" -nt "$DEV_TOKEN" ]; then
+  if [ ! -s "$DEV_TOKEN" ] || [ -n "$(find "$DEV_TOKEN" -mmin +1440)" ] || [ "$AUTH_DIR/signing-key.pem" -nt "$DEV_TOKEN" ] \
+    || [ "$(cat "$DEV_TOKEN.scopes" 2>/dev/null)" != "${DEV_SCOPES[*]}" ]; then
     local scopes=(); for scope in "${DEV_SCOPES[@]}"; do scopes+=(--scope "$scope"); done
     (umask 077; "$BIN_DIR/wallet" token --key "$AUTH_DIR/signing-key.pem" --issuer wallet-dev \
       --tenant dev "${scopes[@]}" --ttl 30d > "$DEV_TOKEN")
+    echo "${DEV_SCOPES[*]}" > "$DEV_TOKEN.scopes"
   fi
 }
 

@@ -358,7 +358,7 @@ async fn a_hold_reserves_funds_and_a_partial_capture_releases_the_rest() -> anyh
         )
         .await?;
         assert_eq!(again.status, StatusCode::CONFLICT, "{action}: {again:?}");
-        assert_eq!(again.body["status"], "CAPTURED");
+        assert_eq!(again.body["holdStatus"], "CAPTURED");
         assert!(
             again.body["type"]
                 .as_str()
@@ -447,7 +447,7 @@ async fn a_hold_expires_soon_after_its_time_and_can_no_longer_be_captured() -> a
         .post_raw(&format!("/api/v1/holds/{hold_id}/capture"), "", &[])
         .await?;
     assert_eq!(capture.status, StatusCode::CONFLICT);
-    assert_eq!(capture.body["status"], "EXPIRED");
+    assert_eq!(capture.body["holdStatus"], "EXPIRED");
     assert_eq!(
         audit(&db.pool, wallet_id).await?,
         (dec("10.00"), dec("0.00"))
@@ -768,5 +768,63 @@ async fn another_tenant_sees_no_transfer_and_no_hold() -> anyhow::Result<()> {
         api.get(&format!("/api/v1/holds/{hold_id}")).await?.body["status"],
         "ACTIVE"
     );
+    node.stop().await
+}
+
+#[tokio::test]
+async fn a_transfer_whose_credit_misses_the_fast_path_is_posted_by_the_destinations_owner()
+-> anyhow::Result<()> {
+    let db = wallet_tests::TestDatabase::create().await?;
+    let mut options = wallet_tests::NodeOptions::new(&db.app_url);
+    // No time at all for the fast path: every credit is left to the sweep.
+    options
+        .extra
+        .push(("WALLET_TRANSFER_CREDIT_WAIT_MS".to_owned(), "0".to_owned()));
+    let node = wallet_tests::InProcessNode::start("node-a", &options).await?;
+    let api = &node.api;
+    let from = funded(api, "10.00").await?;
+    let to = api.create_wallet().await?;
+    let answer = post(
+        api,
+        "/api/v1/transfers",
+        json!({"fromWalletId": from, "toWalletId": to, "amount": "4.00"}),
+        None,
+    )
+    .await?;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.body["status"], "PENDING");
+    let transfer_id = answer.body["transferId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // Debited, not yet credited: the amount is in flight, and counted as such.
+    let (pending, balances): (Decimal, Decimal) = sqlx::query_as(
+        "SELECT (SELECT coalesce(sum(amount), 0) FROM transfers WHERE status = 'PENDING'), (SELECT sum(balance) FROM wallets)",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!((pending, balances), (dec("4.00"), dec("6.00")));
+    let posted = wallet_tests::eventually(Duration::from_secs(5), || async {
+        api.get(&format!("/api/v1/transfers/{transfer_id}"))
+            .await
+            .is_ok_and(|answer| answer.body["status"] == "POSTED")
+    })
+    .await;
+    assert!(posted, "the sweep did not post the transfer");
+    assert_eq!(audit(&db.pool, to).await?, (dec("4.00"), Decimal::ZERO));
+    assert_eq!(audit(&db.pool, from).await?, (dec("6.00"), Decimal::ZERO));
+    let metrics = reqwest::get(format!("{}/metrics", node.admin_url))
+        .await?
+        .text()
+        .await?;
+    let swept =
+        wallet_tests::node::metric_sum(&metrics, "wallet_swept_total{kind=\"transfer_posted\"}");
+    assert_eq!(swept, 1.0, "{swept}");
+    // The fast path gave up and the sweep applied it: one credit.
+    let credits: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM operations WHERE operation_type = 'TRANSFER_IN'")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(credits, 1);
     node.stop().await
 }

@@ -279,3 +279,82 @@ async fn nodes_halfway_through_a_rotation_still_trust_each_other_and_forward_bot
     }
     Ok(())
 }
+
+/// A credit sent again for a transfer already POSTED, without the look-up a retry makes
+/// (as a fast path racing a sweep would): the commit refuses it as stale, the retry finds
+/// the first, and the money moves once.
+#[tokio::test]
+async fn a_second_credit_of_a_posted_transfer_is_found_and_not_applied() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1, |_| {}).await?;
+    let node = &cluster.nodes[0];
+    let wallets = cluster.funded_wallets(2, "10.00").await?;
+    let api = &node.api;
+    let posted = api
+        .post_raw(
+            "/api/v1/transfers",
+            serde_json::json!({"fromWalletId": wallets[0], "toWalletId": wallets[1], "amount": "3.00"})
+                .to_string(),
+            &[],
+        )
+        .await?;
+    assert_eq!(posted.body["status"], "POSTED", "{posted:?}");
+    let transfer_id: Uuid = posted.body["transferId"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    let amount: Amount = "3.00".parse()?;
+    let action = Action::TransferIn {
+        transfer_id,
+        from_wallet_id: wallets[0],
+        amount,
+    };
+    let batch = ForwardBatch {
+        operations: vec![ForwardedCommand {
+            command: OperationCommand {
+                operation_id: wallet::domain::transfer_credit_id(transfer_id),
+                wallet_id: wallets[1],
+                tenant: Tenant::parse(wallet_tests::auth::TENANT)
+                    .ok_or_else(|| anyhow::anyhow!("test tenant"))?,
+                request_hash: action.fingerprint(wallets[1]),
+                action,
+                idempotency_key: None,
+                deadline: Deadline::after(Duration::from_secs(10)),
+                may_exist: false,
+            },
+            trace: Default::default(),
+        }],
+    };
+    let body = serde_json::to_vec(&batch)?;
+    let keys = SigningKeys::new(cluster.options.internal_secret.clone().into(), None);
+    let node_id = node.node_id.clone();
+    let headers = internal_auth::sign(
+        &keys,
+        "POST",
+        INTERNAL_OPERATIONS,
+        &node_id,
+        &body,
+        internal_auth::now_ms(),
+    );
+    let internal = Internal {
+        http: reqwest::Client::new(),
+        url: format!("{}{INTERNAL_OPERATIONS}", node.internal_url()),
+    };
+    let (status, reply) = internal.post(Some(&headers), &[], &body).await?;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let reply: ForwardReply = serde_json::from_value(reply)?;
+    match &reply.results[..] {
+        [ForwardResult::Done(wallet::domain::CommandOutcome::Recorded(record))] => {
+            assert_eq!(record.transfer_id, Some(transfer_id));
+        }
+        other => anyhow::bail!("expected the first credit, got {other:?}"),
+    }
+    let credits: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM operations WHERE transfer_id = $1 AND operation_type = 'TRANSFER_IN'",
+    )
+    .bind(transfer_id)
+    .fetch_one(&cluster.db.pool)
+    .await?;
+    assert_eq!(credits, 1);
+    assert_eq!(api.balance(wallets[1]).await?, "13.00".parse()?);
+    Ok(())
+}

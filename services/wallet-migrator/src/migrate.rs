@@ -191,7 +191,7 @@ pub async fn apply_with(
         return Err(Error::TargetUnreachable { target, latest });
     }
     let mut conn = connect_within(url, opts.connect_timeout).await?;
-    conn.lock().await?;
+    lock(&mut conn).await?;
     let result = apply_locked(migrator, &mut conn).await;
     // A failed unlock is harmless: the lock is session-scoped and dies with `conn`.
     let unlocked = conn.unlock().await;
@@ -199,6 +199,36 @@ pub async fn apply_with(
     unlocked?;
     let _ = conn.close().await;
     Ok(report)
+}
+
+/// Takes sqlx's migration lock (the same key, so sqlx's own `unlock` releases it) by
+/// polling `pg_try_advisory_lock` instead of blocking in `pg_advisory_lock`. A session
+/// blocked in that statement holds a snapshot, and `CREATE INDEX CONCURRENTLY` in the
+/// holder's migration waits for every older snapshot: the two would deadlock.
+async fn lock(conn: &mut PgConnection) -> Result<(), Error> {
+    const CRC_IEEE: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::Query)?;
+    // sqlx-postgres' generate_lock_id.
+    let key = 0x3d32_ad9e_i64 * i64::from(CRC_IEEE.checksum(database.as_bytes()));
+    let mut reported = Instant::now();
+    loop {
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(Error::Query)?;
+        if locked {
+            return Ok(());
+        }
+        if reported.elapsed() >= Duration::from_secs(10) {
+            tracing::info!("waiting for another migration run to finish");
+            reported = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn apply_locked(

@@ -558,14 +558,14 @@ mod tests {
 /// The SQL half of the check against a real PostgreSQL (DATABASE_ADMIN_URL from
 /// `scripts/stack.sh env`), one fresh database per test.
 #[cfg(test)]
-mod db_tests {
+pub(crate) mod db_tests {
     use super::*;
     use crate::engine::Record;
     use crate::workload::{Op, REJECT_CENTS, variant};
     use sqlx::Connection as _;
     use sqlx::postgres::PgPoolOptions;
 
-    async fn fresh_db() -> (PgPool, String) {
+    pub(crate) async fn fresh_db() -> (PgPool, String) {
         let admin = std::env::var("DATABASE_ADMIN_URL")
             .expect("DATABASE_ADMIN_URL must be set: source <(scripts/stack.sh env)");
         // `test_` so scripts/test.sh drops what an interrupted run left behind.
@@ -595,7 +595,7 @@ mod db_tests {
         (pool, name)
     }
 
-    async fn drop_db(pool: PgPool, name: String) {
+    pub(crate) async fn drop_db(pool: PgPool, name: String) {
         pool.close().await;
         let admin = std::env::var("DATABASE_ADMIN_URL").expect("DATABASE_ADMIN_URL");
         if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {

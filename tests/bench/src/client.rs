@@ -259,6 +259,24 @@ impl Conn {
     }
 }
 
+/// Finds `"<field>":"<text>"` in a JSON body and returns the text (no escapes in it):
+/// the status of a transfer or hold answer, read without parsing the document.
+pub fn extract_str<'a>(body: &'a [u8], field: &str) -> Option<&'a str> {
+    let mut pat = Vec::with_capacity(field.len() + 4);
+    pat.push(b'"');
+    pat.extend_from_slice(field.as_bytes());
+    pat.extend_from_slice(b"\":");
+    let at = memchr::memmem::find(body, &pat)? + pat.len();
+    let rest = &body[at..];
+    let start = rest.iter().position(|&b| b != b' ')?;
+    let rest = rest[start..].strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
 /// Finds `"<field>":"<uuid>"` in a JSON body without parsing the whole document:
 /// the hot path reads one id per response.
 pub fn extract_uuid(body: &[u8], field: &str) -> Option<uuid::Uuid> {
@@ -317,5 +335,19 @@ mod tests {
             None
         );
         assert_eq!(extract_uuid(b"", "operationId"), None);
+    }
+
+    #[test]
+    fn extracts_strings_from_json_bodies() {
+        let body = br#"{"transferId":"x","status":"POSTED","amount":"1.00"}"#;
+        assert_eq!(extract_str(body, "status"), Some("POSTED"));
+        assert_eq!(extract_str(body, "amount"), Some("1.00"));
+        assert_eq!(
+            extract_str(br#"{ "status": "PENDING" }"#, "status"),
+            Some("PENDING")
+        );
+        assert_eq!(extract_str(br#"{"status":null}"#, "status"), None);
+        assert_eq!(extract_str(br#"{"status":"a\"b"}"#, "status"), None);
+        assert_eq!(extract_str(b"", "status"), None);
     }
 }

@@ -18,6 +18,9 @@ use uuid::Uuid;
 #[derive(Default)]
 pub struct State {
     balances: Mutex<HashMap<Uuid, i64>>,
+    /// Ledger: held amount per wallet and holds (wallet, amount, active).
+    held: Mutex<HashMap<Uuid, i64>>,
+    holds: Mutex<HashMap<Uuid, (Uuid, i64, bool)>>,
 }
 
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -94,6 +97,124 @@ fn operation(state: &State, body: &[u8]) -> Response<Full<Bytes>> {
     )
 }
 
+fn uuid_field(v: &serde_json::Value, field: &str) -> Option<Uuid> {
+    v[field].as_str().and_then(|s| Uuid::parse_str(s).ok())
+}
+
+/// POST /api/v1/transfers, applied at once (always POSTED).
+fn transfer(state: &State, body: &[u8]) -> Response<Full<Bytes>> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return problem(StatusCode::BAD_REQUEST, "malformed JSON");
+    };
+    let (Some(from), Some(to)) = (uuid_field(&v, "fromWalletId"), uuid_field(&v, "toWalletId"))
+    else {
+        return problem(StatusCode::BAD_REQUEST, "wallet ids");
+    };
+    let Some(cents) = parse_cents(&v["amount"]) else {
+        return problem(StatusCode::UNPROCESSABLE_ENTITY, "amount");
+    };
+    if from == to {
+        return problem(StatusCode::UNPROCESSABLE_ENTITY, "same wallet");
+    }
+    let id = Uuid::new_v4();
+    let mut balances = state.balances.lock().unwrap_or_else(|p| p.into_inner());
+    let held = state
+        .held
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&from)
+        .copied()
+        .unwrap_or(0);
+    let (Some(&fb), true) = (balances.get(&from), balances.contains_key(&to)) else {
+        return problem(StatusCode::NOT_FOUND, "unknown wallet");
+    };
+    if fb - held < cents {
+        return json(
+            StatusCode::CONFLICT,
+            serde_json::json!({"type": "insufficient-funds", "status": 409, "transferId": id})
+                .to_string(),
+        );
+    }
+    *balances.entry(from).or_insert(0) -= cents;
+    *balances.entry(to).or_insert(0) += cents;
+    json(
+        StatusCode::OK,
+        format!(
+            r#"{{"transferId":"{id}","fromWalletId":"{from}","toWalletId":"{to}","amount":"{}","status":"POSTED","createdAt":"1970-01-01T00:00:00Z"}}"#,
+            format_cents(cents)
+        ),
+    )
+}
+
+/// POST /api/v1/wallets/{id}/holds.
+fn create_hold(state: &State, wallet: Uuid, body: &[u8]) -> Response<Full<Bytes>> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return problem(StatusCode::BAD_REQUEST, "malformed JSON");
+    };
+    let Some(cents) = parse_cents(&v["amount"]) else {
+        return problem(StatusCode::UNPROCESSABLE_ENTITY, "amount");
+    };
+    let balances = state.balances.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(&balance) = balances.get(&wallet) else {
+        return problem(StatusCode::NOT_FOUND, "unknown wallet");
+    };
+    let id = Uuid::new_v4();
+    let mut held = state.held.lock().unwrap_or_else(|p| p.into_inner());
+    let h = held.entry(wallet).or_insert(0);
+    if balance - *h < cents {
+        return json(
+            StatusCode::CONFLICT,
+            serde_json::json!({"type": "insufficient-funds", "status": 409, "holdId": id})
+                .to_string(),
+        );
+    }
+    *h += cents;
+    state
+        .holds
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, (wallet, cents, true));
+    json(
+        StatusCode::CREATED,
+        format!(
+            r#"{{"holdId":"{id}","walletId":"{wallet}","amount":"{}","capturedAmount":"0.00","status":"ACTIVE","expiresAt":null,"createdAt":"1970-01-01T00:00:00Z"}}"#,
+            format_cents(cents)
+        ),
+    )
+}
+
+/// POST /api/v1/holds/{id}/capture, in full. Locks in the order of create_hold.
+fn capture_hold(state: &State, hold: Uuid) -> Response<Full<Bytes>> {
+    let mut balances = state.balances.lock().unwrap_or_else(|p| p.into_inner());
+    let mut held = state.held.lock().unwrap_or_else(|p| p.into_inner());
+    let mut holds = state.holds.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((wallet, cents, active)) = holds.get_mut(&hold) else {
+        return problem(StatusCode::NOT_FOUND, "unknown hold");
+    };
+    if !*active {
+        return json(
+            StatusCode::CONFLICT,
+            serde_json::json!({"type": "hold-not-active", "status": "CAPTURED"}).to_string(),
+        );
+    }
+    *active = false;
+    *balances.entry(*wallet).or_insert(0) -= *cents;
+    *held.entry(*wallet).or_insert(0) -= *cents;
+    json(
+        StatusCode::OK,
+        format!(
+            r#"{{"holdId":"{hold}","walletId":"{wallet}","amount":"{0}","capturedAmount":"{0}","status":"CAPTURED"}}"#,
+            format_cents(*cents)
+        ),
+    )
+}
+
+/// `/api/v1/<prefix><uuid><suffix>` -> the uuid.
+fn path_id(path: &str, prefix: &str, suffix: &str) -> Option<Uuid> {
+    let rest = path.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    Uuid::parse_str(rest).ok()
+}
+
 async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
@@ -106,6 +227,19 @@ async fn handle(
     let path = parts.uri.path();
     let resp = match (&parts.method, path) {
         (&Method::POST, "/api/v1/wallet") => operation(&state, &body),
+        (&Method::POST, "/api/v1/transfers") => transfer(&state, &body),
+        (&Method::POST, p) if p.starts_with("/api/v1/wallets/") && p.ends_with("/holds") => {
+            match path_id(p, "/api/v1/wallets/", "/holds") {
+                Some(w) => create_hold(&state, w, &body),
+                None => problem(StatusCode::BAD_REQUEST, "wallet id"),
+            }
+        }
+        (&Method::POST, p) if p.starts_with("/api/v1/holds/") && p.ends_with("/capture") => {
+            match path_id(p, "/api/v1/holds/", "/capture") {
+                Some(h) => capture_hold(&state, h),
+                None => problem(StatusCode::BAD_REQUEST, "hold id"),
+            }
+        }
         (&Method::POST, "/api/v1/wallets") => {
             let id = Uuid::new_v4();
             state

@@ -4,11 +4,15 @@
 //! cluster and checks the result against PostgreSQL; `wallet-bench fake-server`
 //! serves an in-memory imitation of the API to measure the generator alone.
 
+mod balance_at;
 mod check;
 mod client;
 mod cluster;
+mod driver;
 mod engine;
 mod fake;
+mod holds;
+mod ledger;
 mod memory;
 mod money;
 mod report;
@@ -18,6 +22,8 @@ mod schedule;
 mod setup;
 mod slow;
 mod stats;
+mod token;
+mod transfers;
 mod workload;
 
 use anyhow::Context as _;
@@ -42,6 +48,7 @@ struct Cli {
 enum Command {
     /// Run scenarios against a running cluster: constant, saturate-one, spike,
     /// multi (= multi-uniform multi-zipf), failover, many-wallets, slow-connections,
+    /// transfers, holds (saturate-one runs before it when not asked for), balance-at,
     /// soak, or all (everything but soak).
     Run(Box<RunArgs>),
     /// Rewrite report.md and the plots from an existing results.json.
@@ -221,6 +228,49 @@ struct RunArgs {
     /// resources.limits.memory in charts/wallet/values.yaml.
     #[arg(long, env = "WALLET_BENCH_MEMORY_LIMIT")]
     memory_limit: Option<String>,
+    /// transfers: wallets pre-funded by deposits in setup; each transfer picks two of them.
+    #[arg(long, env = "WALLET_BENCH_TRANSFERS_WALLETS", default_value_t = 1000)]
+    transfers_wallets: usize,
+    /// transfers: connections of the closed loop, spread over --urls.
+    #[arg(
+        long,
+        env = "WALLET_BENCH_TRANSFERS_CONNECTIONS",
+        default_value_t = 256
+    )]
+    transfers_connections: usize,
+    #[arg(long, env = "WALLET_BENCH_TRANSFERS_DURATION", value_parser = parse_duration, default_value = "30s")]
+    transfers_duration: Duration,
+    /// transfers: longest wait after the load for no transfer to stay PENDING.
+    #[arg(long, env = "WALLET_BENCH_TRANSFERS_PENDING_WAIT", value_parser = parse_duration, default_value = "10s")]
+    transfers_pending_wait: Duration,
+    /// holds: connections of the closed loop on the one hot wallet.
+    #[arg(long, env = "WALLET_BENCH_HOLDS_CONNECTIONS", default_value_t = 256)]
+    holds_connections: usize,
+    #[arg(long, env = "WALLET_BENCH_HOLDS_DURATION", value_parser = parse_duration, default_value = "30s")]
+    holds_duration: Duration,
+    /// balance-at: operations of the wallet's history, written with SQL.
+    #[arg(
+        long,
+        env = "WALLET_BENCH_BALANCE_AT_OPERATIONS",
+        default_value_t = 1_000_000
+    )]
+    balance_at_operations: usize,
+    /// balance-at: time between two operations of the seeded history.
+    #[arg(long, env = "WALLET_BENCH_BALANCE_AT_STEP", value_parser = parse_duration, default_value = "1s")]
+    balance_at_step: Duration,
+    #[arg(long, env = "WALLET_BENCH_BALANCE_AT_RPS", default_value_t = 500.0)]
+    balance_at_rps: f64,
+    #[arg(long, env = "WALLET_BENCH_BALANCE_AT_DURATION", value_parser = parse_duration, default_value = "30s")]
+    balance_at_duration: Duration,
+    #[arg(
+        long,
+        env = "WALLET_BENCH_BALANCE_AT_CONNECTIONS",
+        default_value_t = 32
+    )]
+    balance_at_connections: usize,
+    /// balance-at: keep the seeded wallet and its history (deleted by default).
+    #[arg(long, env = "WALLET_BENCH_BALANCE_AT_KEEP")]
+    balance_at_keep: bool,
 }
 
 fn parse_slow_kind(s: &str) -> Result<slow::Kind, String> {
@@ -251,6 +301,10 @@ fn expand(names: &[String]) -> anyhow::Result<Vec<String>> {
         match n.as_str() {
             "all" => out.extend(scenarios::ALL.iter().map(|s| (*s).to_owned())),
             "multi" => out.extend(["multi-uniform".to_owned(), "multi-zipf".to_owned()]),
+            // holds is compared with saturate-one of the same run.
+            "holds" if !out.iter().any(|s| s == "saturate-one") => {
+                out.extend(["saturate-one".to_owned(), "holds".to_owned()]);
+            }
             s if scenarios::KNOWN.contains(&s) => out.push(s.to_owned()),
             s => anyhow::bail!(
                 "unknown scenario {s:?}; known: all, multi, {}",
@@ -259,6 +313,44 @@ fn expand(names: &[String]) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+/// Stops a run whose token lacks a scope its scenarios need (it would only collect 403s).
+fn check_scopes(token: Option<&str>, names: &[String]) -> anyhow::Result<()> {
+    let Some(token) = token else {
+        return Ok(());
+    };
+    let Some(have) = token::scopes(token) else {
+        eprintln!(
+            "[wallet-bench] the token's scopes cannot be read (not a JWT?); not checking them"
+        );
+        return Ok(());
+    };
+    let missing = token::missing(&have, names);
+    if !missing.is_empty() {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|(scope, who)| format!("{scope} (for {})", who.join(", ")))
+            .collect();
+        anyhow::bail!(
+            "the token lacks {}; it has: {}. scripts/bench.sh mints one with {} (or pass --token / WALLET_BENCH_TOKEN)",
+            list.join(", "),
+            have.join(" "),
+            token::ALL.join(" ")
+        );
+    }
+    let unused: Vec<&str> = token::ALL
+        .iter()
+        .copied()
+        .filter(|s| !have.iter().any(|h| h == s))
+        .collect();
+    if !unused.is_empty() {
+        eprintln!(
+            "[wallet-bench] note: the token lacks {} (not needed by these scenarios)",
+            unused.join(", ")
+        );
+    }
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<bool> {
@@ -282,6 +374,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         Some(token) => Some(token.clone()),
         None => std::fs::read_to_string(args.root.join(".data/dev-token")).ok(),
     };
+    check_scopes(token.as_deref(), &names)?;
     let mut ctx = scenarios::Ctx {
         load: engine::LoadConfig {
             targets: targets(&args.urls, token.as_deref())?,
@@ -338,8 +431,21 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             bystander_connections: args.bystander_connections,
             memory_interval: args.memory_interval,
             memory_limit: args.memory_limit.clone(),
+            transfers_wallets: args.transfers_wallets,
+            transfers_connections: args.transfers_connections,
+            transfers_duration: args.transfers_duration,
+            transfers_pending_wait: args.transfers_pending_wait,
+            holds_connections: args.holds_connections,
+            holds_duration: args.holds_duration,
+            balance_at_operations: args.balance_at_operations,
+            balance_at_step: args.balance_at_step,
+            balance_at_rps: args.balance_at_rps,
+            balance_at_duration: args.balance_at_duration,
+            balance_at_connections: args.balance_at_connections,
+            balance_at_keep: args.balance_at_keep,
         },
         multi_wallets: None,
+        saturate_one_rps: None,
     };
 
     let mut results = Vec::new();
@@ -451,7 +557,15 @@ mod tests {
             expand(&v(&["multi"])).expect("names"),
             v(&["multi-uniform", "multi-zipf"])
         );
-        assert_eq!(expand(&v(&["all"])).expect("names").len(), 8);
+        assert_eq!(expand(&v(&["all"])).expect("names").len(), 11);
+        assert_eq!(
+            expand(&v(&["holds"])).expect("names"),
+            v(&["saturate-one", "holds"])
+        );
+        assert_eq!(
+            expand(&v(&["saturate-one", "transfers", "holds", "balance-at"])).expect("names"),
+            v(&["saturate-one", "transfers", "holds", "balance-at"])
+        );
         assert_eq!(
             expand(&v(&["many-wallets", "slow-connections"])).expect("names"),
             v(&["many-wallets", "slow-connections"])

@@ -1,10 +1,13 @@
 //! Results on disk: results.json (one object per scenario), report.md (a table)
 //! and two SVG plots per scenario, drawn by hand so no font library is needed.
 
+use crate::balance_at::BalanceAtReport;
 use crate::check::CheckReport;
+use crate::holds::HoldsReport;
 use crate::memory::MemoryReport;
 use crate::slow::SlowReport;
 use crate::stats::SecondPoint;
+use crate::transfers::TransfersReport;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -112,6 +115,12 @@ pub struct ScenarioResult {
     pub many: Option<ManyReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow: Option<SlowReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfers: Option<TransfersReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holds: Option<HoldsReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance_at: Option<BalanceAtReport>,
 }
 
 /// `SecondPoint` plus the offered rate of that second (open loop).
@@ -233,6 +242,15 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
         if let Some(slow) = &r.slow {
             slow_section(&mut s, slow);
         }
+        if let Some(t) = &r.transfers {
+            transfers_section(&mut s, r, t);
+        }
+        if let Some(h) = &r.holds {
+            holds_section(&mut s, h);
+        }
+        if let Some(b) = &r.balance_at {
+            balance_at_section(&mut s, r, b);
+        }
         if let Some(m) = &r.memory {
             memory_section(&mut s, m);
         }
@@ -321,6 +339,144 @@ fn many_section(s: &mut String, r: &ScenarioResult, m: &ManyReport) {
             None => s.push_str(".\n\n"),
         }
     }
+}
+
+fn met(v: bool) -> &'static str {
+    if v { "met" } else { "**NOT met**" }
+}
+
+fn consistency_word(r: &ScenarioResult) -> &'static str {
+    match consistency_cell(r) {
+        "yes" => "consistent",
+        "NO" => "**INCONSISTENT**",
+        _ => "not checked",
+    }
+}
+
+fn transfers_section(s: &mut String, r: &ScenarioResult, t: &TransfersReport) {
+    let _ = writeln!(
+        s,
+        "**{:.0} transfers/s** (valid answers: 200 and 409 insufficient-funds; target >= {:.0}/s: {}), {:.0}/s answered 200, among {} wallets pre-funded with {} each by deposits ({:.1} s of setup). Answers: {} POSTED, {} PENDING, {} 409, {} 5xx (failures), {} unanswered, {} refused, {} other 4xx.\n",
+        t.transfers_per_s,
+        t.target_per_s,
+        met(t.target_met),
+        t.posted_per_s,
+        t.wallets,
+        crate::money::format_cents(t.seed_cents_each),
+        t.setup_s,
+        t.answered_posted,
+        t.answered_pending,
+        t.rejected_409,
+        t.failed_5xx,
+        t.unanswered,
+        t.refused,
+        t.other_4xx
+    );
+    let c = &r.consistency;
+    if c.get("skipped").is_none() {
+        let g = &c["global_conservation"];
+        let _ = writeln!(
+            s,
+            "Check ({}): {} transfers stored ({} POSTED, {} REJECTED, {} still PENDING after waiting {} s), each checked for its TRANSFER_OUT / TRANSFER_IN rows; {} audit rows replayed on {} wallets; conservation over the scenario's wallets: {}; over the whole database: balances {} + PENDING {} = deposits {} - withdrawals {} - captures {}: {}.\n",
+            consistency_word(r),
+            c["stored"],
+            c["stored_posted"],
+            c["stored_rejected"],
+            c["stored_pending"],
+            c["pending_wait_s"],
+            c["audit"]["rows"],
+            c["audit"]["wallets"],
+            if c["scenario_conservation_ok"] == true {
+                "holds"
+            } else {
+                "**broken**"
+            },
+            g["balances"].as_str().unwrap_or("?"),
+            g["pending_transfers"].as_str().unwrap_or("?"),
+            g["deposits"].as_str().unwrap_or("?"),
+            g["withdrawals"].as_str().unwrap_or("?"),
+            g["captures"].as_str().unwrap_or("?"),
+            if g["ok"] == true {
+                "holds"
+            } else {
+                "**broken**"
+            },
+        );
+    }
+}
+
+fn holds_section(s: &mut String, h: &HoldsReport) {
+    let _ = writeln!(
+        s,
+        "**{:.0} hold+capture pairs/s**, {:.0} operations/s ({} pairs). Against saturate-one: {}; operations/s over it: {}, pairs/s over it: {}. Target: operations/s >= {:.2} x saturate-one: {}.\n",
+        h.pairs_per_s,
+        h.operations_per_s,
+        h.pairs,
+        match h.baseline_ops_per_s {
+            Some(b) => format!("{b:.0} operations/s, {}", h.baseline),
+            None => h.baseline.clone(),
+        },
+        h.ratio
+            .map_or_else(|| "n/a".to_owned(), |r| format!("**ratio {r:.2}**")),
+        h.pairs_ratio
+            .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}")),
+        h.target_ratio,
+        match h.target_met {
+            Some(v) => met(v),
+            None => "unknown",
+        }
+    );
+    s.push_str("| request | requests | p50 ms | p99 ms | max ms | statuses |\n|---|---:|---:|---:|---:|---|\n");
+    for (name, k) in [("create hold", &h.create), ("capture", &h.capture)] {
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {:.2} | {:.2} | {:.2} | {} |",
+            k.requests,
+            k.p50_ms,
+            k.p99_ms,
+            k.max_ms,
+            statuses(&k.status_counts)
+        );
+    }
+    s.push('\n');
+}
+
+fn balance_at_section(s: &mut String, r: &ScenarioResult, b: &BalanceAtReport) {
+    let _ = writeln!(
+        s,
+        "One wallet with {} operations seeded in PostgreSQL in {:.1} s ({} .. {}, one every {} s). Target: p99 <= {:.0} ms for both queries: {}. Answers against the rows: {}. Cleanup: {}.\n",
+        b.operations_seeded,
+        b.seed_s,
+        b.first_operation_at,
+        b.last_operation_at,
+        b.step_s,
+        b.target_p99_ms,
+        met(b.target_met),
+        match consistency_cell(r) {
+            "skipped" => "not checked".to_owned(),
+            _ => format!(
+                "{} checked, {} matched ({})",
+                r.consistency["checked"],
+                r.consistency["matched"],
+                consistency_word(r)
+            ),
+        },
+        b.cleanup
+    );
+    s.push_str("| query | requests | p50 ms | p95 ms | p99 ms | max ms | statuses |\n|---|---:|---:|---:|---:|---:|---|\n");
+    for (name, q) in [("?sequence=n", &b.by_sequence), ("?asOf=t", &b.by_as_of)] {
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            q.requests,
+            q.p50_ms,
+            q.p95_ms,
+            q.p99_ms,
+            q.max_ms,
+            statuses(&q.status_counts)
+        );
+    }
+    s.push('\n');
 }
 
 fn memory_section(s: &mut String, m: &MemoryReport) {
@@ -791,6 +947,9 @@ mod tests {
             bystander: None,
             many: None,
             slow: None,
+            transfers: None,
+            holds: None,
+            balance_at: None,
         }
     }
 

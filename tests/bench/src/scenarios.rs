@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 11] = [
     "constant",
     "saturate-one",
     "spike",
@@ -31,8 +31,11 @@ pub const ALL: [&str; 8] = [
     "failover",
     "many-wallets",
     "slow-connections",
+    "transfers",
+    "holds",
+    "balance-at",
 ];
-pub const KNOWN: [&str; 9] = [
+pub const KNOWN: [&str; 12] = [
     "constant",
     "saturate-one",
     "spike",
@@ -41,6 +44,9 @@ pub const KNOWN: [&str; 9] = [
     "failover",
     "many-wallets",
     "slow-connections",
+    "transfers",
+    "holds",
+    "balance-at",
     "soak",
 ];
 
@@ -87,6 +93,20 @@ pub struct Settings {
     pub bystander_connections: usize,
     pub memory_interval: Duration,
     pub memory_limit: Option<String>,
+    pub transfers_wallets: usize,
+    pub transfers_connections: usize,
+    pub transfers_duration: Duration,
+    /// Longest wait after the load for no transfer to stay PENDING.
+    pub transfers_pending_wait: Duration,
+    pub holds_connections: usize,
+    pub holds_duration: Duration,
+    pub balance_at_operations: usize,
+    /// Time between two seeded operations.
+    pub balance_at_step: Duration,
+    pub balance_at_rps: f64,
+    pub balance_at_duration: Duration,
+    pub balance_at_connections: usize,
+    pub balance_at_keep: bool,
 }
 
 pub struct Ctx {
@@ -102,6 +122,8 @@ pub struct Ctx {
     pub settings: Settings,
     /// Wallets of the multi scenarios, created once and shared by both rows.
     pub multi_wallets: Option<Vec<Uuid>>,
+    /// saturate-one's operations/s in this run: what holds compares itself with.
+    pub saturate_one_rps: Option<f64>,
 }
 
 enum Shape {
@@ -117,7 +139,7 @@ enum Shape {
 
 type Events = Arc<Mutex<Vec<Event>>>;
 
-fn push_event(events: &Events, start: Instant, what: String) {
+pub(crate) fn push_event(events: &Events, start: Instant, what: String) {
     log(&what);
     events
         .lock()
@@ -128,7 +150,7 @@ fn push_event(events: &Events, start: Instant, what: String) {
         });
 }
 
-fn log(msg: &str) {
+pub(crate) fn log(msg: &str) {
     eprintln!("[wallet-bench] {msg}");
 }
 
@@ -183,12 +205,12 @@ async fn sample_rss(
     }
 }
 
-fn round1(v: f64) -> f64 {
+pub(crate) fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
 /// CPU seconds so far of this process and of the nodes (with their pids).
-fn cpu_now(ctx: &Ctx) -> (f64, Option<f64>, Vec<u32>) {
+pub(crate) fn cpu_now(ctx: &Ctx) -> (f64, Option<f64>, Vec<u32>) {
     let me = cluster::cpu_seconds(std::process::id()).unwrap_or(0.0);
     let pids: Vec<u32> = cluster::node_pids(&ctx.root)
         .into_iter()
@@ -202,6 +224,9 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
     match name {
         "many-wallets" => return many_wallets(ctx).await,
         "slow-connections" => return slow_connections(ctx).await,
+        "transfers" => return crate::transfers::run(ctx).await,
+        "holds" => return crate::holds::run(ctx).await,
+        "balance-at" => return crate::balance_at::run(ctx).await,
         _ => {}
     }
     let s = ctx.settings.clone();
@@ -350,6 +375,9 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         _ => None,
     };
     let summary = stats::summarize(&out.records, out.elapsed);
+    if name == "saturate-one" {
+        ctx.saturate_one_rps = Some(summary.achieved_rps);
+    }
     let series = stats::series(&out.records)
         .iter()
         .map(|p| SecondPointOut::from(p, offered.map(|sch| sch.rps_at(Duration::from_secs(p.t_s)))))
@@ -393,6 +421,9 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         bystander: None,
         many: None,
         slow: None,
+        transfers: None,
+        holds: None,
+        balance_at: None,
     })
 }
 
@@ -547,7 +578,7 @@ async fn stop_sampler(
 }
 
 /// The fields every scenario fills the same way from its main load.
-fn base_result(
+pub(crate) fn base_result(
     ctx: &Ctx,
     name: &str,
     out: &RunOutput,
@@ -592,10 +623,13 @@ fn base_result(
         bystander: None,
         many: None,
         slow: None,
+        transfers: None,
+        holds: None,
+        balance_at: None,
     }
 }
 
-fn set_cpu(
+pub(crate) fn set_cpu(
     r: &mut ScenarioResult,
     before: &(f64, Option<f64>, Vec<u32>),
     after: &(f64, Option<f64>, Vec<u32>),
@@ -1078,6 +1112,18 @@ mod memory_scenario_tests {
             bystander_connections: 2,
             memory_interval: Duration::from_millis(250),
             memory_limit: None,
+            transfers_wallets: 4,
+            transfers_connections: 2,
+            transfers_duration: d,
+            transfers_pending_wait: d,
+            holds_connections: 2,
+            holds_duration: d,
+            balance_at_operations: 10,
+            balance_at_step: d,
+            balance_at_rps: 10.0,
+            balance_at_duration: d,
+            balance_at_connections: 2,
+            balance_at_keep: false,
         }
     }
 
@@ -1105,6 +1151,7 @@ mod memory_scenario_tests {
             root: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."),
             settings: settings(),
             multi_wallets: None,
+            saturate_one_rps: None,
         };
         let r = run(&mut ctx, "slow-connections").await.expect("scenario");
         let slow = r.slow.as_ref().expect("slow report");
@@ -1139,6 +1186,86 @@ mod memory_scenario_tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transfers_and_holds_against_the_fake_api_report_their_figures() {
+        let state = Arc::new(crate::fake::State::default());
+        let mut targets = Vec::new();
+        for _ in 0..2 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(crate::fake::serve_state(listener, state.clone()));
+            targets.push(Arc::new(
+                Target::parse(&format!("http://{addr}")).expect("target"),
+            ));
+        }
+        let mut ctx = Ctx {
+            load: LoadConfig {
+                targets: targets.clone(),
+                timeout: Duration::from_secs(5),
+                seed: 1,
+                idempotency_prefix: None,
+            },
+            admin: targets,
+            pool: None,
+            db: None,
+            tenant: "bench".to_owned(),
+            root: PathBuf::from("."),
+            settings: settings(),
+            multi_wallets: None,
+            saturate_one_rps: None,
+        };
+        let t = run(&mut ctx, "transfers").await.expect("transfers");
+        let rep = t.transfers.as_ref().expect("transfers report");
+        assert_eq!(rep.wallets, 4);
+        assert!(rep.transfers_per_s > 0.0);
+        assert_eq!(rep.answered_posted + rep.rejected_409, t.requests);
+        assert!(
+            t.status_counts.keys().all(|k| k == "200" || k == "409"),
+            "{:?}",
+            t.status_counts
+        );
+        assert_eq!(t.consistency.get("skipped"), Some(&serde_json::json!(true)));
+
+        let base = run(&mut ctx, "saturate-one").await.expect("saturate-one");
+        assert_eq!(ctx.saturate_one_rps, Some(base.achieved_rps));
+        let h = run(&mut ctx, "holds").await.expect("holds");
+        let rep = h.holds.as_ref().expect("holds report");
+        assert!(rep.pairs > 0);
+        assert_eq!(rep.create.requests, rep.pairs);
+        assert_eq!(rep.capture.status_counts.get("200"), Some(&rep.pairs));
+        assert_eq!(rep.create.status_counts.get("201"), Some(&rep.pairs));
+        assert_eq!(rep.baseline_ops_per_s, Some(base.achieved_rps));
+        assert!(rep.ratio.is_some_and(|r| r > 0.0));
+        let md = crate::report::markdown(&[t, base, h]);
+        assert!(md.contains("transfers/s** (valid answers"), "{md}");
+        assert!(md.contains("hold+capture pairs/s"), "{md}");
+        assert!(md.contains("| capture |"), "{md}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn balance_at_needs_the_database_to_seed() {
+        let mut ctx = Ctx {
+            load: LoadConfig {
+                targets: vec![Arc::new(Target::parse("http://127.0.0.1:1").expect("t"))],
+                timeout: Duration::from_secs(1),
+                seed: 1,
+                idempotency_prefix: None,
+            },
+            admin: Vec::new(),
+            pool: None,
+            db: None,
+            tenant: "bench".to_owned(),
+            root: PathBuf::from("."),
+            settings: settings(),
+            multi_wallets: None,
+            saturate_one_rps: None,
+        };
+        let e = run(&mut ctx, "balance-at").await.expect_err("no database");
+        assert!(e.to_string().contains("DATABASE_URL"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_wallets_needs_the_database_to_seed() {
         let mut ctx = Ctx {
             load: LoadConfig {
@@ -1154,6 +1281,7 @@ mod memory_scenario_tests {
             root: PathBuf::from("."),
             settings: settings(),
             multi_wallets: None,
+            saturate_one_rps: None,
         };
         let e = run(&mut ctx, "many-wallets")
             .await

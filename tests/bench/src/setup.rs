@@ -146,7 +146,7 @@ impl Numbered {
     }
 
     /// "xxxxxxxx-xxxx-xxxx-xxxx-": the id text before the index's 12 hex digits.
-    fn text_prefix(&self) -> String {
+    pub fn text_prefix(&self) -> String {
         let full = Uuid::from_u128(self.prefix).hyphenated().to_string();
         full[..24].to_owned()
     }

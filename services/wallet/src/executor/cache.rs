@@ -1,6 +1,7 @@
-//! The node's one cache of committed wallet state, with a fixed budget and LRU eviction.
+//! The node's caches of committed state (wallets, and the holds of its shards), each with
+//! a fixed budget and LRU eviction.
 //!
-//! Evicting is always safe: an evicted wallet is loaded from PostgreSQL again, and while
+//! Evicting is always safe: an evicted entry is loaded from PostgreSQL again, and while
 //! the shard's fence holds nobody else writes it. Each entry remembers the fence it was
 //! loaded under, so state cached in an earlier tenure of a shard is never trusted: the
 //! shard may have had other owners meanwhile.
@@ -11,6 +12,7 @@ use std::sync::Mutex;
 use lru::LruCache;
 use uuid::Uuid;
 
+use crate::domain::HoldRecord;
 use crate::store::WalletState;
 
 /// Stripes of the cache: each has its own lock, so shard executors running on
@@ -18,17 +20,29 @@ use crate::store::WalletState;
 const STRIPES: usize = 64;
 
 #[derive(Clone)]
-struct Entry {
+struct Entry<V> {
     fence: i64,
-    state: WalletState,
+    state: V,
 }
 
-pub struct WalletCache {
-    stripes: Vec<Mutex<LruCache<Uuid, Entry>>>,
+/// Committed state by id, each entry tagged with the fence it was cached under.
+pub struct FencedCache<V> {
+    stripes: Vec<Mutex<LruCache<Uuid, Entry<V>>>>,
 }
 
-impl WalletCache {
-    /// A cache of at most `budget` wallets (at least one per stripe).
+pub type WalletCache = FencedCache<WalletState>;
+/// Holds of the node's shards as committed: a capture, void or expiry of a hold created
+/// or loaded in this tenure needs no read.
+pub type HoldCache = FencedCache<HoldRecord>;
+
+/// The node's caches, shared by its shard executors.
+pub struct Caches {
+    pub wallets: WalletCache,
+    pub holds: HoldCache,
+}
+
+impl<V: Clone> FencedCache<V> {
+    /// A cache of at most `budget` entries (at least one per stripe).
     pub fn new(budget: usize) -> Self {
         let per_stripe = NonZeroUsize::new(budget.div_ceil(STRIPES)).unwrap_or(NonZeroUsize::MIN);
         Self {
@@ -38,7 +52,7 @@ impl WalletCache {
         }
     }
 
-    fn stripe(&self, wallet_id: &Uuid) -> std::sync::MutexGuard<'_, LruCache<Uuid, Entry>> {
+    fn stripe(&self, wallet_id: &Uuid) -> std::sync::MutexGuard<'_, LruCache<Uuid, Entry<V>>> {
         // Wallet ids are v7 UUIDs: the low bits are random.
         let index = (wallet_id.as_u128() as usize) % self.stripes.len();
         self.stripes[index]
@@ -46,8 +60,8 @@ impl WalletCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The cached state of a wallet, if it was cached under `fence`.
-    pub fn get(&self, fence: i64, wallet_id: &Uuid) -> Option<WalletState> {
+    /// The cached state, if it was cached under `fence`.
+    pub fn get(&self, fence: i64, wallet_id: &Uuid) -> Option<V> {
         let mut stripe = self.stripe(wallet_id);
         match stripe.get(wallet_id) {
             Some(entry) if entry.fence == fence => Some(entry.state.clone()),
@@ -60,14 +74,14 @@ impl WalletCache {
     }
 
     /// Records committed state; the least recently used wallet makes room.
-    pub fn put(&self, fence: i64, wallet_id: Uuid, state: WalletState) {
+    pub fn put(&self, fence: i64, wallet_id: Uuid, state: V) {
         self.stripe(&wallet_id)
             .put(wallet_id, Entry { fence, state });
     }
 
     /// Records committed state of a wallet only if it is cached already, without making
     /// it more recent: a stream of refused withdrawals must not keep a wallet in the cache.
-    pub fn refresh(&self, fence: i64, wallet_id: Uuid, state: WalletState) {
+    pub fn refresh(&self, fence: i64, wallet_id: Uuid, state: V) {
         let mut stripe = self.stripe(&wallet_id);
         if let Some(entry) = stripe.peek_mut(&wallet_id) {
             *entry = Entry { fence, state };

@@ -146,8 +146,19 @@ async fn commit_group(store: &Store, mut group: Vec<ShardCommit>, metrics: &Exec
                     return;
                 }
             }
-            // Never split an ambiguous commit: it may have committed as a whole.
-            Err(error @ CommitError::Failed(_)) if group.len() > 1 && !error.is_transient() => {
+            // Never split an ambiguous commit: it may have committed as a whole. A batch
+            // planned on stale state fails alone too, so the others need no new plan.
+            Err(
+                error @ (CommitError::Failed(_)
+                | CommitError::StaleVersion
+                | CommitError::StaleLedger(_)),
+            ) if group.len() > 1
+                && (!error.is_transient()
+                    || matches!(
+                        error,
+                        CommitError::StaleVersion | CommitError::StaleLedger(_)
+                    )) =>
+            {
                 // Something in one shard's batch breaks the transaction: commit each shard
                 // alone, so the others do not fail with it.
                 tracing::warn!(error = %error, shards = group.len(), "group commit failed; committing shards one by one");

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{CommandOutcome, OperationCommand};
 use crate::store::Store;
 use crate::submit::{MayExist, NotApplied, Submit, Undelivered};
-use cache::WalletCache;
+use cache::{Caches, FencedCache};
 use committer::Committer;
 use shard::ShardExecutor;
 
@@ -95,7 +95,7 @@ pub struct ExecutorPool {
     store: Store,
     committer: Committer,
     settings: ExecutorSettings,
-    cache: Arc<WalletCache>,
+    caches: Arc<Caches>,
     metrics: ExecutorMetrics,
     shards: RwLock<HashMap<u32, ShardHandle>>,
     /// Tells the cluster layer that a shard's fence moved on, so it drops the lease.
@@ -122,7 +122,11 @@ impl ExecutorPool {
             store,
             committer,
             settings,
-            cache: Arc::new(WalletCache::new(settings.cache_wallets)),
+            caches: Arc::new(Caches {
+                wallets: FencedCache::new(settings.cache_wallets),
+                // A hold is smaller than a wallet's state and lives shorter.
+                holds: FencedCache::new(settings.cache_wallets),
+            }),
             metrics,
             shards: RwLock::new(HashMap::new()),
             fence_lost,
@@ -142,7 +146,7 @@ impl ExecutorPool {
     pub fn set_cached_wallets_gauge(&self) {
         self.metrics
             .cached_wallets
-            .set(i64::try_from(self.cache.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(self.caches.wallets.len()).unwrap_or(i64::MAX));
     }
 
     /// The shards this node serves now.
@@ -237,7 +241,7 @@ impl wallet_cluster::ShardHost for ExecutorPool {
             fence,
             self.store.clone(),
             self.committer.clone(),
-            self.cache.clone(),
+            self.caches.clone(),
             self.settings.batch_max,
             self.metrics.clone(),
             self.fence_lost.clone(),

@@ -411,10 +411,10 @@ pub(super) fn plan(batch: &[Pending], prepared: &Prepared, shard: u32, now: Date
         .iter()
         .filter_map(|op| Some(((op.wallet_id, op.idempotency_key.as_deref()?), op)))
         .collect();
-    // The key's first command in this batch: its fingerprint and answer.
-    let mut new_keys: HashMap<(Uuid, String), (String, Planned)> = HashMap::new();
+    // The key's first command in this batch: its fingerprint, and where its answer is.
+    let mut new_keys: HashMap<(Uuid, String), (String, usize)> = HashMap::new();
     // A retried command can meet its earlier attempt in the same batch: one answer for both.
-    let mut new_ids: HashMap<Uuid, Planned> = HashMap::new();
+    let mut new_ids: HashMap<Uuid, usize> = HashMap::new();
     let mut draft = Draft {
         prepared,
         shard,
@@ -442,8 +442,8 @@ pub(super) fn plan(batch: &[Pending], prepared: &Prepared, shard: u32, now: Date
             planned.push(Planned::Done(CommandOutcome::Recorded((*previous).clone())));
             continue;
         }
-        if let Some(earlier) = new_ids.get(&command.operation_id) {
-            planned.push(earlier.clone());
+        if let Some(&earlier) = new_ids.get(&command.operation_id) {
+            planned.push(planned[earlier].clone());
             continue;
         }
         let key = command
@@ -457,7 +457,9 @@ pub(super) fn plan(batch: &[Pending], prepared: &Prepared, shard: u32, now: Date
                     stored.request_hash.clone().unwrap_or_default(),
                     Planned::Done(CommandOutcome::Recorded((*stored).clone())),
                 )),
-                None => new_keys.get(key).cloned(),
+                None => new_keys
+                    .get(key)
+                    .map(|(hash, earlier)| (hash.clone(), planned[*earlier].clone())),
             };
             if let Some((first_hash, first_answer)) = first {
                 planned.push(if first_hash == command.request_hash {
@@ -477,9 +479,9 @@ pub(super) fn plan(batch: &[Pending], prepared: &Prepared, shard: u32, now: Date
         let written = draft.records.len();
         let outcome = draft.apply(command, state);
         if draft.records.len() > written {
-            new_ids.insert(command.operation_id, outcome.clone());
+            new_ids.insert(command.operation_id, planned.len());
             if let Some(key) = key {
-                new_keys.insert(key, (command.request_hash.clone(), outcome.clone()));
+                new_keys.insert(key, (command.request_hash.clone(), planned.len()));
             }
         }
         planned.push(outcome);

@@ -8,11 +8,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::cache::WalletCache;
+use super::cache::Caches;
 use super::committer::Committer;
 use super::plan::{Plan, Planned, Prepared, plan};
 use super::{ExecutorMetrics, Pending, Stall};
-use crate::domain::{Action, OperationStatus};
+use crate::domain::OperationStatus;
 use crate::store::{CommitError, Resolution, ShardFence, Store, StoreError};
 use crate::submit::{MayExist, NotApplied, Undelivered};
 
@@ -24,7 +24,7 @@ pub(super) struct ShardExecutor {
     fence: i64,
     store: Store,
     committer: Committer,
-    cache: Arc<WalletCache>,
+    caches: Arc<Caches>,
     batch_max: usize,
     metrics: ExecutorMetrics,
     fence_lost: mpsc::Sender<u32>,
@@ -55,7 +55,7 @@ impl ShardExecutor {
         fence: i64,
         store: Store,
         committer: Committer,
-        cache: Arc<WalletCache>,
+        caches: Arc<Caches>,
         batch_max: usize,
         metrics: ExecutorMetrics,
         fence_lost: mpsc::Sender<u32>,
@@ -66,7 +66,7 @@ impl ShardExecutor {
             fence,
             store,
             committer,
-            cache,
+            caches,
             batch_max,
             metrics,
             fence_lost,
@@ -327,10 +327,26 @@ impl ShardExecutor {
             .collect();
         for (wallet_id, state) in &plan.next_state {
             if applied.contains(wallet_id) {
-                self.cache.put(self.fence, *wallet_id, state.clone());
+                self.caches
+                    .wallets
+                    .put(self.fence, *wallet_id, state.clone());
             } else {
-                self.cache.refresh(self.fence, *wallet_id, state.clone());
+                self.caches
+                    .wallets
+                    .refresh(self.fence, *wallet_id, state.clone());
             }
+        }
+        // Holds as committed: ACTIVE ones for their capture or void, settled ones for
+        // the 409 of a late one.
+        for hold in plan
+            .ledger
+            .new_holds
+            .iter()
+            .chain(&plan.ledger.settled_holds)
+        {
+            self.caches
+                .holds
+                .put(self.fence, hold.hold_id, hold.clone());
         }
         for record in &plan.records {
             let result = match record.status {
@@ -347,7 +363,15 @@ impl ShardExecutor {
     /// After a failed or unknown commit the touched wallets are loaded afresh.
     fn forget(&self, plan: &Plan) {
         for wallet_id in plan.next_state.keys() {
-            self.cache.remove(wallet_id);
+            self.caches.wallets.remove(wallet_id);
+        }
+        for hold in plan
+            .ledger
+            .new_holds
+            .iter()
+            .chain(&plan.ledger.settled_holds)
+        {
+            self.caches.holds.remove(&hold.hold_id);
         }
     }
 
@@ -380,7 +404,7 @@ impl ShardExecutor {
             if states.contains_key(&wallet_id) || missing.contains(&wallet_id) {
                 continue;
             }
-            match self.cache.get(self.fence, &wallet_id) {
+            match self.caches.wallets.get(self.fence, &wallet_id) {
                 Some(state) => {
                     states.insert(wallet_id, state);
                 }
@@ -393,14 +417,9 @@ impl ShardExecutor {
             let missing: Vec<Uuid> = missing.into_iter().collect();
             states.extend(self.store.wallets(&missing).await?);
         }
-        // A transfer's credit is always looked up: every attempt at it has the same id.
         let ids: Vec<Uuid> = batch
             .iter()
-            .filter(|pending| {
-                retrying
-                    || pending.command.may_exist
-                    || matches!(pending.command.action, Action::TransferIn { .. })
-            })
+            .filter(|pending| retrying || pending.command.may_exist)
             .map(|pending| pending.command.operation_id)
             .collect();
         let keyed: Vec<(Uuid, String)> = batch
@@ -417,20 +436,28 @@ impl ShardExecutor {
         } else {
             self.store.existing_operations(&ids, &keyed).await?
         };
-        let hold_ids: Vec<Uuid> = batch
+        let mut holds = HashMap::new();
+        let mut missing_holds = Vec::new();
+        for hold_id in batch
             .iter()
             .filter_map(|pending| pending.command.action.hold_id())
-            .collect();
-        let holds = if hold_ids.is_empty() {
-            HashMap::new()
-        } else {
-            self.store
-                .holds(&hold_ids)
-                .await?
-                .into_iter()
-                .map(|hold| (hold.hold_id, hold))
-                .collect()
-        };
+        {
+            match self.caches.holds.get(self.fence, &hold_id) {
+                Some(hold) => {
+                    holds.insert(hold_id, hold);
+                }
+                None => missing_holds.push(hold_id),
+            }
+        }
+        if !missing_holds.is_empty() {
+            holds.extend(
+                self.store
+                    .holds(&missing_holds)
+                    .await?
+                    .into_iter()
+                    .map(|hold| (hold.hold_id, hold)),
+            );
+        }
         Ok(Prepared {
             states,
             existing,

@@ -195,7 +195,7 @@ impl ApiError {
                 format!("{detail}; only an ACTIVE hold can be captured or voided"),
             )
             .with("holdId", hold.hold_id.to_string())
-            .with("status", hold.status.as_str()),
+            .with("holdStatus", hold.status.as_str()),
             Self::CaptureExceedsHold { hold, .. } => Problem::new(
                 status,
                 "capture-exceeds-hold",

@@ -58,11 +58,10 @@ pub async fn post_transfer(req: &mut Request, depot: &mut Depot) -> Result<Reply
     let request = input::transfer(&bytes)?;
     let tenant = &principal(depot)?.tenant;
     // Wallets are never deleted: a destination that exists now exists at the credit.
-    if state
+    if !state
         .store
-        .wallet(tenant, request.to_wallet_id)
+        .wallet_exists(tenant, request.to_wallet_id)
         .await?
-        .is_none()
     {
         return Err(ApiError::WalletNotFound(request.to_wallet_id));
     }
@@ -71,14 +70,8 @@ pub async fn post_transfer(req: &mut Request, depot: &mut Depot) -> Result<Reply
         to_shard: state.router.shard_of(&request.to_wallet_id),
         amount: request.amount,
     };
-    let debit = command(
-        state,
-        tenant,
-        request.from_wallet_id,
-        Uuid::now_v7(),
-        action,
-        key,
-    );
+    let debit_id = Uuid::now_v7();
+    let debit = command(state, tenant, request.from_wallet_id, debit_id, action, key);
     let record = match state.router.execute(debit).await? {
         CommandOutcome::Recorded(record) => record,
         CommandOutcome::WalletNotFound => {
@@ -91,6 +84,8 @@ pub async fn post_transfer(req: &mut Request, depot: &mut Depot) -> Result<Reply
         return Err(recorded_rejection(record));
     }
     let transfer_id = record.transfer_id.unwrap_or(record.operation_id);
+    // A replay of an earlier transfer (found by its key) may have had its credit already.
+    let replay = record.operation_id != debit_id;
     let status = post_credit(
         state,
         tenant,
@@ -98,6 +93,7 @@ pub async fn post_transfer(req: &mut Request, depot: &mut Depot) -> Result<Reply
         request.from_wallet_id,
         request.to_wallet_id,
         request.amount,
+        replay,
     )
     .await;
     Reply::new(
@@ -115,6 +111,11 @@ pub async fn post_transfer(req: &mut Request, depot: &mut Depot) -> Result<Reply
 
 /// The fast path of a transfer's credit, bounded by the credit wait. Anything short of
 /// a committed credit leaves the transfer PENDING for the destination owner's sweep.
+///
+/// The credit of a transfer just debited cannot exist yet (the sweep waits longer than
+/// this path's deadline before it sends one), so it is not looked up first; should one
+/// exist all the same, the transfer is no longer PENDING and the commit refuses it
+/// (`CommitError::StaleLedger`), after which the retry looks it up.
 async fn post_credit(
     state: &AppState,
     tenant: &Tenant,
@@ -122,6 +123,7 @@ async fn post_credit(
     from_wallet_id: Uuid,
     to_wallet_id: Uuid,
     amount: Amount,
+    may_exist: bool,
 ) -> TransferStatus {
     let action = Action::TransferIn {
         transfer_id,
@@ -137,8 +139,7 @@ async fn post_credit(
         None,
     );
     credit.deadline = Deadline::after(state.transfer_credit_wait);
-    // Every attempt at the credit has the same id: look it up before applying it.
-    credit.may_exist = true;
+    credit.may_exist = may_exist;
     match state.router.execute(credit).await {
         Ok(CommandOutcome::Recorded(_)) => TransferStatus::Posted,
         Ok(other) => {
@@ -225,10 +226,12 @@ pub async fn create_hold(req: &mut Request, depot: &mut Depot) -> Result<Reply, 
     if record.status == OperationStatus::Rejected {
         return Err(recorded_rejection(record));
     }
+    let hold_id = record.hold_id.unwrap_or(record.operation_id);
+    state.store.remember_hold(hold_id, tenant, wallet_id);
     Reply::new(
         StatusCode::CREATED,
         &HoldView {
-            hold_id: record.hold_id.unwrap_or(record.operation_id),
+            hold_id,
             wallet_id,
             amount: record.amount,
             captured_amount: rust_decimal::Decimal::new(0, 2),
@@ -252,12 +255,12 @@ async fn settle(
     let action = action(hold_id, bytes.as_deref())?;
     let tenant = &principal(depot)?.tenant;
     // A hold never changes wallets: where it is now is where it was created.
-    let hold = state
+    let wallet_id = state
         .store
-        .hold(tenant, hold_id)
+        .hold_wallet(tenant, hold_id)
         .await?
         .ok_or(ApiError::HoldNotFound(hold_id))?;
-    let settle = command(state, tenant, hold.wallet_id, Uuid::now_v7(), action, key);
+    let settle = command(state, tenant, wallet_id, Uuid::now_v7(), action, key);
     match state.router.execute(settle).await? {
         CommandOutcome::Hold(hold) => Reply::new(StatusCode::OK, &HoldView::from(&hold)),
         // A replay of an earlier capture or void: the hold as it is now.

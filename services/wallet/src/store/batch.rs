@@ -216,9 +216,11 @@ async fn write_batch(
     batch: &BatchWrite<'_>,
 ) -> Result<(), CommitError> {
     check_fences(tx, batch.fences).await?;
+    // Before the operations: a credit whose transfer is no longer PENDING (it was
+    // applied already) fails the batch as stale, and the retry looks it up.
+    write_ledger(tx, batch.ledger).await?;
     insert_operations(tx, batch.operations).await?;
-    update_wallets(tx, batch.wallets).await?;
-    write_ledger(tx, batch.ledger).await
+    update_wallets(tx, batch.wallets).await
 }
 
 /// The one fence check: FOR SHARE, so a concurrent claim of a shard waits for this

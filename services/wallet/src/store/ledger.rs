@@ -98,6 +98,41 @@ fn transfer_from_row(row: &PgRow) -> Result<TransferRecord, StoreError> {
 }
 
 impl Store {
+    /// The wallet of a hold of `tenant`, remembered once found (a hold never moves).
+    pub async fn hold_wallet(
+        &self,
+        tenant: &Tenant,
+        hold_id: Uuid,
+    ) -> Result<Option<Uuid>, StoreError> {
+        if let Some((owner, wallet_id)) = self.directory.hold_wallet(&hold_id) {
+            return Ok((owner == *tenant).then_some(wallet_id));
+        }
+        let row: Option<(String, Uuid)> = self
+            .bounded(async {
+                Ok(
+                    sqlx::query_as("SELECT tenant_id, wallet_id FROM holds WHERE id = $1")
+                        .bind(hold_id)
+                        .fetch_optional(&self.pool)
+                        .await?,
+                )
+            })
+            .await?;
+        let Some((owner, wallet_id)) =
+            row.and_then(|(name, wallet)| Some((Tenant::parse(&name)?, wallet)))
+        else {
+            return Ok(None);
+        };
+        let found = (owner == *tenant).then_some(wallet_id);
+        self.directory.remember_hold(hold_id, owner, wallet_id);
+        Ok(found)
+    }
+
+    /// Remembers a hold this node just created, so its capture needs no read here.
+    pub fn remember_hold(&self, hold_id: Uuid, tenant: &Tenant, wallet_id: Uuid) {
+        self.directory
+            .remember_hold(hold_id, tenant.clone(), wallet_id);
+    }
+
     /// A hold of `tenant`; another tenant's hold is not found.
     pub async fn hold(
         &self,

@@ -3,6 +3,7 @@
 //! Every write is an explicit transaction; money is NUMERIC(20,2) on both sides.
 
 mod batch;
+mod directory;
 
 mod ledger;
 
@@ -139,6 +140,7 @@ pub struct Store {
     commits: PgPool,
     control: PgPool,
     timeouts: Timeouts,
+    directory: std::sync::Arc<directory::Directory>,
 }
 
 /// The three pools of a node.
@@ -160,7 +162,35 @@ impl Store {
             commits: pools.commits,
             control: pools.control,
             timeouts,
+            directory: std::sync::Arc::new(directory::Directory::new()),
         }
+    }
+
+    /// Whether `wallet_id` is a wallet of `tenant`, remembered once found.
+    pub async fn wallet_exists(
+        &self,
+        tenant: &Tenant,
+        wallet_id: Uuid,
+    ) -> Result<bool, StoreError> {
+        if let Some(owner) = self.directory.wallet_tenant(&wallet_id) {
+            return Ok(owner == *tenant);
+        }
+        let owner: Option<String> = self
+            .bounded(async {
+                Ok(
+                    sqlx::query_scalar("SELECT tenant_id FROM wallets WHERE id = $1")
+                        .bind(wallet_id)
+                        .fetch_optional(&self.pool)
+                        .await?,
+                )
+            })
+            .await?;
+        let Some(owner) = owner.and_then(|name| Tenant::parse(&name)) else {
+            return Ok(false);
+        };
+        let exists = owner == *tenant;
+        self.directory.remember_wallet(wallet_id, owner);
+        Ok(exists)
     }
 
     /// Bounds `work` by the read timeout.
