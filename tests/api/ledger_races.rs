@@ -34,7 +34,9 @@ fn id(answer: &Answer, field: &str) -> Uuid {
         .unwrap_or_else(|| panic!("no {field} in {answer:?}"))
 }
 
-/// The last part of a problem's `type`.
+/// The last part of a problem's `type`. A hold-not-active problem names the hold's
+/// current status in `holdStatus` (the contract said `status`, which problem+json keeps
+/// for the HTTP status).
 fn problem(answer: &Answer) -> &str {
     answer.body["type"]
         .as_str()
@@ -121,7 +123,7 @@ async fn a_hundred_concurrent_captures_of_one_hold_capture_it_exactly_once() -> 
             StatusCode::CONFLICT => {
                 assert_eq!(problem(&answer), "hold-not-active", "{answer:?}");
                 assert_eq!(answer.content_type, "application/problem+json");
-                assert_eq!(answer.body["status"], "CAPTURED", "{answer:?}");
+                assert_eq!(answer.body["holdStatus"], "CAPTURED", "{answer:?}");
                 refused += 1;
             }
             other => panic!("capture {i}: unexpected {other}: {answer:?}"),
@@ -204,7 +206,7 @@ async fn captures_and_voids_racing_on_a_hold_have_exactly_one_winner() -> anyhow
             StatusCode::CONFLICT => {
                 assert_eq!(problem(&answer), "hold-not-active", "{answer:?}");
                 refused.entry(*hold).or_default().push(
-                    answer.body["status"]
+                    answer.body["holdStatus"]
                         .as_str()
                         .unwrap_or_default()
                         .to_owned(),
