@@ -6,6 +6,7 @@ mod concurrency;
 mod errors;
 mod idempotency;
 mod ledger;
+mod ledger_races;
 mod privileges;
 mod readiness;
 mod reads;

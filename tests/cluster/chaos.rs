@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use uuid::Uuid;
 
 use crate::harness::{Load, SETTLE, TestCluster, inspect, longest_gap};
 
@@ -19,15 +18,6 @@ const PAUSE_AFTER_KILL: Duration = Duration::from_secs(10);
 const PAUSE: Duration = Duration::from_secs(15);
 /// Load kept up after the paused node is back, before the audit.
 const AFTERWARDS: Duration = Duration::from_secs(3);
-
-/// The owner every live node names for each wallet, once they agree on all of them.
-async fn owners(cluster: &TestCluster, wallets: &[Uuid]) -> Option<Vec<usize>> {
-    let mut owners = Vec::with_capacity(wallets.len());
-    for wallet in wallets {
-        owners.push(cluster.agreed_owner(*wallet).await.ok()??.1);
-    }
-    Some(owners)
-}
 
 /// Sleeps until `at`: the scenario's own timing, not a wait for some state.
 async fn until(at: Instant) {
@@ -65,7 +55,8 @@ async fn a_kill_then_a_pause_of_owners_under_load_loses_nothing_and_applies_no_5
     // the pause is about the requests in flight on it rather than a second hot failover.
     let deadline = Instant::now() + SETTLE;
     let owners = loop {
-        if let Some(owners) = owners(&cluster, &wallets)
+        if let Some(owners) = cluster
+            .owners(&wallets)
             .await
             .filter(|owners| !owners.contains(&killed))
         {

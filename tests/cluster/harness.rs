@@ -1,7 +1,9 @@
 //! A cluster of node processes on the test's own database, a load generator that
 //! spreads requests over every live node and records every answer, and the audit in
 //! PostgreSQL that nothing acknowledged was lost or doubled, no 5xx was applied, and
-//! every balance is exact.
+//! every balance is exact. For the ledger: an open-loop transfer load, the audit of its
+//! answers against the `transfers` table and a conservation sampler (the database-wide
+//! ledger audit is `wallet_tests::ledger`).
 //!
 //! The contract the audit holds the service to: 200 and 409 mean committed, every 5xx
 //! means "not applied, now or later"; only a request that got no HTTP answer at all
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use reqwest::StatusCode;
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -997,4 +1000,801 @@ fn check_row_matches(row: &StoredOperation, record: &Record) -> anyhow::Result<(
         row.amount
     );
     Ok(())
+}
+
+impl TestCluster {
+    /// The owner every live node names for each wallet, once they agree on all of them.
+    pub async fn owners(&self, wallets: &[Uuid]) -> Option<Vec<usize>> {
+        let mut owners = Vec::with_capacity(wallets.len());
+        for wallet in wallets {
+            owners.push(self.agreed_owner(*wallet).await.ok()??.1);
+        }
+        Some(owners)
+    }
+
+    /// `owners`, waiting up to `SETTLE` for the live nodes to agree.
+    pub async fn wait_owners(&self, wallets: &[Uuid]) -> anyhow::Result<Vec<usize>> {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            if let Some(owners) = self.owners(wallets).await {
+                return Ok(owners);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the live nodes never agreed on the owners of every wallet"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every wallet's balance, held amount, limit and available as the API serves them
+    /// against its `wallets` row (available = balance - held + limit): the mismatches.
+    pub async fn served_mismatches(&self, wallets: &[Uuid]) -> anyhow::Result<Vec<String>> {
+        let api = self.any_api()?;
+        let mut mismatches = Vec::new();
+        for wallet in wallets {
+            let row =
+                sqlx::query("SELECT balance, held, overdraft_limit FROM wallets WHERE id = $1")
+                    .bind(wallet)
+                    .fetch_one(&self.db.pool)
+                    .await?;
+            let stored = wallet_tests::api::WalletView {
+                balance: row.get("balance"),
+                held: row.get("held"),
+                overdraft_limit: row.get("overdraft_limit"),
+                available: row.get::<Decimal, _>("balance") - row.get::<Decimal, _>("held")
+                    + row.get::<Decimal, _>("overdraft_limit"),
+            };
+            let served = api.wallet_view(*wallet).await?;
+            if served != stored {
+                mismatches.push(format!(
+                    "wallet {wallet}: API {served:?}, PostgreSQL {stored:?}"
+                ));
+            }
+        }
+        Ok(mismatches)
+    }
+}
+
+// Transfers: an open-loop load of POST /api/v1/transfers, the audit of its answers
+// against the `transfers` table, and a sampler of conservation while it runs. The rules
+// are the ones above: 200 and 409 mean committed, every 5xx and every other 4xx means
+// not applied (now or later), only a request without any HTTP answer may go either way.
+
+/// splitmix64: a small deterministic generator, so that a seed names a request sequence.
+#[derive(Clone, Debug)]
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform enough in 0..n (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next_u64() % n.max(1) as u64).unwrap_or(0)
+    }
+}
+
+/// Which transfer request number `i` is: same seed, same requests.
+#[derive(Clone, Debug)]
+pub struct TransferPlan {
+    pub wallets: Vec<Uuid>,
+    /// A flow between two owners that gets `focus_percent` of the requests: from one of
+    /// `focus_from` to one of `focus_to`. The rest go between any two wallets.
+    pub focus_from: Vec<Uuid>,
+    pub focus_to: Vec<Uuid>,
+    pub focus_percent: u64,
+    /// Every `oversized_every`-th request asks for more than any wallet has (409).
+    pub oversized_every: u64,
+    pub seed: u64,
+}
+
+impl TransferPlan {
+    /// From, to and amount of request `i`: mostly 1.00 to 9.99, distinct enough that
+    /// (from, to, amount) rarely repeats.
+    pub fn request(&self, i: u64) -> (Uuid, Uuid, String) {
+        let mut rng = SplitMix::new(self.seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let focused = !self.focus_from.is_empty()
+            && !self.focus_to.is_empty()
+            && rng.next_u64() % 100 < self.focus_percent;
+        let (from, to) = if focused {
+            (
+                self.focus_from[rng.below(self.focus_from.len())],
+                self.focus_to[rng.below(self.focus_to.len())],
+            )
+        } else {
+            let from = rng.below(self.wallets.len());
+            let to = (from + 1 + rng.below(self.wallets.len() - 1)) % self.wallets.len();
+            (self.wallets[from], self.wallets[to])
+        };
+        let cents = rng.below(100);
+        let amount =
+            if self.oversized_every > 0 && i % self.oversized_every == self.oversized_every - 1 {
+                format!("50000.{cents:02}")
+            } else {
+                format!("{}.{cents:02}", 1 + rng.below(9))
+            };
+        (from, to, amount)
+    }
+
+    pub fn is_focused(&self, from: Uuid, to: Uuid) -> bool {
+        self.focus_from.contains(&from) && self.focus_to.contains(&to)
+    }
+}
+
+/// One transfer request and what the client saw. In `Answered::Status`, `operation_id`
+/// is the transferId of the answer's body.
+#[derive(Clone, Debug)]
+pub struct TransferRecord {
+    pub from: Uuid,
+    pub to: Uuid,
+    pub amount: Decimal,
+    pub key: Option<String>,
+    pub node: usize,
+    pub answer: Answered,
+    pub sent_at: Instant,
+    pub answered_at: Instant,
+}
+
+impl TransferRecord {
+    pub fn status(&self) -> Option<u16> {
+        match &self.answer {
+            Answered::Status { status, .. } => Some(*status),
+            Answered::Transport(_) => None,
+        }
+    }
+
+    /// 200 (debited, maybe credited) or 409 (stored REJECTED).
+    pub fn acknowledged(&self) -> bool {
+        matches!(self.status(), Some(200 | 409))
+    }
+
+    pub fn transfer_id(&self) -> Option<Uuid> {
+        match &self.answer {
+            Answered::Status { operation_id, .. } => *operation_id,
+            Answered::Transport(_) => None,
+        }
+    }
+}
+
+struct TransferShared {
+    targets: RwLock<Vec<(usize, ApiClient)>>,
+    records: Mutex<Vec<TransferRecord>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    shed: AtomicUsize,
+    acknowledged: AtomicUsize,
+}
+
+/// Transfers sent at a fixed rate whatever the answers (open loop), round-robin over the
+/// live nodes, each its own task; at most `max_in_flight` unanswered at once (beyond
+/// that a request is not sent and counted as shed).
+pub struct TransferLoad {
+    shared: Arc<TransferShared>,
+    stop: CancellationToken,
+    driver: JoinHandle<u64>,
+    started: Instant,
+}
+
+/// What a `TransferLoad` did.
+#[derive(Debug)]
+pub struct TransferRun {
+    pub records: Vec<TransferRecord>,
+    /// Requests due by the schedule, those not sent because too many were in flight, and
+    /// the most in flight at once.
+    pub scheduled: u64,
+    pub shed: usize,
+    pub max_in_flight: usize,
+    pub duration: Duration,
+}
+
+impl TransferRun {
+    /// Median, 99th percentile and longest time to an HTTP answer.
+    pub fn latencies(&self) -> (Duration, Duration, Duration) {
+        let mut times: Vec<Duration> = self
+            .records
+            .iter()
+            .filter(|record| record.status().is_some())
+            .map(|record| record.answered_at - record.sent_at)
+            .collect();
+        times.sort();
+        let at = |q: f64| {
+            times
+                .get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        (at(0.5), at(0.99), times.last().copied().unwrap_or_default())
+    }
+}
+
+impl TransferLoad {
+    pub fn start(
+        cluster: &TestCluster,
+        plan: TransferPlan,
+        rate: f64,
+        max_in_flight: usize,
+    ) -> Self {
+        let targets = cluster
+            .targets()
+            .into_iter()
+            .map(|(index, api)| (index, ApiClient::for_load(&api.base_url)))
+            .collect();
+        let shared = Arc::new(TransferShared {
+            targets: RwLock::new(targets),
+            records: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            shed: AtomicUsize::new(0),
+            acknowledged: AtomicUsize::new(0),
+        });
+        let stop = CancellationToken::new();
+        let started = Instant::now();
+        let run = Uuid::new_v4().simple().to_string();
+        let driver = {
+            let (shared, stop, plan) = (shared.clone(), stop.clone(), Arc::new(plan));
+            tokio::spawn(async move {
+                let mut tasks = tokio::task::JoinSet::new();
+                let mut ticker = tokio::time::interval(Duration::from_millis(2));
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut scheduled: u64 = 0;
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        _ = ticker.tick() => {}
+                    }
+                    let due = (started.elapsed().as_secs_f64() * rate) as u64;
+                    while scheduled < due {
+                        let i = scheduled;
+                        scheduled += 1;
+                        let in_flight = shared.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+                        if in_flight > max_in_flight {
+                            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                            shared.shed.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        shared.max_in_flight.fetch_max(in_flight, Ordering::Relaxed);
+                        let (shared, plan) = (shared.clone(), plan.clone());
+                        let key = is_keyed(usize::try_from(i).unwrap_or_default())
+                            .then(|| format!("{run}-t{i}"));
+                        tasks.spawn(async move {
+                            let record = one_transfer(&shared, &plan, i, key).await;
+                            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                            if let Some(record) = record {
+                                if record.acknowledged() {
+                                    shared.acknowledged.fetch_add(1, Ordering::Relaxed);
+                                }
+                                shared
+                                    .records
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(record);
+                            }
+                        });
+                    }
+                    while tasks.try_join_next().is_some() {}
+                }
+                while tasks.join_next().await.is_some() {}
+                scheduled
+            })
+        };
+        Self {
+            shared,
+            stop,
+            driver,
+            started,
+        }
+    }
+
+    pub fn remove_target(&self, index: usize) {
+        self.shared
+            .targets
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(i, _)| *i != index);
+    }
+
+    pub fn add_target(&self, index: usize, api: &ApiClient) {
+        let api = ApiClient::for_load(&api.base_url);
+        let mut targets = self
+            .shared
+            .targets
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        targets.retain(|(i, _)| *i != index);
+        targets.push((index, api));
+    }
+
+    pub fn acknowledged(&self) -> usize {
+        self.shared.acknowledged.load(Ordering::Relaxed)
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Waits until `more` further transfers were acknowledged.
+    pub async fn wait_progress(&self, more: usize) -> anyhow::Result<()> {
+        let target = self.acknowledged() + more;
+        anyhow::ensure!(
+            eventually(SETTLE, || std::future::ready(self.acknowledged() >= target)).await,
+            "the transfers made no progress: {} of {target} acknowledged",
+            self.acknowledged()
+        );
+        Ok(())
+    }
+
+    /// Stops sending, waits for every answer and returns what happened.
+    pub async fn stop(self) -> anyhow::Result<TransferRun> {
+        self.stop.cancel();
+        let scheduled = self.driver.await?;
+        let duration = self.started.elapsed();
+        let records = std::mem::take(
+            &mut *self
+                .shared
+                .records
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        Ok(TransferRun {
+            records,
+            scheduled,
+            shed: self.shared.shed.load(Ordering::Relaxed),
+            max_in_flight: self.shared.max_in_flight.load(Ordering::Relaxed),
+            duration,
+        })
+    }
+}
+
+async fn one_transfer(
+    shared: &TransferShared,
+    plan: &TransferPlan,
+    i: u64,
+    key: Option<String>,
+) -> Option<TransferRecord> {
+    let (node, api) = {
+        let targets = shared.targets.read().unwrap_or_else(|p| p.into_inner());
+        if targets.is_empty() {
+            return None;
+        }
+        targets[usize::try_from(i).unwrap_or_default() % targets.len()].clone()
+    };
+    let (from, to, amount) = plan.request(i);
+    let sent_at = Instant::now();
+    let answer = match api.transfer(from, to, &amount, key.as_deref()).await {
+        Ok(answer) => Answered::Status {
+            status: answer.status.as_u16(),
+            operation_id: answer.body["transferId"]
+                .as_str()
+                .and_then(|id| id.parse().ok()),
+            body: answer.body,
+        },
+        Err(error) => Answered::Transport(format!("{error:#}")),
+    };
+    Some(TransferRecord {
+        from,
+        to,
+        amount: dec(&amount),
+        key,
+        node,
+        answer,
+        sent_at,
+        answered_at: Instant::now(),
+    })
+}
+
+/// The last part of a problem's `type` URI ("insufficient-funds"), or "-".
+pub fn problem_type(body: &Value) -> String {
+    body["type"]
+        .as_str()
+        .and_then(|uri| uri.rsplit('/').next())
+        .unwrap_or("-")
+        .to_owned()
+}
+
+/// What the audit of the transfer answers counted.
+#[derive(Debug, Default)]
+pub struct TransferAudit {
+    pub by_status: BTreeMap<u16, usize>,
+    /// Non-200 answers by status and problem type.
+    pub by_problem: BTreeMap<(u16, String), usize>,
+    /// 200 answers that said POSTED and PENDING.
+    pub answered_posted: usize,
+    pub answered_pending: usize,
+    pub transport_errors: usize,
+    pub first_transport_error: Option<String>,
+    /// Transfers in the table that only requests without an answer explain.
+    pub unknown_committed: usize,
+    /// 200/409 whose transfer is not in the table.
+    pub lost: usize,
+    /// Stored otherwise than answered: a 200 stored REJECTED, a 200 POSTED now PENDING, a
+    /// 409 not REJECTED, or another from, to or amount than asked.
+    pub contradicted: usize,
+    /// One transfer acknowledged to two requests.
+    pub duplicates: usize,
+    /// 5xx answers whose transfer is in the table, by the status stored.
+    pub untruthful_5xx: BTreeMap<String, usize>,
+    /// Other 4xx answers (not 409) whose transfer is in the table.
+    pub untruthful_refused: usize,
+    /// Transfers nobody was told about beyond what requests without an answer explain.
+    pub untruthful_orphans: usize,
+    /// 200/409 answers without a transferId.
+    pub without_transfer_id: usize,
+    /// Transfers in the table and those between wallets not of the load.
+    pub transfers: usize,
+    pub foreign: usize,
+    pub examples: Vec<String>,
+}
+
+impl TransferAudit {
+    fn example(&mut self, text: String) {
+        if self.examples.len() < 12 {
+            self.examples.push(text);
+        }
+    }
+
+    /// Statuses outside 200, 409 and `allowed`, with counts.
+    pub fn unexpected(&self, allowed: &[u16]) -> Vec<(u16, usize)> {
+        self.by_status
+            .iter()
+            .filter(|(status, _)| !matches!(status, 200 | 409) && !allowed.contains(status))
+            .map(|(status, count)| (*status, *count))
+            .collect()
+    }
+
+    pub fn untruthful(&self) -> usize {
+        self.untruthful_5xx.values().sum::<usize>()
+            + self.untruthful_refused
+            + self.untruthful_orphans
+    }
+
+    /// Nothing acknowledged lost, contradicted or doubled, nothing refused applied.
+    pub fn ensure_truthful(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.lost == 0
+                && self.contradicted == 0
+                && self.duplicates == 0
+                && self.untruthful() == 0
+                && self.without_transfer_id == 0
+                && self.foreign == 0,
+            "transfer audit failed: {}; first cases: {:#?}",
+            self.summary(),
+            self.examples
+        );
+        Ok(())
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "answers by status {:?} (problems {:?}), 200 said POSTED {} / PENDING {}, \
+             transport errors {} ({} of them committed), lost {}, contradicted {}, duplicates {}, \
+             5xx stored {:?}, refused but stored {}, orphan transfers {}, \
+             acknowledged without transferId {}, transfers {} ({} between other wallets)",
+            self.by_status,
+            self.by_problem,
+            self.answered_posted,
+            self.answered_pending,
+            self.transport_errors,
+            self.unknown_committed,
+            self.lost,
+            self.contradicted,
+            self.duplicates,
+            self.untruthful_5xx,
+            self.untruthful_refused,
+            self.untruthful_orphans,
+            self.without_transfer_id,
+            self.transfers,
+            self.foreign,
+        )
+    }
+}
+
+/// Checks the answers against the `transfers` table (read now: wait for PENDING ones
+/// first):
+/// - every 200 is in the table with its from, to and amount, POSTED (or PENDING if it was
+///   answered PENDING); every 409 is insufficient-funds and stored REJECTED; none twice;
+/// - a 5xx or another 4xx is not applied: its transferId, if its body has one, is not in
+///   the table;
+/// - every other transfer belongs to a request that got no HTTP answer (one each, same
+///   from, to and amount), never to a 5xx nor to a 4xx.
+pub async fn inspect_transfers(
+    cluster: &TestCluster,
+    wallets: &[Uuid],
+    records: &[TransferRecord],
+) -> anyhow::Result<TransferAudit> {
+    let mut report = TransferAudit::default();
+    let stored = wallet_tests::ledger::transfers(&cluster.db.pool).await?;
+    report.transfers = stored.len();
+    let ours: HashSet<Uuid> = wallets.iter().copied().collect();
+    let by_id: HashMap<Uuid, &wallet_tests::ledger::TransferRow> =
+        stored.iter().map(|t| (t.id, t)).collect();
+    for transfer in &stored {
+        if !ours.contains(&transfer.from) || !ours.contains(&transfer.to) {
+            report.foreign += 1;
+            report.example(format!("transfer between other wallets: {transfer:?}"));
+        }
+    }
+
+    let mut claimed: HashSet<Uuid> = HashSet::new();
+    let mut unanswered: HashMap<(Uuid, Uuid, Decimal), usize> = HashMap::new();
+    for record in records {
+        let (status, transfer_id, body) = match &record.answer {
+            Answered::Transport(error) => {
+                report.transport_errors += 1;
+                report
+                    .first_transport_error
+                    .get_or_insert_with(|| error.clone());
+                *unanswered
+                    .entry((record.from, record.to, record.amount))
+                    .or_default() += 1;
+                continue;
+            }
+            Answered::Status {
+                status,
+                operation_id,
+                body,
+            } => (*status, *operation_id, body),
+        };
+        *report.by_status.entry(status).or_default() += 1;
+        if status != 200 {
+            *report
+                .by_problem
+                .entry((status, problem_type(body)))
+                .or_default() += 1;
+        }
+        let row = transfer_id.and_then(|id| by_id.get(&id).copied());
+        match status {
+            200 | 409 => {
+                let Some(id) = transfer_id else {
+                    report.without_transfer_id += 1;
+                    report.example(format!("{status} without transferId: {record:?}"));
+                    continue;
+                };
+                let Some(row) = row else {
+                    report.lost += 1;
+                    report.example(format!(
+                        "acknowledged transfer {id} ({status}) is not in the table: {record:?}"
+                    ));
+                    continue;
+                };
+                if !claimed.insert(id) {
+                    report.duplicates += 1;
+                    report.example(format!("transfer {id} acknowledged twice: {record:?}"));
+                }
+                let told = body["status"].as_str().unwrap_or_default();
+                if status == 200 {
+                    match told {
+                        "POSTED" => report.answered_posted += 1,
+                        "PENDING" => report.answered_pending += 1,
+                        _ => {}
+                    }
+                }
+                let consistent = match status {
+                    200 => match told {
+                        "POSTED" => row.status == "POSTED",
+                        "PENDING" => matches!(row.status.as_str(), "POSTED" | "PENDING"),
+                        _ => false,
+                    },
+                    _ => row.status == "REJECTED" && problem_type(body) == "insufficient-funds",
+                };
+                let same_request =
+                    row.from == record.from && row.to == record.to && row.amount == record.amount;
+                if !consistent || !same_request {
+                    report.contradicted += 1;
+                    report.example(format!(
+                        "answered {status} {told:?} but stored {row:?}: {record:?}"
+                    ));
+                }
+            }
+            500.. => {
+                if let Some(row) = row {
+                    *report.untruthful_5xx.entry(row.status.clone()).or_default() += 1;
+                    report.example(format!(
+                        "answered {status} but stored as {} {}: {record:?}",
+                        row.id, row.status
+                    ));
+                    claimed.insert(row.id);
+                }
+            }
+            _ => {
+                if let Some(row) = row {
+                    report.untruthful_refused += 1;
+                    report.example(format!(
+                        "refused {status} but stored as {} {}: {record:?}",
+                        row.id, row.status
+                    ));
+                    claimed.insert(row.id);
+                }
+            }
+        }
+    }
+
+    // Transfers nobody was told about: only requests without any answer explain them.
+    for transfer in &stored {
+        if claimed.contains(&transfer.id) {
+            continue;
+        }
+        match unanswered.get_mut(&(transfer.from, transfer.to, transfer.amount)) {
+            Some(budget) if *budget > 0 => {
+                *budget -= 1;
+                report.unknown_committed += 1;
+            }
+            _ => {
+                report.untruthful_orphans += 1;
+                report.example(format!(
+                    "transfer {transfer:?} matches no request left without an answer"
+                ));
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What `replay_keyed` saw.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    pub sent: usize,
+    /// 503 answers to replays (not applied, so retried after a pause).
+    pub retried: usize,
+    /// Replays whose answer differs from the first, and transfers they added.
+    pub mismatches: Vec<String>,
+}
+
+/// Sends up to `limit` acknowledged keyed transfers again, spread over the run, through
+/// the live nodes: each must get the status and transferId of its first answer (a 503
+/// is retried, as a client would), and no transfer may be added.
+pub async fn replay_keyed(
+    cluster: &TestCluster,
+    records: &[TransferRecord],
+    limit: usize,
+) -> anyhow::Result<Replayed> {
+    let keyed: Vec<&TransferRecord> = records
+        .iter()
+        .filter(|record| record.key.is_some() && record.acknowledged())
+        .collect();
+    let step = keyed.len().div_ceil(limit.max(1)).max(1);
+    let picked: Vec<&TransferRecord> = keyed.into_iter().step_by(step).collect();
+    let targets = cluster.targets();
+    anyhow::ensure!(!targets.is_empty(), "no live node");
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM transfers")
+            .fetch_one(&cluster.db.pool)
+            .await
+    };
+    let before = count().await?;
+    let retried = AtomicUsize::new(0);
+    let answers = futures::stream::iter(picked.iter().enumerate().map(|(i, record)| {
+        let api = targets[i % targets.len()].1.clone();
+        let retried = &retried;
+        async move {
+            let amount = record.amount.to_string();
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let answer = api
+                    .transfer(record.from, record.to, &amount, record.key.as_deref())
+                    .await;
+                match &answer {
+                    Ok(answer)
+                        if answer.status == StatusCode::SERVICE_UNAVAILABLE && attempt < 5 =>
+                    {
+                        retried.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    _ => return (*record, answer),
+                }
+            }
+        }
+    }))
+    .buffer_unordered(8)
+    .collect::<Vec<_>>()
+    .await;
+    let mut mismatches = Vec::new();
+    for (record, answer) in answers {
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) => {
+                mismatches.push(format!(
+                    "replay of {:?} got no answer: {error:#}",
+                    record.key
+                ));
+                continue;
+            }
+        };
+        let id: Option<Uuid> = answer.body["transferId"]
+            .as_str()
+            .and_then(|id| id.parse().ok());
+        if Some(answer.status.as_u16()) != record.status() || id != record.transfer_id() {
+            mismatches.push(format!(
+                "replay of key {:?} answered {} {:?}, first {:?} {:?}: {}",
+                record.key,
+                answer.status,
+                id,
+                record.status(),
+                record.transfer_id(),
+                answer.body
+            ));
+        }
+    }
+    let after = count().await?;
+    if after != before {
+        mismatches.push(format!("replays added {} transfers", after - before));
+    }
+    Ok(Replayed {
+        sent: picked.len(),
+        retried: retried.into_inner(),
+        mismatches,
+    })
+}
+
+/// Conservation and PENDING transfers sampled from PostgreSQL while a load runs.
+pub struct LedgerSampler {
+    stop: CancellationToken,
+    task: JoinHandle<Sampled>,
+}
+
+#[derive(Debug, Default)]
+pub struct Sampled {
+    pub samples: usize,
+    /// Samples that failed (PostgreSQL busy or unreachable), and the first error.
+    pub errors: usize,
+    pub first_error: Option<String>,
+    /// Snapshots in which money was not conserved, with the time since the start.
+    pub violations: Vec<(Duration, wallet_tests::ledger::Conservation)>,
+    pub max_pending: usize,
+    /// The oldest PENDING transfer seen in any sample, in seconds.
+    pub oldest_pending_secs: f64,
+}
+
+impl LedgerSampler {
+    pub fn start(cluster: &TestCluster, every: Duration) -> Self {
+        let pool = cluster.db.pool.clone();
+        let stop = CancellationToken::new();
+        let task = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut sampled = Sampled::default();
+                while !stop.is_cancelled() {
+                    match wallet_tests::ledger::conservation(&pool).await {
+                        Ok((totals, oldest)) => {
+                            sampled.samples += 1;
+                            sampled.max_pending = sampled.max_pending.max(totals.pending_count);
+                            sampled.oldest_pending_secs =
+                                sampled.oldest_pending_secs.max(oldest.unwrap_or_default());
+                            if !totals.holds() && sampled.violations.len() < 10 {
+                                sampled.violations.push((started.elapsed(), totals));
+                            }
+                        }
+                        Err(error) => {
+                            sampled.errors += 1;
+                            sampled
+                                .first_error
+                                .get_or_insert_with(|| format!("{error:#}"));
+                        }
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = tokio::time::sleep(every) => {}
+                    }
+                }
+                sampled
+            })
+        };
+        Self { stop, task }
+    }
+
+    pub async fn stop(self) -> anyhow::Result<Sampled> {
+        self.stop.cancel();
+        Ok(self.task.await?)
+    }
 }

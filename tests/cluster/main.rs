@@ -1,5 +1,5 @@
 //! Several nodes as separate processes: ownership moves, kills, pauses, restarts, and
-//! outages of Redis and PostgreSQL.
+//! outages of Redis and PostgreSQL; transfers between owners under those faults.
 //!
 //! Every test starts its own nodes on its own database and Redis prefix, drives load
 //! at all of them while it breaks something, and then audits PostgreSQL: nothing
@@ -17,3 +17,4 @@ mod pause;
 mod postgres;
 mod redis;
 mod rolling;
+mod transfers;

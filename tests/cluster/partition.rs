@@ -74,7 +74,7 @@ fn port_of(url: &str) -> anyhow::Result<u16> {
 }
 
 /// The namespaces, or None after telling loudly why this machine cannot have them.
-async fn namespaces_or_skip(test: &str) -> anyhow::Result<Option<Namespaces>> {
+pub(crate) async fn namespaces_or_skip(test: &str) -> anyhow::Result<Option<Namespaces>> {
     // Waits for the lock of another partition test, off the test's own threads.
     Ok(
         match tokio::task::spawn_blocking(|| netns::prepare(NODES)).await?? {
@@ -87,7 +87,7 @@ async fn namespaces_or_skip(test: &str) -> anyhow::Result<Option<Namespaces>> {
     )
 }
 
-async fn start_in_namespaces(namespaces: &[Netns]) -> anyhow::Result<TestCluster> {
+pub(crate) async fn start_in_namespaces(namespaces: &[Netns]) -> anyhow::Result<TestCluster> {
     TestCluster::start(NODES, |options| {
         for (index, namespace) in namespaces.iter().enumerate() {
             options

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod db;
+pub mod ledger;
 pub mod netns;
 pub mod node;
 pub mod postgres;
