@@ -220,7 +220,10 @@ impl Config {
             ));
         }
         let listeners = ListenerLimits {
-            header_timeout: millis(&get, "WALLET_HEADER_TIMEOUT_MS", 5_000)?,
+            // hyper also applies it to the wait for the next request on a kept-alive
+            // connection: shorter than clients keep idle connections, it closes them as
+            // they send, and a POST gets no answer.
+            header_timeout: millis(&get, "WALLET_HEADER_TIMEOUT_MS", 30_000)?,
             body_timeout: millis(&get, "WALLET_BODY_TIMEOUT_MS", 10_000)?,
             idle_timeout: millis(&get, "WALLET_IDLE_TIMEOUT_MS", 60_000)?,
             public_connections: parse(&get, "WALLET_MAX_CONNECTIONS", 4_096)?,
