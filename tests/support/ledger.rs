@@ -1,4 +1,4 @@
-//! The ledger audit in PostgreSQL, after the audit rules of the ledger contract
+//! The ledger audit in PostgreSQL, after the ledger's invariants in docs/design.md
 //! (`wallets`, `operations`, `transfers`, `holds`):
 //! - conservation: sum(balance) + PENDING transfers = deposits - withdrawals - captures;
 //! - per wallet: seq gap-free 1..version, every row's balance_after and held_after follow

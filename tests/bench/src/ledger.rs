@@ -1,4 +1,4 @@
-//! The audit rules of the ledger (docs: /work/notes/ledger-contract.md, "Audit rules"),
+//! The audit rules of the ledger (docs/design.md, "Ledger: transfers, holds, limits, past balances"),
 //! checked against PostgreSQL directly: per wallet, the audit trail written during a
 //! scenario must replay to the wallet's balance and held amount, row by row; and money
 //! is conserved over the whole database.
