@@ -36,7 +36,7 @@ fn id(answer: &Answer, field: &str) -> Uuid {
 
 /// The last part of a problem's `type`. A hold-not-active problem names the hold's
 /// current status in `holdStatus`, not `status`, which problem+json keeps
-/// for the HTTP status).
+/// for the HTTP status.
 fn problem(answer: &Answer) -> &str {
     answer.body["type"]
         .as_str()
