@@ -224,17 +224,14 @@ mod tests {
     use crate::domain::{Deadline, OperationCommand};
 
     fn command(action: Action) -> OperationCommand {
-        let wallet_id = Uuid::nil();
-        OperationCommand {
-            operation_id: Uuid::nil(),
-            tenant: Tenant::parse("t").expect("tenant"),
-            wallet_id,
-            request_hash: action.fingerprint(wallet_id),
+        OperationCommand::new(
+            Uuid::nil(),
+            Tenant::parse("t").expect("tenant"),
+            Uuid::nil(),
             action,
-            idempotency_key: None,
-            deadline: Deadline::after(std::time::Duration::from_secs(1)),
-            may_exist: false,
-        }
+            None,
+            Deadline::after(std::time::Duration::from_secs(1)),
+        )
     }
 
     #[test]

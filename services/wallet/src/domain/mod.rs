@@ -139,6 +139,29 @@ pub struct OperationCommand {
     pub may_exist: bool,
 }
 
+impl OperationCommand {
+    /// A first attempt at `action` on `wallet_id`, fingerprinted for its idempotency key.
+    pub fn new(
+        operation_id: Uuid,
+        tenant: crate::auth::Tenant,
+        wallet_id: Uuid,
+        action: Action,
+        idempotency_key: Option<String>,
+        deadline: Deadline,
+    ) -> Self {
+        Self {
+            operation_id,
+            tenant,
+            wallet_id,
+            request_hash: action.fingerprint(wallet_id),
+            action,
+            idempotency_key,
+            deadline,
+            may_exist: false,
+        }
+    }
+}
+
 /// The moment after which a command is no longer planned, as Unix milliseconds.
 ///
 /// Wall-clock time, so that it means the same on every node a command passes through

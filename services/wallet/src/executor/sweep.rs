@@ -65,17 +65,15 @@ fn command(
     action: Action,
     settings: SweepSettings,
 ) -> OperationCommand {
-    OperationCommand {
+    // A sweep's command that does not make it in time is found again by the next one.
+    OperationCommand::new(
         operation_id,
         tenant,
         wallet_id,
-        request_hash: action.fingerprint(wallet_id),
         action,
-        idempotency_key: None,
-        // A sweep's command that does not make it in time is found again by the next one.
-        deadline: Deadline::after(settings.interval.max(Duration::from_secs(1))),
-        may_exist: false,
-    }
+        None,
+        Deadline::after(settings.interval.max(Duration::from_secs(1))),
+    )
 }
 
 async fn expire_holds(

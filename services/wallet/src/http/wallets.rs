@@ -220,16 +220,14 @@ pub(super) fn command(
     action: Action,
     idempotency_key: Option<String>,
 ) -> OperationCommand {
-    OperationCommand {
+    OperationCommand::new(
         operation_id,
-        tenant: tenant.clone(),
+        tenant.clone(),
         wallet_id,
-        request_hash: action.fingerprint(wallet_id),
         action,
         idempotency_key,
-        deadline: Deadline::after(state.request_deadline),
-        may_exist: false,
-    }
+        Deadline::after(state.request_deadline),
+    )
 }
 
 /// The answer for a recorded operation depends only on the row, so replays are identical.
