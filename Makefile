@@ -66,7 +66,7 @@ e2e: ## The chart's API and operator pods with podman kube play, then e2e-promet
 e2e-prometheus: ## Real Prometheus scraping a 3-node cluster under load: dashboard, adapter and KEDA queries return data
 	@scripts/e2e-prometheus.sh
 
-.PHONY: bench soak bench-compare
+.PHONY: bench soak bench-compare bench-events
 .PHONY: chaos
 chaos: ## Fault tests of node processes: kill -9, SIGSTOP, partitions (network namespaces), PostgreSQL and Redis faults, rolling restarts
 	@scripts/chaos.sh
@@ -74,6 +74,11 @@ chaos: ## Fault tests of node processes: kill -9, SIGSTOP, partitions (network n
 bench-compare: ## REV=<git rev>: that build against this tree, interleaved, fresh clusters (PAIRS, SCENARIOS, DURATION)
 	@COMPARE_PAIRS=$(or $(PAIRS),4) COMPARE_SCENARIOS="$(or $(SCENARIOS),saturate-one multi-uniform constant)" \
 	  COMPARE_DURATION=$(or $(DURATION),20s) scripts/bench-compare.sh "$(REV)"
+
+bench-events: ## The outbox's cost: this build with WALLET_EVENTS_ENABLED=false against on, interleaved, fresh clusters
+	@COMPARE_BASE_ENV=WALLET_EVENTS_ENABLED=false COMPARE_PAIRS=$(or $(PAIRS),3) \
+	  COMPARE_SCENARIOS="$(or $(SCENARIOS),saturate-one multi-uniform)" \
+	  COMPARE_DURATION=$(or $(DURATION),20s) scripts/bench-compare.sh HEAD
 
 bench: ## Release build, 3-node cluster, every load scenario with exact-balance checks (< 10 min)
 	@scripts/bench.sh all

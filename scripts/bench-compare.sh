@@ -8,11 +8,16 @@
 #   COMPARE_SCENARIOS="saturate-one multi-uniform constant"
 #   COMPARE_DURATION=20s                  duration of every scenario
 #   COMPARE_ARGS=""                       more wallet-bench flags, for both builds
+#   COMPARE_BASE_ENV=""                   VAR=value ... for the base runs' nodes only; with
+#                                         REV=HEAD this compares one build with itself under
+#                                         other settings (make bench-events: events off vs on)
 # Prints, per scenario, each build's runs, their mean and spread, the ratio of the means
 # and the median, min and max of the per-pair ratios, plus node CPU per operation; every
 # run must pass wallet-bench's consistency check (balances equal the audit trail).
 # Results: .data/compare/<short rev>-vs-<short HEAD>/ (one folder per run, summary.md/json).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# Both builds measured alike: the nodes of this tree publish to no NATS either (cluster.sh).
+export WALLET_LOCAL_NATS="${WALLET_LOCAL_NATS:-0}"
 cd "$REPO_ROOT"
 
 REV="${1:-}"
@@ -24,6 +29,7 @@ PAIRS="${COMPARE_PAIRS:-4}"
 read -r -a SCENARIOS <<<"${COMPARE_SCENARIOS:-saturate-one multi-uniform constant}"
 DURATION="${COMPARE_DURATION:-20s}"
 read -r -a EXTRA <<<"${COMPARE_ARGS:-}"
+read -r -a BASE_ENV <<<"${COMPARE_BASE_ENV:-}"
 
 base_sha=$(git rev-parse --verify "$REV^{commit}")
 head_sha=$(git rev-parse HEAD)
@@ -40,20 +46,23 @@ if ss -ltn 2>/dev/null | grep -qE "(127\.0\.0\.1|\*):(808[0-2]|$PG_PORT|$REDIS_P
 fi
 
 mkdir -p "$COMPARE_DIR" "$OUT"
-if [ ! -d "$BASE_TREE" ]; then
+if [ "$base_sha" = "$head_sha" ] && [ ${#BASE_ENV[@]} -gt 0 ]; then
+  # One build (this tree's) under two settings: no second tree.
+  BASE_TREE="$REPO_ROOT"
+elif [ ! -d "$BASE_TREE" ]; then
   log "worktree of $REV (${base_sha:0:12}) in $BASE_TREE"
   git worktree add --detach "$BASE_TREE" "$base_sha" >/dev/null
 fi
 # Base revisions share one target folder, so a second REV rebuilds only what changed; a
 # first one starts from a copy of this tree's release dependencies instead of from nothing.
-if [ ! -d "$COMPARE_DIR/target" ]; then
+if [ "$BASE_TREE" != "$REPO_ROOT" ] && [ ! -d "$COMPARE_DIR/target" ]; then
   mkdir -p "$COMPARE_DIR/target"
   [ -d target/release ] && cp -a --reflink=auto target/release "$COMPARE_DIR/target/"
 fi
 [ -e "$BASE_TREE/target" ] || ln -s ../target "$BASE_TREE/target"
 
 log "release builds: $REV in $BASE_TREE, this tree, and this tree's wallet-bench"
-(cd "$BASE_TREE" && cargo build --release --locked -p wallet -p wallet-migrator --bins)
+[ "$BASE_TREE" = "$REPO_ROOT" ] || (cd "$BASE_TREE" && cargo build --release --locked -p wallet -p wallet-migrator --bins)
 cargo build --release --locked -p wallet -p wallet-migrator -p wallet-bench --bins
 BENCH="$REPO_ROOT/target/release/wallet-bench"
 
@@ -61,15 +70,16 @@ durations=(--saturate-duration "$DURATION" --multi-duration "$DURATION" --consta
 
 # run LABEL TREE PAIR: a fresh cluster in TREE, the scenarios, the cluster and stack down.
 run() {
-  local label=$1 tree=$2 pair=$3
-  log "pair $pair: $label ($tree)"
+  local label=$1 tree=$2 pair=$3 settings=()
+  [ "$label" = base ] && settings=("${BASE_ENV[@]}")
+  log "pair $pair: $label ($tree) ${settings[*]}"
   (
     # Each tree's scripts pick their own stack's URLs (the logins differ between
     # revisions); the ones this script's lib.sh exported would leak into the other tree.
     unset DATABASE_URL DATABASE_OWNER_URL DATABASE_ADMIN_URL REDIS_URL WALLET_DATA_DIR
     cd "$tree"
     trap 'PROFILE=release scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
-    PROFILE=release scripts/cluster.sh up 3 >"$OUT/$label-$pair.cluster.log" 2>&1 \
+    env "${settings[@]}" PROFILE=release scripts/cluster.sh up 3 >"$OUT/$label-$pair.cluster.log" 2>&1 \
       || { cat "$OUT/$label-$pair.cluster.log" >&2; exit 1; }
     eval "$(scripts/stack.sh env)"
     # The owner login runs the bench's SQL where the revision has one.
@@ -88,4 +98,4 @@ for pair in $(seq 1 "$PAIRS"); do
 done
 
 python3 scripts/bench_compare.py "$OUT" \
-  --base "$REV (${base_sha:0:12})" --head "HEAD (${head_sha:0:12}$dirty)" --pairs "$PAIRS"
+  --base "$REV (${base_sha:0:12})${BASE_ENV[*]:+ with ${BASE_ENV[*]}}" --head "HEAD (${head_sha:0:12}$dirty)" --pairs "$PAIRS"

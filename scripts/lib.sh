@@ -5,6 +5,11 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DATA_DIR="${WALLET_DATA_DIR:-$REPO_ROOT/.data}"
 PG_PORT="${WALLET_PG_PORT:-55432}"
 REDIS_PORT="${WALLET_REDIS_PORT:-56379}"
+# NATS with JetStream (the outbox's sink, WALLET_EVENTS_NATS_URL), and its monitoring port
+# (/healthz, /jsz).
+NATS_PORT="${WALLET_NATS_PORT:-54222}"
+NATS_MONITOR_PORT="${WALLET_NATS_MONITOR_PORT:-$((NATS_PORT + 4000))}"
+export NATS_URL="${NATS_URL:-nats://127.0.0.1:$NATS_PORT}"
 # The nodes connect as the app login, the migrator as the owner of the tables (stack.sh).
 export DATABASE_URL="${DATABASE_URL:-postgres://wallet_node:wallet_node@127.0.0.1:$PG_PORT/wallet}"
 export DATABASE_OWNER_URL="${DATABASE_OWNER_URL:-postgres://wallet_owner:wallet_owner@127.0.0.1:$PG_PORT/wallet}"
@@ -34,6 +39,12 @@ pg_bin_dir() {
   dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
   [ -n "$dir" ] || { echo "PostgreSQL server binaries not found; run scripts/deps.sh" >&2; return 1; }
   echo "$dir"
+}
+
+# Debian installs nats-server into /usr/sbin, which not every user has on the PATH.
+nats_bin() {
+  command -v nats-server 2>/dev/null || { [ -x /usr/sbin/nats-server ] && echo /usr/sbin/nats-server; } \
+    || { echo "nats-server not found; run scripts/deps.sh" >&2; return 1; }
 }
 
 # PostgreSQL refuses to run as root: run its tools as the 'postgres' system user then.

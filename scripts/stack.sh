@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Local PostgreSQL and Redis in the data folder: `stack.sh up|down|env`.
+# Local PostgreSQL, Redis and NATS (JetStream) in the data folder: `stack.sh up|down|env`.
 # Idempotent: `up` on a running stack does nothing, `down` on a stopped one neither.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PG_DATA="$DATA_DIR/pg"
 PG_RUN="$DATA_DIR/pg-run"
 REDIS_DIR="$DATA_DIR/redis"
+NATS_DIR="$DATA_DIR/nats"
 
 # A CA, a server certificate for 127.0.0.1 and localhost, and a second CA that signed
 # nothing (tests show that a wrong CA is refused). Made once.
@@ -118,12 +119,38 @@ redis_down() {
   fi
 }
 
+nats_running() { curl -fsS -m 1 "http://127.0.0.1:$NATS_MONITOR_PORT/healthz" >/dev/null 2>&1; }
+
+# JetStream's store in the data folder; the nodes of `make dev` publish their events here.
+nats_up() {
+  local bin; bin=$(nats_bin)
+  mkdir -p "$NATS_DIR"
+  if nats_running; then return 0; fi
+  log "starting NATS with JetStream on 127.0.0.1:$NATS_PORT (monitoring on $NATS_MONITOR_PORT)"
+  # nats-server does not daemonize: its own session, so the caller's Ctrl-C does not reach it.
+  setsid "$bin" -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" -sd "$NATS_DIR/jetstream" \
+    -P "$NATS_DIR/nats.pid" -l "$NATS_DIR/nats.log" </dev/null >/dev/null 2>&1 &
+  for _ in $(seq 1 100); do nats_running && return 0; sleep 0.1; done
+  echo "NATS did not start; see $NATS_DIR/nats.log" >&2; return 1
+}
+
+nats_down() {
+  [ -f "$NATS_DIR/nats.pid" ] || return 0
+  local pid; pid=$(cat "$NATS_DIR/nats.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    log "stopping NATS"
+    kill "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$NATS_DIR/nats.pid"
+}
+
 case "${1:-}" in
-  up) "$(dirname "${BASH_SOURCE[0]}")/deps.sh" --servers-only; tls_certs; pg_up; redis_up ;;
-  down) redis_down; pg_down ;;
+  up) "$(dirname "${BASH_SOURCE[0]}")/deps.sh" --servers-only; tls_certs; pg_up; redis_up; nats_up ;;
+  down) nats_down; redis_down; pg_down ;;
   env)
-    printf 'export DATABASE_URL=%q\nexport DATABASE_OWNER_URL=%q\nexport DATABASE_ADMIN_URL=%q\nexport REDIS_URL=%q\n' \
-      "$DATABASE_URL" "$DATABASE_OWNER_URL" "$DATABASE_ADMIN_URL" "$REDIS_URL"
+    printf 'export DATABASE_URL=%q\nexport DATABASE_OWNER_URL=%q\nexport DATABASE_ADMIN_URL=%q\nexport REDIS_URL=%q\nexport NATS_URL=%q\n' \
+      "$DATABASE_URL" "$DATABASE_OWNER_URL" "$DATABASE_ADMIN_URL" "$REDIS_URL" "$NATS_URL"
     # verify-full to both: the CA, and URLs that demand it.
     printf 'export WALLET_TLS_CA=%q\nexport WALLET_TLS_OTHER_CA=%q\nexport DATABASE_ADMIN_TLS_URL=%q\nexport REDIS_TLS_URL=%q\n' \
       "$TLS_DIR/ca.crt" "$TLS_DIR/other-ca.crt" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything CI checks, on a machine that may be brand new: installs what is missing,
-# starts PostgreSQL and Redis in .data/ (and stops them again if it started them),
+# starts PostgreSQL, Redis and NATS in .data/ (and stops them again if it started them),
 # then lint, the test suite (all but the cluster fault tests, which are `make chaos`), the
 # API fuzz, the chart checks and a bench smoke run.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -44,9 +44,10 @@ else
   printf '\033[1;33mSKIPPED: cargo deny check advisories (the RustSec advisory database cannot be fetched from here)\033[0m\n'
 fi
 
-step "tests (real PostgreSQL and Redis)"
+step "tests (real PostgreSQL, Redis and NATS)"
 cargo build --workspace --bins --locked
-cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+# deps.sh installed nats-server: the NATS sink's tests must run, not skip.
+WALLET_REQUIRE_NATS=1 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
 
 step "a node for the API fuzz and the dashboard check"
 scripts/cluster.sh up 1 >/dev/null

@@ -4,16 +4,20 @@ mod auth;
 mod commit_failures;
 mod concurrency;
 mod errors;
+mod events;
 mod idempotency;
 mod ledger;
 mod ledger_races;
+mod nats;
 mod privileges;
+mod pruning;
 mod readiness;
 mod reads;
 mod shutdown;
 mod telemetry;
 mod tls;
 mod truthful;
+mod webhooks;
 
 use wallet_tests::{InProcessNode, NodeOptions, TestDatabase};
 

@@ -83,3 +83,69 @@ async fn an_operation_reads_back_by_id_and_only_in_its_wallet() -> anyhow::Resul
     );
     node.stop().await
 }
+
+#[tokio::test]
+async fn the_owner_answers_balances_from_memory_with_every_acknowledged_write_in_them()
+-> anyhow::Result<()> {
+    let (_db, node) = single_node().await?;
+    let (writers, rounds) = (8, 30);
+    let mut wallets = Vec::new();
+    for _ in 0..writers {
+        wallets.push(node.api.create_wallet().await?);
+    }
+    let memory_before = memory_reads(&node).await?;
+    // Each task is the only writer of its wallet, so it knows what every read must show.
+    let tasks = wallets.iter().map(|&wallet| {
+        let api = node.api.clone();
+        async move {
+            let mut expected = rust_decimal::Decimal::ZERO;
+            for round in 0..rounds {
+                let (kind, amount) = if round % 3 == 2 {
+                    ("WITHDRAW", rust_decimal::Decimal::new(50, 2))
+                } else {
+                    ("DEPOSIT", rust_decimal::Decimal::new(100 + round, 2))
+                };
+                let answer = api.operate(wallet, kind, &amount.to_string(), None).await?;
+                anyhow::ensure!(answer.status == StatusCode::OK, "{answer:?}");
+                expected += if kind == "DEPOSIT" { amount } else { -amount };
+                let view = api.wallet_view(wallet).await?;
+                anyhow::ensure!(
+                    view.balance == expected,
+                    "round {round}: read {} after an acknowledged write left {expected}",
+                    view.balance
+                );
+            }
+            anyhow::Ok(())
+        }
+    });
+    for result in futures::future::join_all(tasks).await {
+        result?;
+    }
+    let from_memory = memory_reads(&node).await? - memory_before;
+    // A renewal delayed on a loaded machine sends a read to PostgreSQL instead; most
+    // must still come from memory.
+    let reads = f64::from(writers * rounds as i32);
+    assert!(
+        from_memory >= reads / 2.0,
+        "{from_memory} of {reads} reads from memory"
+    );
+
+    // Memory answers keep tenants apart like the database does.
+    let stranger = wallet_tests::api::ApiClient::with_token(
+        &node.api.url(""),
+        Some(&wallet_tests::auth::token(
+            "another",
+            &wallet_tests::auth::ALL_SCOPES,
+        )),
+    );
+    let answer = stranger
+        .get(&format!("/api/v1/wallets/{}", wallets[0]))
+        .await?;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND, "{answer:?}");
+    node.stop().await
+}
+
+async fn memory_reads(node: &wallet_tests::InProcessNode) -> anyhow::Result<f64> {
+    node.metric("wallet_wallet_reads_total{source=\"memory\"}")
+        .await
+}

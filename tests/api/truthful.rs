@@ -93,18 +93,46 @@ async fn slow_commit_once(
     .await
 }
 
-/// Sends a deposit of 1.11 (whose commit the test made slow), then 20 deposits of 2.00
-/// that queue behind it; the first must be 200. Returns the answers of the 20.
-async fn behind_a_slow_batch(node: &InProcessNode, wallet: Uuid) -> anyhow::Result<Vec<Answer>> {
+/// Sends a deposit of 1.11 (whose commit the test made slow), waits until that commit is
+/// asleep in PostgreSQL, then sends 20 deposits of 2.00 that queue behind it; the first
+/// must be 200. Returns the answers of the 20.
+async fn behind_a_slow_batch(
+    db: &TestDatabase,
+    node: &InProcessNode,
+    wallet: Uuid,
+) -> anyhow::Result<Vec<Answer>> {
     let first = {
         let api = node.api.clone();
         tokio::spawn(async move { api.operate(wallet, "DEPOSIT", "1.11", None).await })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Not a fixed pause: on a loaded machine the first request may not have reached the
+    // shard yet, and the 20 would then go first or share its batch.
+    slow_commit_started(db).await?;
     let queued = join_all((0..20).map(|_| node.api.operate(wallet, "DEPOSIT", "2.00", None))).await;
     let first = first.await??;
     assert_eq!(first.status, StatusCode::OK, "{first:?}");
     queued.into_iter().collect()
+}
+
+/// Waits until a session of the test's database sleeps in the injected commit trigger.
+async fn slow_commit_started(db: &TestDatabase) -> anyhow::Result<()> {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let sleeping: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event = 'PgSleep'",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        if sleeping > 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < give_up,
+            "the slow commit never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// Checks each answer against the database: a 200 is stored, a 503 is the problem
@@ -185,11 +213,17 @@ async fn a_commit_that_fails_after_the_timeout_is_looked_up_retried_and_applied_
 async fn commands_whose_deadline_passes_in_the_queue_are_503_and_never_applied()
 -> anyhow::Result<()> {
     let db = TestDatabase::create().await?;
-    // The first batch holds the shard for a second; what queues behind it expires.
-    slow_commit_once(&db, "1.11", 1.0, false).await?;
-    let node = node(&db, &[], 400).await?;
+    // The first batch holds the shard for 1.8 s; what queues behind it expires. The first
+    // command itself must be planned within the deadline even while the rest of the
+    // suite loads the machine: 1 s, not a few hundred ms. A 10 s lease makes the commit
+    // timeout 2 s, so the slow commit still ends within it.
+    slow_commit_once(&db, "1.11", 1.8, false).await?;
+    let mut options = NodeOptions::new(&db.app_url);
+    options.request_deadline_ms = 1_000;
+    options.lease_ttl_ms = 10_000;
+    let node = InProcessNode::start("node-a", &options).await?;
     let wallet = node.api.create_wallet().await?;
-    let queued = behind_a_slow_batch(&node, wallet).await?;
+    let queued = behind_a_slow_batch(&db, &node, wallet).await?;
     let (_, unavailable) = sort_answers(&db, queued, "service-unavailable").await?;
     assert!(unavailable > 0, "some commands expired in the queue");
     // Nothing answered 503 shows up later either.
@@ -209,7 +243,7 @@ async fn a_full_shard_queue_answers_503_overloaded_at_once_and_applies_nothing()
     slow_commit_once(&db, "1.11", 1.0, false).await?;
     let node = node(&db, &[("WALLET_SHARD_QUEUE_MAX", "2")], 10_000).await?;
     let wallet = node.api.create_wallet().await?;
-    let queued = behind_a_slow_batch(&node, wallet).await?;
+    let queued = behind_a_slow_batch(&db, &node, wallet).await?;
     let (applied, overloaded) = sort_answers(&db, queued, "overloaded").await?;
     assert!(
         overloaded > 0 && applied > 0,

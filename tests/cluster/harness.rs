@@ -987,6 +987,14 @@ pub async fn inspect(
             "wallet {wallet}: API says {served}, rows say {balance}"
         );
     }
+    // Every committed row has its event and no event lacks its row, whatever the faults.
+    let outbox = wallet_tests::events::audit_outbox(&cluster.db.pool).await?;
+    anyhow::ensure!(
+        outbox.is_empty(),
+        "outbox audit: {} problems; first: {:#?}",
+        outbox.len(),
+        &outbox[..outbox.len().min(10)]
+    );
     Ok(report)
 }
 

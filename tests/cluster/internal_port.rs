@@ -13,8 +13,10 @@ use wallet::routing::{ForwardBatch, ForwardReply, ForwardResult, ForwardedComman
 use wallet_cluster::SigningKeys;
 
 use crate::harness::TestCluster;
+use wallet_tests::node::NodeProcess;
 
 const INTERNAL_OPERATIONS: &str = "/internal/v1/operations";
+const INTERNAL_READS: &str = "/internal/v1/reads";
 const PREVIOUS_SECRET: &str = "the-secret-being-rotated-out";
 
 fn deposit(wallet: Uuid, amount: &str) -> anyhow::Result<Vec<u8>> {
@@ -99,6 +101,23 @@ async fn the_internal_port_refuses_unsigned_stale_replayed_and_tampered_requests
     };
 
     refused(internal.post(None, &[], &body).await?, "unsigned");
+    // Reads have their own route, signed like commands.
+    let reads = Internal {
+        http: reqwest::Client::new(),
+        url: format!("{}{INTERNAL_READS}", node.internal_url()),
+    };
+    let read = serde_json::to_vec(&serde_json::json!({
+        "reads": [{"tenant": wallet_tests::auth::TENANT, "walletId": wallet}]
+    }))?;
+    refused(reads.post(None, &[], &read).await?, "unsigned read");
+    let signed = internal_auth::sign(&keys, "POST", INTERNAL_READS, &node.node_id, &read, now());
+    let (status, answer) = reads.post(Some(&signed), &[], &read).await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["results"][0]["result"], "found", "{answer}");
+    assert_eq!(
+        answer["results"][0]["wallet"]["balance"], "10.00",
+        "{answer}"
+    );
     // The shared secret itself, as the old scheme sent it, is no signature.
     let bearer = format!("Bearer {}", cluster.options.internal_secret);
     refused(
@@ -189,7 +208,8 @@ async fn the_internal_port_refuses_unsigned_stale_replayed_and_tampered_requests
         .text()
         .await?;
     for (reason, count) in [
-        ("unsigned", 2),
+        // The two commands and the read above.
+        ("unsigned", 3),
         ("bad_signature", 2),
         ("stale", 2),
         ("wrong_node", 1),
@@ -199,6 +219,25 @@ async fn the_internal_port_refuses_unsigned_stale_replayed_and_tampered_requests
         assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
     }
     Ok(())
+}
+
+/// At least two wallets, funded with 1.00, owned by each node of a 2-node cluster.
+async fn two_wallets_on_each_node(cluster: &TestCluster) -> anyhow::Result<[Vec<Uuid>; 2]> {
+    let mut owned: [Vec<Uuid>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..64 {
+        if owned.iter().all(|wallets| wallets.len() >= 2) {
+            break;
+        }
+        let wallet = cluster.funded_wallets(1, "1.00").await?[0];
+        if let Some((_, owner)) = cluster.agreed_owner(wallet).await? {
+            owned[owner].push(wallet);
+        }
+    }
+    anyhow::ensure!(
+        owned.iter().all(|wallets| wallets.len() >= 2),
+        "no wallets on both nodes: {owned:?}"
+    );
+    Ok(owned)
 }
 
 /// Step 2 of a rotation, half done: node-0 already signs with the new secret, node-1 still
@@ -223,20 +262,7 @@ async fn nodes_halfway_through_a_rotation_still_trust_each_other_and_forward_bot
     })
     .await?;
     // Wallets owned by each node, so that each node forwards to the other.
-    let mut owned: [Vec<Uuid>; 2] = [Vec::new(), Vec::new()];
-    for _ in 0..64 {
-        if owned.iter().all(|wallets| wallets.len() >= 2) {
-            break;
-        }
-        let wallet = cluster.funded_wallets(1, "1.00").await?[0];
-        if let Some((_, owner)) = cluster.agreed_owner(wallet).await? {
-            owned[owner].push(wallet);
-        }
-    }
-    anyhow::ensure!(
-        owned.iter().all(|wallets| wallets.len() >= 2),
-        "no wallets on both nodes: {owned:?}"
-    );
+    let owned = two_wallets_on_each_node(&cluster).await?;
     for wallet in owned.iter().flatten() {
         for node in &cluster.nodes {
             let answer = node.api.operate(*wallet, "DEPOSIT", "1.00", None).await?;
@@ -356,5 +382,72 @@ async fn a_second_credit_of_a_posted_transfer_is_found_and_not_applied() -> anyh
     .await?;
     assert_eq!(credits, 1);
     assert_eq!(api.balance(wallets[1]).await?, "13.00".parse()?);
+    Ok(())
+}
+
+/// Balance reads `node` answered from `source`: its own memory as the owner, the owner's
+/// memory through the internal port, or PostgreSQL.
+async fn reads_from(node: &NodeProcess, source: &str) -> anyhow::Result<f64> {
+    node.metric(&format!("wallet_wallet_reads_total{{source=\"{source}\"}}"))
+        .await
+}
+
+/// A balance read on a node that does not own the wallet asks the owner (its reads go on
+/// their own internal route, coalesced), and shows every acknowledged write; a wallet the
+/// owner has not cached is read from PostgreSQL; another tenant's wallet is 404 either way.
+#[tokio::test]
+async fn a_balance_read_on_any_node_comes_from_the_owners_memory_with_every_acknowledged_write()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start(2, |_| {}).await?;
+    let owned = two_wallets_on_each_node(&cluster).await?;
+    for (owner, wallets) in owned.iter().enumerate() {
+        let other = &cluster.nodes[1 - owner];
+        for wallet in wallets {
+            let mut expected: rust_decimal::Decimal = "1.00".parse()?;
+            for round in 0..10 {
+                // Written through either node, read through the one that does not own it.
+                let writer = &cluster.nodes[round % 2];
+                let answer = writer.api.operate(*wallet, "DEPOSIT", "0.25", None).await?;
+                assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+                expected += rust_decimal::Decimal::new(25, 2);
+                assert_eq!(
+                    other.api.balance(*wallet).await?,
+                    expected,
+                    "{}: a read after an acknowledged deposit",
+                    other.node_id
+                );
+            }
+        }
+    }
+    for node in &cluster.nodes {
+        assert!(
+            reads_from(node, "owner").await? >= 20.0,
+            "{} answered its reads of the other node's wallets without asking it",
+            node.node_id
+        );
+    }
+
+    // Never written since its creation, so not in the owner's cache: PostgreSQL answers.
+    let fresh = cluster.nodes[0].api.create_wallet().await?;
+    let (_, owner) = cluster
+        .agreed_owner(fresh)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no agreed owner"))?;
+    let other = &cluster.nodes[1 - owner];
+    let before = reads_from(other, "database").await?;
+    assert!(other.api.balance(fresh).await?.is_zero());
+    assert_eq!(reads_from(other, "database").await? - before, 1.0);
+
+    // The owner's memory keeps tenants apart.
+    let stranger = wallet_tests::api::ApiClient::with_token(
+        &other.api.url(""),
+        Some(&wallet_tests::auth::token(
+            "another",
+            &wallet_tests::auth::ALL_SCOPES,
+        )),
+    );
+    let foreign = owned[owner][0];
+    let answer = stranger.get(&format!("/api/v1/wallets/{foreign}")).await?;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND, "{answer:?}");
     Ok(())
 }

@@ -18,3 +18,4 @@ mod postgres;
 mod redis;
 mod rolling;
 mod transfers;
+mod webhooks;

@@ -13,7 +13,7 @@ pub const AUDIENCE: &str = "wallet";
 pub const KID: &str = "test-es256";
 /// The tenant of `ApiClient::new`'s token.
 pub const TENANT: &str = "test";
-pub const ALL_SCOPES: [&str; 7] = [
+pub const ALL_SCOPES: [&str; 9] = [
     "wallets:read",
     "wallets:create",
     "wallets:deposit",
@@ -21,6 +21,8 @@ pub const ALL_SCOPES: [&str; 7] = [
     "wallets:admin",
     "transfers:write",
     "holds:write",
+    "events:read",
+    "webhooks:admin",
 ];
 
 pub fn key_path(name: &str) -> PathBuf {

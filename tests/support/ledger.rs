@@ -334,6 +334,7 @@ pub async fn audit_ledger(pool: &PgPool) -> anyhow::Result<LedgerAudit> {
                 status: row.get("status"),
             })
             .collect();
+    let outbox = crate::events::outbox_problems(&mut tx).await?;
     tx.commit().await?;
 
     let mut report = LedgerAudit {
@@ -341,6 +342,9 @@ pub async fn audit_ledger(pool: &PgPool) -> anyhow::Result<LedgerAudit> {
         rows: rows.len(),
         ..LedgerAudit::default()
     };
+    for problem in outbox {
+        report.problem(format!("outbox: {problem}"));
+    }
     check_wallets(&mut report, &wallets, &rows);
     check_transfers(&mut report, &transfers, &rows);
     check_holds(&mut report, &holds, &wallets, &rows);

@@ -5,13 +5,17 @@
 pub mod api;
 pub mod auth;
 pub mod db;
+pub mod events;
 pub mod ledger;
+pub mod nats;
 pub mod netns;
 pub mod node;
 pub mod postgres;
+pub mod webhooks;
 
 pub use api::ApiClient;
 pub use db::TestDatabase;
+pub use nats::NatsServer;
 pub use netns::{Cut, Netns};
 pub use node::{InProcessNode, NodeOptions, NodeProcess};
 pub use postgres::{PostgresUnavailable, PrivatePostgres, StopMode};

@@ -108,6 +108,12 @@ pub struct InProcessNode {
 }
 
 impl InProcessNode {
+    /// Sum of every sample of the metric family `name` (or one series of it, labels
+    /// included) on the admin port (0 if absent).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        scrape_metric(&self.admin_url, name).await
+    }
+
     pub async fn start(node_id: &str, options: &NodeOptions) -> anyhow::Result<Self> {
         let node = Self::start_unready(node_id, options).await?;
         anyhow::ensure!(
@@ -356,11 +362,7 @@ impl NodeProcess {
 
     /// Sum of every sample of the metric family `name` on the admin port (0 if absent).
     pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
-        let text = reqwest::get(format!("{}/metrics", self.admin_url))
-            .await?
-            .text()
-            .await?;
-        Ok(metric_sum(&text, name))
+        scrape_metric(&self.admin_url, name).await
     }
 
     pub async fn cluster_view(&self) -> anyhow::Result<serde_json::Value> {
@@ -369,6 +371,15 @@ impl NodeProcess {
             .json()
             .await?)
     }
+}
+
+/// `metric_sum` of `name` in what the admin port at `admin_url` exposes now.
+pub async fn scrape_metric(admin_url: &str, name: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{admin_url}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(metric_sum(&text, name))
 }
 
 /// Sum of the samples of `name` (with or without labels) in Prometheus text format.

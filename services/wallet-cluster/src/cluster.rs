@@ -1,6 +1,6 @@
 //! The running cluster layer: membership view, shard ownership loop, graceful handoff.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -8,7 +8,7 @@ use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::fence::{claim_fence, current_fence};
@@ -46,6 +46,7 @@ struct Inner {
     membership: Arc<dyn Membership>,
     usable: watch::Receiver<bool>,
     owned: Arc<Mutex<Vec<u32>>>,
+    leased: Arc<Leased>,
     shutting_down: AtomicBool,
     membership_stop: CancellationToken,
     ownership_stop: CancellationToken,
@@ -96,6 +97,12 @@ impl Cluster {
             }
         });
 
+        let leased = Arc::new(Leased {
+            shards: Mutex::new(BTreeSet::new()),
+            readable_until: Mutex::new(HashMap::new()),
+            lease_ttl: config.lease_ttl,
+            renew_lock: tokio::sync::Mutex::new(()),
+        });
         let owner = Owner {
             leases: Arc::new(Leases::new(
                 redis,
@@ -103,10 +110,7 @@ impl Cluster {
                 &config.node_id,
                 config.lease_ttl.as_millis() as u64,
             )),
-            leased: Arc::new(Leased {
-                shards: Mutex::new(BTreeSet::new()),
-                renew_lock: tokio::sync::Mutex::new(()),
-            }),
+            leased: leased.clone(),
             config: config.clone(),
             db,
             host,
@@ -128,6 +132,7 @@ impl Cluster {
                 membership,
                 usable,
                 owned,
+                leased,
                 shutting_down: AtomicBool::new(false),
                 membership_stop,
                 ownership_stop,
@@ -198,6 +203,14 @@ impl Cluster {
         }
     }
 
+    /// Whether this node may answer reads of `shard` from its own memory now: it holds
+    /// the shard's lease, renewed recently enough that no other node can have taken
+    /// it. Writes do not need this (PostgreSQL's fence stops a stale owner's commit);
+    /// a read has no commit, so it relies on the lease.
+    pub fn serves_reads(&self, shard: u32) -> bool {
+        !self.inner.shutting_down.load(Ordering::SeqCst) && self.inner.leased.readable(shard)
+    }
+
     /// Shards activated on this node, ascending.
     pub fn owned_shards(&self) -> Vec<u32> {
         self.inner
@@ -231,6 +244,11 @@ impl Cluster {
 /// by the ownership loop and the renewer.
 struct Leased {
     shards: Mutex<BTreeSet<u32>>,
+    /// Until when each lease is certainly still this node's: from just before the
+    /// acquisition or renewal that Redis granted, plus a share of the TTL (the margin
+    /// absorbs the two clocks running at slightly different rates).
+    readable_until: Mutex<HashMap<u32, Instant>>,
+    lease_ttl: std::time::Duration,
     /// Held for a whole renewal round and around releases: a renewal that ran just
     /// after a release would find the key gone, take it for a flushed one and set it
     /// again, making the next owner wait a full TTL.
@@ -244,7 +262,35 @@ impl Leased {
             Err(poisoned) => f(&mut poisoned.into_inner()),
         }
     }
+
+    fn with_readable<T>(&self, f: impl FnOnce(&mut HashMap<u32, Instant>) -> T) -> T {
+        match self.readable_until.lock() {
+            Ok(mut until) => f(&mut until),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Redis granted `shard`'s lease to a request sent at `asked`.
+    fn granted(&self, shard: u32, asked: Instant) {
+        let until = asked + self.lease_ttl.mul_f64(READ_LEASE_SHARE);
+        self.with_readable(|readable| readable.insert(shard, until));
+    }
+
+    fn revoke(&self, shard: u32) {
+        self.with_readable(|readable| readable.remove(&shard));
+    }
+
+    fn readable(&self, shard: u32) -> bool {
+        self.with_readable(|readable| {
+            readable
+                .get(&shard)
+                .is_some_and(|until| Instant::now() < *until)
+        })
+    }
 }
+
+/// The share of the lease TTL after a grant during which reads are answered from memory.
+const READ_LEASE_SHARE: f64 = 0.8;
 
 /// Renews every held lease every `lease_ttl / 3`, in its own task so that slow claims
 /// or activations never delay a renewal past the TTL.
@@ -280,12 +326,14 @@ impl Renewer {
                     shard,
                     "commits of the shard stalled; no longer renewing its lease"
                 );
+                self.leased.revoke(shard);
                 self.leased.with(|s| s.remove(&shard));
                 let _ = self.lost.send(shard);
             }
             if shards.is_empty() {
                 continue;
             }
+            let asked = Instant::now();
             match self.leases.renew_many(&shards).await {
                 Ok(renewals) => {
                     if !healthy {
@@ -294,11 +342,15 @@ impl Renewer {
                     }
                     for (shard, renewal) in shards.into_iter().zip(renewals) {
                         match renewal {
-                            Renewal::Renewed => {}
+                            Renewal::Renewed => self.leased.granted(shard, asked),
                             Renewal::Restored => {
+                                // Redis lost the key, so for a moment anyone could have
+                                // taken it: memory answers again from the next renewal.
+                                self.leased.revoke(shard);
                                 tracing::info!(shard, "lease key had vanished; set it again")
                             }
                             Renewal::Lost => {
+                                self.leased.revoke(shard);
                                 self.leased.with(|s| s.remove(&shard));
                                 // The ownership loop deactivates it.
                                 let _ = self.lost.send(shard);
@@ -413,6 +465,8 @@ impl Owner {
         if self.held.remove(&shard).is_none() {
             return;
         }
+        // Another node serves it now: no more answers from this node's memory.
+        self.leased.revoke(shard);
         tracing::warn!(shard, "fence moved on in PostgreSQL; dropping the shard");
         self.metrics.lease_lost();
         self.host.deactivate(shard).await;
@@ -424,6 +478,8 @@ impl Owner {
         if self.held.remove(&shard).is_none() {
             return;
         }
+        // Another node serves it now: no more answers from this node's memory.
+        self.leased.revoke(shard);
         tracing::warn!(shard, "lease taken by another node; deactivating");
         self.metrics.lease_lost();
         self.host.deactivate(shard).await;
@@ -477,6 +533,9 @@ impl Owner {
             return;
         }
         let _no_renewal = self.leased.renew_lock.lock().await;
+        for shard in shards {
+            self.leased.revoke(*shard);
+        }
         self.leased.with(|leased| {
             for shard in shards {
                 leased.remove(shard);
@@ -490,6 +549,7 @@ impl Owner {
     }
 
     async fn acquire(&mut self, wanted: Vec<u32>) {
+        let asked = Instant::now();
         let tokens = match self.leases.acquire_many(&wanted).await {
             Ok(tokens) => tokens,
             Err(error) => {
@@ -506,6 +566,9 @@ impl Owner {
         // Renewed from now on, while claims and activations run.
         self.leased
             .with(|leased| leased.extend(acquired.iter().map(|(s, _)| *s)));
+        for (shard, _) in &acquired {
+            self.leased.granted(*shard, asked);
+        }
         // After the first error the rest of the round is skipped: with PostgreSQL
         // down every claim would wait for a connection in turn, stalling this loop.
         let aborted = AtomicBool::new(false);

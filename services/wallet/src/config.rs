@@ -84,6 +84,8 @@ pub struct Config {
     pub sweep_interval: std::time::Duration,
     /// How long a transfer's answer waits for its credit before it says PENDING.
     pub transfer_credit_wait: std::time::Duration,
+    pub events: EventsConfig,
+    pub webhooks: WebhooksConfig,
     pub redis_url: SecretString,
     /// PEM CA bundle that a `rediss://` server's certificate must chain to (instead of
     /// the system's roots).
@@ -120,6 +122,70 @@ pub struct Config {
     pub log_format: LogFormat,
     pub otlp_endpoint: Option<String>,
     pub service_name: String,
+}
+
+/// The outbox and what reads it.
+#[derive(Clone, Debug)]
+pub struct EventsConfig {
+    /// Whether commits write events. Off, nothing is written (for measuring its cost).
+    pub enabled: bool,
+    /// How often each node looks for new events, for long polls, streams and its consumers.
+    pub poll_interval: Duration,
+    /// Delivered events older than this are deleted from the outbox.
+    pub retention: Duration,
+    /// How often a node tries to prune (one node at a time does it).
+    pub prune_interval: Duration,
+    /// Rows one pruning transaction deletes at most.
+    pub prune_batch: usize,
+    /// The JetStream sink; `None` without `WALLET_EVENTS_NATS_URL`.
+    pub nats: Option<NatsConfig>,
+}
+
+/// Where and how the outbox is published to NATS JetStream.
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// `nats://[user:password@]host:port[,...]`: may carry credentials.
+    pub url: SecretString,
+    /// Subjects are `<prefix>.<tenant>.<event type>`.
+    pub subject_prefix: String,
+    pub stream: String,
+    /// JetStream drops a message whose `Nats-Msg-Id` it stored this recently.
+    pub duplicate_window: Duration,
+    /// Age limit of the stream's messages when this node creates it (zero: none).
+    pub max_age: Duration,
+    /// Replicas of the stream when this node creates it.
+    pub replicas: usize,
+    /// Events published per page: every one acknowledged before the position moves.
+    pub batch: usize,
+    /// Bound on one page's acknowledgements and on each JetStream API request.
+    pub timeout: Duration,
+}
+
+/// Webhook deliveries (see `webhooks`).
+#[derive(Clone, Debug)]
+pub struct WebhooksConfig {
+    /// Whether a webhook may point at (and deliveries may connect to) loopback, private,
+    /// link-local, unique-local, multicast or unspecified addresses. Off in production:
+    /// a tenant must not reach into the cluster's own network.
+    pub allow_private: bool,
+    /// The first retry waits up to this (full jitter), doubling per attempt...
+    pub backoff_base: Duration,
+    /// ...up to this.
+    pub backoff_max: Duration,
+    /// Retries stop this long after the delivery was created: then it is FAILED.
+    pub retry_for: Duration,
+    /// Bound on one attempt: connect, TLS, request and the (capped) response.
+    pub timeout: Duration,
+    /// Deliveries in flight at once on this node.
+    pub max_in_flight: usize,
+}
+
+impl WebhooksConfig {
+    /// How long a claimed delivery is left to its node before another node may take it:
+    /// longer than an attempt can last, with room to record its outcome.
+    pub fn claim_lease(&self) -> Duration {
+        self.timeout + Duration::from_secs(20)
+    }
 }
 
 impl Config {
@@ -219,6 +285,37 @@ impl Config {
                 "must be at least 1000",
             ));
         }
+        let webhooks = WebhooksConfig {
+            allow_private: parse(&get, "WALLET_WEBHOOK_ALLOW_PRIVATE", false)?,
+            backoff_base: millis(&get, "WALLET_WEBHOOK_BACKOFF_BASE_MS", 1_000)?,
+            backoff_max: millis(&get, "WALLET_WEBHOOK_BACKOFF_MAX_MS", 3_600_000)?,
+            retry_for: millis(&get, "WALLET_WEBHOOK_RETRY_FOR_MS", 24 * 3_600_000)?,
+            timeout: millis(&get, "WALLET_WEBHOOK_TIMEOUT_MS", 10_000)?,
+            max_in_flight: parse(&get, "WALLET_WEBHOOK_MAX_IN_FLIGHT", 16)?,
+        };
+        for (name, value) in [
+            ("WALLET_WEBHOOK_BACKOFF_BASE_MS", webhooks.backoff_base),
+            ("WALLET_WEBHOOK_RETRY_FOR_MS", webhooks.retry_for),
+            ("WALLET_WEBHOOK_TIMEOUT_MS", webhooks.timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(name, "0", "must be above 0"));
+            }
+        }
+        if webhooks.backoff_max < webhooks.backoff_base {
+            return Err(invalid(
+                "WALLET_WEBHOOK_BACKOFF_MAX_MS",
+                &webhooks.backoff_max.as_millis().to_string(),
+                "must be at least WALLET_WEBHOOK_BACKOFF_BASE_MS",
+            ));
+        }
+        if !(1..=1024).contains(&webhooks.max_in_flight) {
+            return Err(invalid(
+                "WALLET_WEBHOOK_MAX_IN_FLIGHT",
+                &webhooks.max_in_flight.to_string(),
+                "must be 1 to 1024",
+            ));
+        }
         let listeners = ListenerLimits {
             // hyper also applies it to the wait for the next request on a kept-alive
             // connection: shorter than clients keep idle connections, it closes them as
@@ -258,6 +355,15 @@ impl Config {
             database_unusable_after: millis(&get, "WALLET_DB_UNUSABLE_AFTER_MS", 2_000)?,
             sweep_interval: millis(&get, "WALLET_SWEEP_INTERVAL_MS", 250)?,
             transfer_credit_wait: millis(&get, "WALLET_TRANSFER_CREDIT_WAIT_MS", 1_000)?,
+            events: EventsConfig {
+                enabled: parse(&get, "WALLET_EVENTS_ENABLED", true)?,
+                poll_interval: millis(&get, "WALLET_EVENTS_POLL_MS", 100)?,
+                retention: millis(&get, "WALLET_EVENTS_RETENTION_MS", 7 * 24 * 3_600_000)?,
+                prune_interval: millis(&get, "WALLET_EVENTS_PRUNE_INTERVAL_MS", 60_000)?,
+                prune_batch: at_least_one(&get, "WALLET_EVENTS_PRUNE_BATCH", 5_000)?,
+                nats: nats_config(&get, &secret)?,
+            },
+            webhooks,
             redis_url: required("REDIS_URL")?,
             redis_ca_file: get("REDIS_CA_FILE").map(std::path::PathBuf::from),
             internal_secret: required("WALLET_INTERNAL_SECRET")?,
@@ -389,6 +495,85 @@ fn rate(
         }
     };
     Ok(crate::http::Rate::new(per_second, burst))
+}
+
+fn nats_config(
+    get: &impl Fn(&'static str) -> Option<String>,
+    secret: &impl Fn(&'static str) -> Result<Option<SecretString>, SecretSourceError>,
+) -> Result<Option<NatsConfig>, ConfigError> {
+    let Some(url) = secret("WALLET_EVENTS_NATS_URL")? else {
+        return Ok(None);
+    };
+    let subject_prefix =
+        get("WALLET_EVENTS_NATS_SUBJECT_PREFIX").unwrap_or_else(|| "wallet.events".to_owned());
+    if !is_subject_prefix(&subject_prefix) {
+        return Err(invalid(
+            "WALLET_EVENTS_NATS_SUBJECT_PREFIX",
+            &subject_prefix,
+            "dot-separated tokens of letters, digits, '_', '-' and '~' (no wildcards, no '$' first)",
+        ));
+    }
+    let stream = get("WALLET_EVENTS_NATS_STREAM").unwrap_or_else(|| "WALLET_EVENTS".to_owned());
+    if stream.is_empty()
+        || !stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(invalid(
+            "WALLET_EVENTS_NATS_STREAM",
+            &stream,
+            "letters, digits, '_' and '-' only",
+        ));
+    }
+    let duplicate_window = millis(get, "WALLET_EVENTS_NATS_DUPLICATE_WINDOW_MS", 120_000)?;
+    if duplicate_window < Duration::from_secs(1) {
+        return Err(invalid(
+            "WALLET_EVENTS_NATS_DUPLICATE_WINDOW_MS",
+            &duplicate_window.as_millis().to_string(),
+            "must be at least 1000",
+        ));
+    }
+    let timeout = millis(get, "WALLET_EVENTS_NATS_TIMEOUT_MS", 5_000)?;
+    if timeout.is_zero() {
+        return Err(invalid(
+            "WALLET_EVENTS_NATS_TIMEOUT_MS",
+            "0",
+            "must be above 0",
+        ));
+    }
+    Ok(Some(NatsConfig {
+        url,
+        subject_prefix,
+        stream,
+        duplicate_window,
+        max_age: millis(get, "WALLET_EVENTS_NATS_MAX_AGE_MS", 7 * 24 * 3_600_000)?,
+        replicas: at_least_one(get, "WALLET_EVENTS_NATS_REPLICAS", 1)?,
+        batch: at_least_one(get, "WALLET_EVENTS_NATS_BATCH", 256)?,
+        timeout,
+    }))
+}
+
+/// Literal subject tokens the sink can put in front of `<tenant>.<event type>`.
+fn is_subject_prefix(prefix: &str) -> bool {
+    !prefix.starts_with('$')
+        && prefix.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '~'))
+        })
+}
+
+fn at_least_one(
+    get: &impl Fn(&'static str) -> Option<String>,
+    name: &'static str,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    let value: usize = parse(get, name, default)?;
+    if value == 0 {
+        return Err(invalid(name, "0", "must be at least 1"));
+    }
+    Ok(value)
 }
 
 fn invalid(name: &'static str, value: &str, reason: &str) -> ConfigError {
@@ -550,6 +735,10 @@ mod tests {
             ("REDIS_URL", "redis://:redis-password-2@redis:6379"),
             ("WALLET_INTERNAL_SECRET", "internal-secret-3"),
             ("WALLET_INTERNAL_SECRET_PREVIOUS", "previous-secret-4"),
+            (
+                "WALLET_EVENTS_NATS_URL",
+                "nats://sink:nats-password-5@nats:4222",
+            ),
         ];
         pairs.push(("WALLET_NODE_ID", "node-0"));
         pairs.extend_from_slice(&REQUIRED[3..]);
@@ -561,6 +750,7 @@ mod tests {
                 "redis-password-2",
                 "internal-secret-3",
                 "previous-secret-4",
+                "nats-password-5",
             ] {
                 assert!(!text.contains(secret), "{secret} in {text}");
             }
@@ -617,6 +807,59 @@ mod tests {
         pairs.push(("WALLET_AUTH", "off"));
         let config = config(&pairs).expect("off needs no keys");
         assert!(matches!(config.auth, AuthMode::Off(tenant) if tenant.as_str() == "default"));
+    }
+
+    #[test]
+    fn webhook_settings_default_and_refuse_nonsense() {
+        let webhooks = config(&REQUIRED).expect("valid").webhooks;
+        assert!(
+            !webhooks.allow_private,
+            "private targets are refused by default"
+        );
+        assert_eq!(webhooks.backoff_base, Duration::from_secs(1));
+        assert_eq!(webhooks.backoff_max, Duration::from_secs(3600));
+        assert_eq!(webhooks.retry_for, Duration::from_secs(24 * 3600));
+        assert_eq!(webhooks.timeout, Duration::from_secs(10));
+        assert!(webhooks.claim_lease() > webhooks.timeout);
+        for bad in [
+            ("WALLET_WEBHOOK_TIMEOUT_MS", "0"),
+            ("WALLET_WEBHOOK_BACKOFF_MAX_MS", "10"),
+            ("WALLET_WEBHOOK_MAX_IN_FLIGHT", "0"),
+            ("WALLET_WEBHOOK_MAX_IN_FLIGHT", "100000"),
+            ("WALLET_WEBHOOK_ALLOW_PRIVATE", "yes"),
+        ] {
+            let mut pairs = REQUIRED.to_vec();
+            pairs.push(bad);
+            let error = config(&pairs).expect_err(bad.0);
+            assert!(error.to_string().starts_with(bad.0), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_nats_sink_is_off_without_a_url_and_checks_its_names() {
+        let events = config(&REQUIRED).expect("valid").events;
+        assert!(events.nats.is_none());
+        assert_eq!(events.retention, Duration::from_secs(7 * 24 * 3_600));
+        assert_eq!(events.prune_interval, Duration::from_secs(60));
+        let mut pairs = REQUIRED.to_vec();
+        pairs.push(("WALLET_EVENTS_NATS_URL", "nats://127.0.0.1:54222"));
+        let nats = config(&pairs).expect("valid").events.nats.expect("on");
+        assert_eq!(nats.subject_prefix, "wallet.events");
+        assert_eq!(nats.stream, "WALLET_EVENTS");
+        assert_eq!(nats.duplicate_window, Duration::from_secs(120));
+        for (name, value) in [
+            ("WALLET_EVENTS_NATS_SUBJECT_PREFIX", "wallet.>"),
+            ("WALLET_EVENTS_NATS_SUBJECT_PREFIX", "wallet..events"),
+            ("WALLET_EVENTS_NATS_SUBJECT_PREFIX", "$JS.events"),
+            ("WALLET_EVENTS_NATS_STREAM", "wallet.events"),
+            ("WALLET_EVENTS_NATS_DUPLICATE_WINDOW_MS", "10"),
+            ("WALLET_EVENTS_NATS_BATCH", "0"),
+        ] {
+            let mut bad = pairs.clone();
+            bad.push((name, value));
+            let error = config(&bad).expect_err(value);
+            assert!(error.to_string().starts_with(name), "{error}");
+        }
     }
 
     #[test]

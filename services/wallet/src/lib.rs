@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod executor;
 pub mod health;
 pub mod http;
@@ -15,6 +16,7 @@ pub mod startup;
 pub mod store;
 pub mod submit;
 pub mod telemetry;
+pub mod webhooks;
 
 pub use config::Config;
 pub use startup::Application;

@@ -24,6 +24,7 @@ use wallet_cluster::{
 
 use crate::auth::{Authenticator, Principal};
 use crate::config::{AuthMode, Config, ListenerLimits, MembershipSource};
+use crate::events::{EventTail, EventsMetrics, NatsSink, PruneSettings};
 use crate::executor::{ExecutorMetrics, ExecutorPool, ExecutorSettings};
 use crate::health;
 use crate::http::{self, AppState, Authentication, HttpMetrics, RateLimiters};
@@ -71,6 +72,7 @@ pub struct Application {
     http_metrics: HttpMetrics,
     limits: ListenerLimits,
     shutdown_grace: Duration,
+    webhooks: crate::webhooks::Workers,
     stop: CancellationToken,
 }
 
@@ -274,7 +276,8 @@ impl Application {
                 commit: config.commit_timeout,
                 read: config.read_timeout,
             },
-        );
+        )
+        .with_events(config.events.enabled);
 
         let cluster_metrics = ClusterMetrics::register(&registry).context("cluster metrics")?;
         let executor_metrics =
@@ -282,6 +285,7 @@ impl Application {
                 .context("executor metrics")?;
         let routing_metrics = RoutingMetrics::register(&registry).context("routing metrics")?;
         let http_metrics = HttpMetrics::register(&registry).context("HTTP metrics")?;
+        let events_metrics = EventsMetrics::register(&registry).context("events metrics")?;
         registry
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
@@ -299,6 +303,7 @@ impl Application {
                 cache_wallets: config.cache_wallets,
                 stall_after: config.commit_stall,
                 shards: config.shards,
+                events: config.events.enabled,
             },
             executor_metrics,
             fence_lost_tx,
@@ -315,6 +320,32 @@ impl Application {
             },
             stop.child_token(),
         ));
+        let event_tail = if config.events.enabled {
+            EventTail::start(
+                store.clone(),
+                config.events.poll_interval,
+                stop.child_token(),
+            )
+        } else {
+            EventTail::idle()
+        };
+        let webhook_metrics =
+            crate::webhooks::WebhookMetrics::register(&registry).context("webhook metrics")?;
+        if config.webhooks.allow_private {
+            tracing::warn!(
+                "WALLET_WEBHOOK_ALLOW_PRIVATE is on: webhooks may point at loopback and private networks"
+            );
+        }
+        let webhook_sender =
+            crate::webhooks::Sender::new(config.webhooks.allow_private, config.webhooks.timeout)
+                .context("webhook HTTP client")?;
+        if config.events.enabled {
+            start_event_consumers(&config, &store, &event_tail, events_metrics, &stop);
+        } else if config.events.nats.is_some() {
+            tracing::warn!(
+                "WALLET_EVENTS_NATS_URL is set but WALLET_EVENTS_ENABLED=false: nothing to publish"
+            );
+        }
         let health = health::start(
             store.clone(),
             config.database_unusable_after,
@@ -373,6 +404,15 @@ impl Application {
             config.resolve_window(),
             routing_metrics,
         ));
+        // Last, after everything that can fail: a node that does not start delivers nothing.
+        let webhooks = crate::webhooks::start(
+            store.clone(),
+            event_tail.clone(),
+            webhook_sender,
+            config.webhooks.clone(),
+            webhook_metrics,
+            stop.child_token(),
+        );
         let state = AppState {
             store,
             router,
@@ -387,6 +427,8 @@ impl Application {
             authentication: Arc::new(authentication),
             rate_limiters: Arc::new(RateLimiters::new(config.rate_limits)),
             registry,
+            event_tail,
+            webhooks: config.webhooks.clone(),
         };
         Ok(Self {
             public,
@@ -396,6 +438,7 @@ impl Application {
             http_metrics,
             limits: config.listeners,
             shutdown_grace: config.shutdown_grace,
+            webhooks,
             stop,
         })
     }
@@ -432,8 +475,10 @@ impl Application {
             http_metrics,
             limits,
             shutdown_grace,
+            webhooks,
             stop,
         } = self;
+        let webhook_timeout = state.webhooks.timeout;
         let cluster = state.cluster.clone();
         let executors = state.executors.clone();
         let (public_server, public_handle) = server(
@@ -478,9 +523,56 @@ impl Application {
         internal_handle.stop_graceful(Duration::from_secs(2));
         admin_handle.stop_graceful(Duration::from_secs(1));
         stop.cancel();
+        // Attempts in flight end within their timeout and are recorded, so no claim is
+        // left to lapse (and no receiver gets a delivery twice) after a clean stop.
+        if tokio::time::timeout(webhook_timeout + Duration::from_secs(5), webhooks.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "webhook deliveries still in flight at shutdown; their claims will lapse"
+            );
+        }
         let _ = other_servers.await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// What every node runs on the outbox: pruning and the lag gauge, and the NATS sink
+/// when it is configured (one node publishes at a time; the others stand by).
+fn start_event_consumers(
+    config: &Config,
+    store: &Store,
+    tail: &EventTail,
+    metrics: EventsMetrics,
+    stop: &CancellationToken,
+) {
+    tokio::spawn(crate::events::prune_until_stopped(
+        store.clone(),
+        PruneSettings {
+            retention: config.events.retention,
+            interval: config.events.prune_interval,
+            batch: config.events.prune_batch,
+        },
+        metrics.clone(),
+        stop.child_token(),
+    ));
+    tokio::spawn(crate::events::lag_until_stopped(
+        store.clone(),
+        metrics.clone(),
+        stop.child_token(),
+    ));
+    if let Some(nats) = &config.events.nats {
+        let sink = NatsSink {
+            config: nats.clone(),
+            store: store.clone(),
+            tail: tail.clone(),
+            metrics,
+            node_id: config.node_id.clone(),
+            read_timeout: config.read_timeout,
+        };
+        tokio::spawn(sink.run(stop.child_token()));
     }
 }
 

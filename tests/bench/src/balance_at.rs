@@ -478,7 +478,12 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<ScenarioResult> {
         s.balance_at_connections,
         1,
     );
-    scenarios::set_cpu(&mut r, &cpu_before, &cpu_after);
+    scenarios::set_cpu(
+        &mut r,
+        &cpu_before,
+        &cpu_after,
+        scenarios::acknowledged(&out.records),
+    );
     let by_sequence = latency(&out.records, TAG_SEQUENCE, out.elapsed);
     let by_as_of = latency(&out.records, TAG_AS_OF, out.elapsed);
     let target_met = by_sequence.p99_ms <= TARGET_P99_MS && by_as_of.p99_ms <= TARGET_P99_MS;

@@ -2,6 +2,7 @@
 //! node pids, kill -9, restart, and resident memory from /proc.
 
 use crate::client::{Conn, Target, extract_uuid};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,6 +130,50 @@ pub fn parse_stat_cpu(stat: &str) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// CPU seconds so far of every process under `proc_root` (normally /proc) whose
+/// `comm` is `name`, by pid. Processes that vanish or cannot be read are skipped.
+pub fn cpu_by_comm(proc_root: &Path, name: &str) -> HashMap<u32, f64> {
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return HashMap::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            if comm.trim_end_matches('\n') != name {
+                return None;
+            }
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            Some((pid, parse_stat_cpu(&stat)?))
+        })
+        .collect()
+}
+
+/// PostgreSQL's processes (the postmaster and its backends) with their CPU seconds.
+pub fn postgres_cpu() -> HashMap<u32, f64> {
+    cpu_by_comm(Path::new("/proc"), "postgres")
+}
+
+/// CPU seconds between two samples of `cpu_by_comm`: the growth of every pid in both,
+/// plus all of the CPU of pids only in `after` (backends started in between). Backends
+/// that exited in between are lost; the nodes' pools keep theirs for the whole run.
+/// None when `after` saw no process.
+pub fn cpu_between(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> Option<f64> {
+    if after.is_empty() {
+        return None;
+    }
+    Some(
+        after
+            .iter()
+            .map(|(pid, a)| match before.get(pid) {
+                Some(b) if b <= a => a - b,
+                // Less CPU than before: another process reused the pid, all of it is new.
+                _ => *a,
+            })
+            .sum(),
+    )
+}
+
 pub fn parse_vmrss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -167,6 +212,63 @@ mod tests {
         assert_eq!(parse_stat_cpu(stat), Some(3.0));
         assert_eq!(parse_stat_cpu("garbage"), None);
         assert!(cpu_seconds(std::process::id()).is_some());
+    }
+
+    /// A fake /proc entry: `comm` and a `stat` with `utime` and `stime` ticks.
+    fn fake_proc(root: &Path, pid: &str, comm: &str, utime: u64, stime: u64) {
+        let dir = root.join(pid);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("comm"), format!("{comm}\n")).expect("comm");
+        std::fs::write(
+            dir.join("stat"),
+            format!(
+                "{pid} ({comm}) S 1 1 1 0 -1 4194560 100 0 0 0 {utime} {stime} 0 0 20 0 1 0 100 0 0"
+            ),
+        )
+        .expect("stat");
+    }
+
+    #[test]
+    fn processes_are_found_by_name_in_proc() {
+        let root = std::env::temp_dir().join(format!("wallet-bench-proc-{}", Uuid::new_v4()));
+        fake_proc(&root, "100", "postgres", 150, 50);
+        fake_proc(&root, "101", "postgres", 10, 0);
+        fake_proc(&root, "102", "wallet", 999, 999);
+        // A comm that only starts with the name is another program.
+        fake_proc(&root, "103", "postgres_exporter", 999, 999);
+        fake_proc(&root, "self", "postgres", 999, 999);
+        // A process that exited between listing and reading has no stat.
+        std::fs::create_dir_all(root.join("104")).expect("mkdir");
+        std::fs::write(root.join("104/comm"), "postgres\n").expect("comm");
+        std::fs::write(root.join("uptime"), "1 1\n").expect("file");
+        let found = cpu_by_comm(&root, "postgres");
+        assert_eq!(found, HashMap::from([(100, 2.0), (101, 0.1)]));
+        assert!(cpu_by_comm(&root.join("absent"), "postgres").is_empty());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn cpu_between_two_samples_counts_growth_and_newcomers() {
+        let root = std::env::temp_dir().join(format!("wallet-bench-proc-{}", Uuid::new_v4()));
+        fake_proc(&root, "100", "postgres", 100, 0);
+        fake_proc(&root, "101", "postgres", 50, 0);
+        fake_proc(&root, "102", "postgres", 900, 0);
+        let before = cpu_by_comm(&root, "postgres");
+        // 100 grows by 2.5 s, 101 exits, 102 is a new process on a reused pid with less
+        // CPU than the old one, 103 is a backend started in between.
+        fake_proc(&root, "100", "postgres", 300, 50);
+        std::fs::remove_dir_all(root.join("101")).expect("rm");
+        fake_proc(&root, "102", "postgres", 30, 0);
+        fake_proc(&root, "103", "postgres", 70, 10);
+        let after = cpu_by_comm(&root, "postgres");
+        let cpu = cpu_between(&before, &after).expect("measured");
+        assert!((cpu - (2.5 + 0.3 + 0.8)).abs() < 1e-9, "{cpu}");
+        assert_eq!(cpu_between(&before, &HashMap::new()), None);
+        assert_eq!(
+            cpu_between(&HashMap::new(), &after).map(|c| (c * 10.0).round()),
+            Some(46.0)
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

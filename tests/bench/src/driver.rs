@@ -51,6 +51,11 @@ impl Session {
         }
     }
 
+    /// Base URL of the target the next request goes to (the last one that answered).
+    pub fn base(&self) -> &str {
+        &self.targets[self.t].base
+    }
+
     /// Sends one request and records it under `tag`; no answer is `STATUS_ERROR` (outcome
     /// unknown), no connection anywhere `STATUS_REFUSED` (certainly not applied).
     pub async fn send(&mut self, method: Method, path: &str, body: Bytes, tag: Op) -> (u16, Bytes) {

@@ -451,6 +451,17 @@ pub struct HoldsReport {
     pub capture: KindLatency,
 }
 
+/// Acknowledged operations: hold creations answered 2xx or 409 (REJECTED), and
+/// captures answered 2xx.
+pub fn acknowledged(pairs: &[Pair]) -> u64 {
+    pairs
+        .iter()
+        .map(|p| {
+            u64::from(ok2xx(p.create) || p.create == 409) + u64::from(p.capture.is_some_and(ok2xx))
+        })
+        .sum()
+}
+
 pub fn summarize(
     out_records: &[Record],
     pairs: &[Pair],
@@ -523,7 +534,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<ScenarioResult> {
     .await;
     let cpu_after = scenarios::cpu_now(ctx);
     let mut r = scenarios::base_result(ctx, "holds", &out, None, s.holds_connections, 1);
-    scenarios::set_cpu(&mut r, &cpu_before, &cpu_after);
+    scenarios::set_cpu(&mut r, &cpu_before, &cpu_after, acknowledged(&pairs));
     let report = summarize(
         &out.records,
         &pairs,
@@ -683,6 +694,18 @@ mod tests {
         let c = verify(W, &[p], &stored, &rows, &st(1000, 0, 1), &st(1000, 100, 2));
         assert!(c.ok, "{:?}", c.problems);
         assert_eq!(c.capture_unknown, 1);
+    }
+
+    #[test]
+    fn operations_are_acknowledged_creations_and_captures() {
+        let mut rejected = pair(1, 3);
+        (rejected.create, rejected.capture) = (409, None);
+        let mut lost = pair(1, 4);
+        lost.capture = Some(STATUS_ERROR);
+        let mut failed = pair(1, 5);
+        (failed.create, failed.capture) = (503, None);
+        assert_eq!(acknowledged(&[pair(1, 1), pair(5, 2)]), 4);
+        assert_eq!(acknowledged(&[rejected, lost, failed]), 2);
     }
 
     #[test]

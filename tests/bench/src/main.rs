@@ -10,11 +10,13 @@ mod client;
 mod cluster;
 mod driver;
 mod engine;
+mod event_lag;
 mod fake;
 mod holds;
 mod ledger;
 mod memory;
 mod money;
+mod reads;
 mod report;
 mod rng;
 mod scenarios;
@@ -49,7 +51,7 @@ enum Command {
     /// Run scenarios against a running cluster: constant, saturate-one, spike,
     /// multi (= multi-uniform multi-zipf), failover, many-wallets, slow-connections,
     /// transfers, holds (saturate-one runs before it when not asked for), balance-at,
-    /// soak, or all (everything but soak).
+    /// reads, soak, or all (everything but soak).
     Run(Box<RunArgs>),
     /// Rewrite report.md and the plots from an existing results.json.
     Report {
@@ -271,6 +273,20 @@ struct RunArgs {
     /// balance-at: keep the seeded wallet and its history (deleted by default).
     #[arg(long, env = "WALLET_BENCH_BALANCE_AT_KEEP")]
     balance_at_keep: bool,
+    /// reads: connections of the closed loop of GETs, spread over --urls.
+    #[arg(long, env = "WALLET_BENCH_READS_CONNECTIONS", default_value_t = 64)]
+    reads_connections: usize,
+    /// reads: wallets funded in setup; each GET picks one of them uniformly.
+    #[arg(long, env = "WALLET_BENCH_READS_WALLETS", default_value_t = 1000)]
+    reads_wallets: usize,
+    #[arg(long, env = "WALLET_BENCH_READS_DURATION", value_parser = parse_duration, default_value = "20s")]
+    reads_duration: Duration,
+    /// reads, read-your-writes phase: connections, each depositing into its own wallet
+    /// through one URL and reading it back through another.
+    #[arg(long, env = "WALLET_BENCH_READS_RYW_CONNECTIONS", default_value_t = 16)]
+    reads_ryw_connections: usize,
+    #[arg(long, env = "WALLET_BENCH_READS_RYW_DURATION", value_parser = parse_duration, default_value = "10s")]
+    reads_ryw_duration: Duration,
 }
 
 fn parse_slow_kind(s: &str) -> Result<slow::Kind, String> {
@@ -443,6 +459,11 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             balance_at_duration: args.balance_at_duration,
             balance_at_connections: args.balance_at_connections,
             balance_at_keep: args.balance_at_keep,
+            reads_connections: args.reads_connections,
+            reads_wallets: args.reads_wallets,
+            reads_duration: args.reads_duration,
+            reads_ryw_connections: args.reads_ryw_connections,
+            reads_ryw_duration: args.reads_ryw_duration,
         },
         multi_wallets: None,
         saturate_one_rps: None,
@@ -557,7 +578,10 @@ mod tests {
             expand(&v(&["multi"])).expect("names"),
             v(&["multi-uniform", "multi-zipf"])
         );
-        assert_eq!(expand(&v(&["all"])).expect("names").len(), 11);
+        let all = expand(&v(&["all"])).expect("names");
+        assert_eq!(all.len(), 12);
+        assert_eq!(all.last().map(String::as_str), Some("reads"));
+        assert_eq!(expand(&v(&["reads"])).expect("names"), v(&["reads"]));
         assert_eq!(
             expand(&v(&["holds"])).expect("names"),
             v(&["saturate-one", "holds"])

@@ -5,6 +5,7 @@ use crate::balance_at::BalanceAtReport;
 use crate::check::CheckReport;
 use crate::holds::HoldsReport;
 use crate::memory::MemoryReport;
+use crate::reads::ReadsReport;
 use crate::slow::SlowReport;
 use crate::stats::SecondPoint;
 use crate::transfers::TransfersReport;
@@ -96,6 +97,17 @@ pub struct ScenarioResult {
     /// CPU seconds used by the node processes of .data/run during the load.
     #[serde(default)]
     pub nodes_cpu_s: Option<f64>,
+    /// CPU seconds used by every process named `postgres` during the load (None: none seen).
+    #[serde(default)]
+    pub postgres_cpu_s: Option<f64>,
+    /// Valid answers of the load (2xx and the 409s the scenario counts as valid): what
+    /// the per-operation CPU figures divide by.
+    #[serde(default)]
+    pub acknowledged_ops: u64,
+    #[serde(default)]
+    pub node_cpu_us_per_op: Option<f64>,
+    #[serde(default)]
+    pub postgres_cpu_us_per_op: Option<f64>,
     pub connections: usize,
     pub wallets: usize,
     pub targets: Vec<String>,
@@ -121,6 +133,10 @@ pub struct ScenarioResult {
     pub holds: Option<HoldsReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance_at: Option<BalanceAtReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reads: Option<ReadsReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_lag: Option<crate::event_lag::EventLagReport>,
 }
 
 /// `SecondPoint` plus the offered rate of that second (open loop).
@@ -185,10 +201,18 @@ fn consistency_cell(r: &ScenarioResult) -> &'static str {
     }
 }
 
+fn opt_us(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+}
+
+fn opt_cpu(v: Option<f64>, unit: &str) -> String {
+    v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1} {unit}"))
+}
+
 pub fn table(results: &[ScenarioResult]) -> String {
     let mut s = String::new();
-    s.push_str("| scenario | offered rps | achieved rps | p50 ms | p95 ms | p99 ms | max ms | longest gap ms | statuses | consistent | duration s |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|:---:|---:|\n");
+    s.push_str("| scenario | offered rps | achieved rps | p50 ms | p95 ms | p99 ms | max ms | longest gap ms | statuses | consistent | duration s | node µs/op | PG µs/op |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|:---:|---:|---:|---:|\n");
     for r in results {
         let statuses: Vec<String> = r
             .status_counts
@@ -197,7 +221,7 @@ pub fn table(results: &[ScenarioResult]) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {} | {:.1} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {} | {:.1} | {} | {} |",
             r.scenario,
             fmt_rps(r.offered_rps),
             r.achieved_rps,
@@ -208,7 +232,9 @@ pub fn table(results: &[ScenarioResult]) -> String {
             r.longest_gap_ms,
             statuses.join(", "),
             consistency_cell(r),
-            r.duration_s
+            r.duration_s,
+            opt_us(r.node_cpu_us_per_op),
+            opt_us(r.postgres_cpu_us_per_op)
         );
     }
     s
@@ -222,7 +248,7 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
         let _ = writeln!(s, "## {}\n", r.scenario);
         let _ = writeln!(
             s,
-            "{} requests over {} target(s), {} connection(s), {} wallet(s), {} rerouted after a refused connection, {} retried with their idempotency key; p99.9 {:.2} ms, mean {:.2} ms, longest gap between successful answers {:.0} ms; CPU during the load: generator {:.1} s, nodes {}.\n",
+            "{} requests over {} target(s), {} connection(s), {} wallet(s), {} rerouted after a refused connection, {} retried with their idempotency key; p99.9 {:.2} ms, mean {:.2} ms, longest gap between successful answers {:.0} ms; CPU during the load: generator {:.1} s, nodes {}, PostgreSQL {}; per acknowledged operation: nodes {}, PostgreSQL {}.\n",
             r.requests,
             r.targets.len(),
             r.connections,
@@ -233,8 +259,10 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
             r.mean_ms,
             r.longest_gap_ms,
             r.generator_cpu_s,
-            r.nodes_cpu_s
-                .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.1} s"))
+            opt_cpu(r.nodes_cpu_s, "s"),
+            opt_cpu(r.postgres_cpu_s, "s"),
+            opt_cpu(r.node_cpu_us_per_op, "µs"),
+            opt_cpu(r.postgres_cpu_us_per_op, "µs"),
         );
         if let Some(m) = &r.many {
             many_section(&mut s, r, m);
@@ -250,6 +278,34 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
         }
         if let Some(b) = &r.balance_at {
             balance_at_section(&mut s, r, b);
+        }
+        if let Some(x) = &r.reads {
+            reads_section(&mut s, x);
+        }
+        if let Some(lag) = &r.event_lag {
+            for (consumer, f) in [
+                ("stream", Some(&lag.stream)),
+                ("webhook", lag.webhook.as_ref()),
+            ] {
+                let Some(f) = f else {
+                    let _ = writeln!(
+                        s,
+                        "Event lag to a webhook: not measured (no webhooks in this build)."
+                    );
+                    continue;
+                };
+                let _ = writeln!(
+                    s,
+                    "Event lag, commit to {consumer} receipt: {} of {} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.",
+                    f.received, f.expected, f.p50_ms, f.p99_ms, f.max_ms,
+                );
+            }
+            let _ = writeln!(
+                s,
+                "Event lag target: p99 <= {:.0} ms for both, every event received: {}.\n",
+                lag.target_p99_ms,
+                met(lag.target_met)
+            );
         }
         if let Some(m) = &r.memory {
             memory_section(&mut s, m);
@@ -474,6 +530,53 @@ fn balance_at_section(s: &mut String, r: &ScenarioResult, b: &BalanceAtReport) {
             q.p99_ms,
             q.max_ms,
             statuses(&q.status_counts)
+        );
+    }
+    s.push('\n');
+}
+
+fn reads_section(s: &mut String, x: &ReadsReport) {
+    let _ = writeln!(
+        s,
+        "**{:.0} reads/s** (200 answers to GET /api/v1/wallets/{{id}} on {} wallets funded with {} each, {:.1} s of setup; nothing writes them meanwhile). {} answers checked against {}: {} matched, {} mismatched (status, walletId or balance); {} failed (5xx, unanswered, refused).\n",
+        x.reads_per_s,
+        x.wallets,
+        crate::money::format_cents(x.seed_cents_each),
+        x.setup_s,
+        x.checked,
+        x.expected_from,
+        x.matched,
+        x.mismatched,
+        x.failed
+    );
+    let _ = writeln!(
+        s,
+        "Then **read-your-writes: {} checks, {} stale** ({} connections for {:.1} s, each a DEPOSIT of 0.01 to its own wallet through one node, then a GET of it through {}; the balance read must be at least the deposit's balanceAfter). {} of {} deposits answered 200, {} other wrong answers, {} failed requests, {} rerouted.\n",
+        x.ryw_checks,
+        x.ryw_stale,
+        x.ryw_connections,
+        x.ryw_duration_s,
+        if x.ryw_single_target {
+            "the same node (only one target)"
+        } else {
+            "another node, round-robin"
+        },
+        x.ryw_deposits_acknowledged,
+        x.ryw_deposits,
+        x.ryw_wrong,
+        x.ryw_failed,
+        x.ryw_reroutes
+    );
+    s.push_str("| read-your-writes request | requests | p50 ms | p99 ms | max ms | statuses |\n|---|---:|---:|---:|---:|---|\n");
+    for (name, k) in [("deposit", &x.ryw_deposit), ("read back", &x.ryw_read)] {
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {:.2} | {:.2} | {:.2} | {} |",
+            k.requests,
+            k.p50_ms,
+            k.p99_ms,
+            k.max_ms,
+            statuses(&k.status_counts)
         );
     }
     s.push('\n');
@@ -922,7 +1025,11 @@ mod tests {
             longest_gap_ms: 3.0,
             action_ok: true,
             generator_cpu_s: 1.0,
-            nodes_cpu_s: None,
+            nodes_cpu_s: Some(2.0),
+            postgres_cpu_s: Some(1.5),
+            acknowledged_ops: 59_600,
+            node_cpu_us_per_op: Some(33.6),
+            postgres_cpu_us_per_op: Some(25.2),
             connections: 128,
             wallets: 1,
             targets: vec!["http://127.0.0.1:8080".to_owned()],
@@ -950,6 +1057,8 @@ mod tests {
             transfers: None,
             holds: None,
             balance_at: None,
+            reads: None,
+            event_lag: None,
         }
     }
 
@@ -968,9 +1077,15 @@ mod tests {
             "status_counts",
             "consistency_ok",
             "duration_s",
+            "nodes_cpu_s",
+            "postgres_cpu_s",
+            "acknowledged_ops",
+            "node_cpu_us_per_op",
+            "postgres_cpu_us_per_op",
         ] {
             assert!(o.get(key).is_some(), "missing {key}");
         }
+        assert_eq!(o["node_cpu_us_per_op"], 33.6);
         assert_eq!(o["status_counts"]["409"], 600);
         let mut closed = result("saturate-one", true);
         closed.offered_rps = None;
@@ -991,13 +1106,22 @@ mod tests {
     #[test]
     fn table_and_markdown_show_each_row() {
         let md = markdown(&[result("constant", true), result("failover", false)]);
-        assert!(md.contains("| constant | 1000 | 1000 | 1.50 | 3.00 | 5.25 | 20.00 | 3 | 200: 59000, 409: 600 | yes | 60.0 |"), "{md}");
+        assert!(md.contains("| constant | 1000 | 1000 | 1.50 | 3.00 | 5.25 | 20.00 | 3 | 200: 59000, 409: 600 | yes | 60.0 | 33.6 | 25.2 |"), "{md}");
+        assert!(
+            md.contains("CPU during the load: generator 1.0 s, nodes 2.0 s, PostgreSQL 1.5 s; per acknowledged operation: nodes 33.6 µs, PostgreSQL 25.2 µs."),
+            "{md}"
+        );
         assert!(md.contains("| failover |"));
         assert!(md.contains("| NO |"));
         assert!(md.contains("- balance off"));
         let mut skipped = result("spike", false);
         skipped.consistency = check_json(None);
-        assert!(table(&[skipped]).contains("| skipped |"));
+        (skipped.node_cpu_us_per_op, skipped.postgres_cpu_us_per_op) = (None, None);
+        (skipped.nodes_cpu_s, skipped.postgres_cpu_s) = (None, None);
+        assert!(table(std::slice::from_ref(&skipped)).contains("| skipped | 60.0 | - | - |"));
+        assert!(markdown(&[skipped]).contains(
+            "nodes n/a, PostgreSQL n/a; per acknowledged operation: nodes n/a, PostgreSQL n/a."
+        ),);
         assert!(md.contains("t=15.0s kill -9 node-1"));
     }
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     "constant",
     "saturate-one",
     "spike",
@@ -34,8 +34,9 @@ pub const ALL: [&str; 11] = [
     "transfers",
     "holds",
     "balance-at",
+    "reads",
 ];
-pub const KNOWN: [&str; 12] = [
+pub const KNOWN: [&str; 13] = [
     "constant",
     "saturate-one",
     "spike",
@@ -47,6 +48,7 @@ pub const KNOWN: [&str; 12] = [
     "transfers",
     "holds",
     "balance-at",
+    "reads",
     "soak",
 ];
 
@@ -107,6 +109,12 @@ pub struct Settings {
     pub balance_at_duration: Duration,
     pub balance_at_connections: usize,
     pub balance_at_keep: bool,
+    pub reads_connections: usize,
+    pub reads_wallets: usize,
+    pub reads_duration: Duration,
+    /// Read-your-writes: one connection (and one wallet) each.
+    pub reads_ryw_connections: usize,
+    pub reads_ryw_duration: Duration,
 }
 
 pub struct Ctx {
@@ -209,15 +217,42 @@ pub(crate) fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
-/// CPU seconds so far of this process and of the nodes (with their pids).
-pub(crate) fn cpu_now(ctx: &Ctx) -> (f64, Option<f64>, Vec<u32>) {
-    let me = cluster::cpu_seconds(std::process::id()).unwrap_or(0.0);
-    let pids: Vec<u32> = cluster::node_pids(&ctx.root)
+/// CPU seconds so far of this process, of the nodes and of PostgreSQL's processes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct CpuSample {
+    pub generator: f64,
+    pub nodes: Option<f64>,
+    pub node_pids: Vec<u32>,
+    pub postgres: HashMap<u32, f64>,
+}
+
+pub(crate) fn cpu_now(ctx: &Ctx) -> CpuSample {
+    let generator = cluster::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let node_pids: Vec<u32> = cluster::node_pids(&ctx.root)
         .into_iter()
         .map(|(_, p)| p)
         .collect();
-    let nodes: Option<f64> = pids.iter().map(|p| cluster::cpu_seconds(*p)).sum();
-    (me, if pids.is_empty() { None } else { nodes }, pids)
+    let nodes: Option<f64> = node_pids.iter().map(|p| cluster::cpu_seconds(*p)).sum();
+    CpuSample {
+        generator,
+        nodes: if node_pids.is_empty() { None } else { nodes },
+        node_pids,
+        postgres: cluster::postgres_cpu(),
+    }
+}
+
+/// Requests answered 2xx or 409: the operations the service acknowledged.
+pub(crate) fn acknowledged(records: &[engine::Record]) -> u64 {
+    records
+        .iter()
+        .filter(|r| (200..300).contains(&r.status) || r.status == 409)
+        .count() as u64
+}
+
+/// CPU microseconds per acknowledged operation; None without a measurement or an operation.
+pub(crate) fn us_per_op(cpu_s: Option<f64>, ops: u64) -> Option<f64> {
+    let cpu_s = cpu_s?;
+    (ops > 0).then(|| round1(cpu_s * 1e6 / ops as f64))
 }
 
 pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
@@ -227,6 +262,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         "transfers" => return crate::transfers::run(ctx).await,
         "holds" => return crate::holds::run(ctx).await,
         "balance-at" => return crate::balance_at::run(ctx).await,
+        "reads" => return crate::reads::run(ctx).await,
         _ => {}
     }
     let s = ctx.settings.clone();
@@ -307,6 +343,18 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         None => None,
     };
 
+    // At the constant rate, a consumer of the wallet's event stream measures event lag.
+    let lag_probe = if name == "constant" {
+        match crate::event_lag::start(ctx.load.targets[0].clone(), wallets[0]).await {
+            Ok(probe) => probe,
+            Err(e) => {
+                eprintln!("[bench] EVENT LAG NOT MEASURED: opening the event stream failed: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let events: Events = Arc::default();
     let rss: Arc<Mutex<Vec<RssSample>>> = Arc::default();
     let cpu_before = cpu_now(ctx);
@@ -375,6 +423,17 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         _ => None,
     };
     let summary = stats::summarize(&out.records, out.elapsed);
+    let event_lag = match lag_probe {
+        Some(probe) => {
+            // Every 200 and 409 is a committed operation, so an event.
+            let committed = ["200", "409"]
+                .iter()
+                .filter_map(|status| summary.status_counts.get(*status))
+                .sum();
+            Some(probe.finish(committed, Duration::from_secs(10)).await)
+        }
+        None => None,
+    };
     if name == "saturate-one" {
         ctx.saturate_one_rps = Some(summary.achieved_rps);
     }
@@ -384,7 +443,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         .collect();
     let events = std::mem::take(&mut *events.lock().unwrap_or_else(|p| p.into_inner()));
     let rss_samples = std::mem::take(&mut *rss.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(ScenarioResult {
+    let mut r = ScenarioResult {
         scenario: if ctx.load.idempotency_prefix.is_some() {
             format!("{name}-idem")
         } else {
@@ -404,10 +463,12 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         mean_ms: summary.mean_ms,
         longest_gap_ms: summary.longest_gap_ms,
         action_ok,
-        generator_cpu_s: round1(cpu_after.0 - cpu_before.0),
-        // A node restarted during the load has a new pid: only compare like with like.
-        nodes_cpu_s: (cpu_before.1.is_some() && cpu_before.2 == cpu_after.2)
-            .then(|| round1(cpu_after.1.unwrap_or(0.0) - cpu_before.1.unwrap_or(0.0))),
+        generator_cpu_s: 0.0,
+        nodes_cpu_s: None,
+        postgres_cpu_s: None,
+        acknowledged_ops: 0,
+        node_cpu_us_per_op: None,
+        postgres_cpu_us_per_op: None,
         connections,
         wallets: wallets.len(),
         targets: ctx.load.targets.iter().map(|t| t.base.clone()).collect(),
@@ -424,7 +485,11 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         transfers: None,
         holds: None,
         balance_at: None,
-    })
+        reads: None,
+        event_lag,
+    };
+    set_cpu(&mut r, &cpu_before, &cpu_after, acknowledged(&out.records));
+    Ok(r)
 }
 
 async fn verify(
@@ -605,6 +670,10 @@ pub(crate) fn base_result(
         action_ok: true,
         generator_cpu_s: 0.0,
         nodes_cpu_s: None,
+        postgres_cpu_s: None,
+        acknowledged_ops: 0,
+        node_cpu_us_per_op: None,
+        postgres_cpu_us_per_op: None,
         connections,
         wallets,
         targets: ctx.load.targets.iter().map(|t| t.base.clone()).collect(),
@@ -626,17 +695,31 @@ pub(crate) fn base_result(
         transfers: None,
         holds: None,
         balance_at: None,
+        reads: None,
+        event_lag: None,
     }
 }
 
+/// The CPU fields of `r` from two samples around a load that got `acknowledged`
+/// operations acknowledged; per operation from the unrounded seconds.
 pub(crate) fn set_cpu(
     r: &mut ScenarioResult,
-    before: &(f64, Option<f64>, Vec<u32>),
-    after: &(f64, Option<f64>, Vec<u32>),
+    before: &CpuSample,
+    after: &CpuSample,
+    acknowledged: u64,
 ) {
-    r.generator_cpu_s = round1(after.0 - before.0);
-    r.nodes_cpu_s = (before.1.is_some() && before.2 == after.2)
-        .then(|| round1(after.1.unwrap_or(0.0) - before.1.unwrap_or(0.0)));
+    r.generator_cpu_s = round1(after.generator - before.generator);
+    // A node restarted during the load has a new pid: only compare like with like.
+    let nodes = match (before.nodes, after.nodes) {
+        (Some(b), Some(a)) if before.node_pids == after.node_pids => Some(a - b),
+        _ => None,
+    };
+    let postgres = cluster::cpu_between(&before.postgres, &after.postgres);
+    r.nodes_cpu_s = nodes.map(round1);
+    r.postgres_cpu_s = postgres.map(round1);
+    r.acknowledged_ops = acknowledged;
+    r.node_cpu_us_per_op = us_per_op(nodes, acknowledged);
+    r.postgres_cpu_us_per_op = us_per_op(postgres, acknowledged);
 }
 
 /// Consistency of the main load and of the other clients' together.
@@ -789,7 +872,9 @@ async fn many_wallets(ctx: &mut Ctx) -> anyhow::Result<ScenarioResult> {
         s.many_connections,
         numbered.n,
     );
-    set_cpu(&mut r, &cpu_before, &cpu_after);
+    // The CPU window covers the other clients' load too: their operations count.
+    let ops = acknowledged(&out.records) + acknowledged(&other_out.records);
+    set_cpu(&mut r, &cpu_before, &cpu_after, ops);
     set_consistency(&mut r, main_check, by_check);
     let growth: u64 = mem
         .nodes
@@ -949,7 +1034,8 @@ async fn slow_connections(ctx: &mut Ctx) -> anyhow::Result<ScenarioResult> {
         plan.workload.wallets().len(),
     );
     r.targets = vec![target.base.clone()];
-    set_cpu(&mut r, &cpu_before, &cpu_after);
+    // The slow connections carry no operation: only the other clients' load counts.
+    set_cpu(&mut r, &cpu_before, &cpu_after, acknowledged(&out.records));
     set_consistency(&mut r, None, by_check);
     r.slow = Some(report);
     r.memory = Some(mem);
@@ -976,6 +1062,80 @@ pub fn strict_violations(r: &ScenarioResult) -> Vec<String> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn cpu_per_operation_is_microseconds_over_acknowledged_operations() {
+        assert_eq!(us_per_op(Some(2.0), 59_600), Some(33.6));
+        assert_eq!(us_per_op(Some(0.5), 1), Some(500_000.0));
+        assert_eq!(us_per_op(Some(0.0), 10), Some(0.0));
+        assert_eq!(us_per_op(None, 10), None);
+        assert_eq!(us_per_op(Some(1.0), 0), None);
+    }
+
+    #[test]
+    fn acknowledged_operations_are_2xx_and_409() {
+        let rec = |status| engine::Record {
+            sched_us: 0,
+            latency_us: 1,
+            status,
+            op: crate::workload::Op {
+                wallet: 0,
+                variant: 0,
+            },
+            op_id: None,
+        };
+        let records: Vec<engine::Record> = [200, 201, 409, 404, 422, 500, 503, STATUS_ERROR, 1]
+            .into_iter()
+            .map(rec)
+            .collect();
+        assert_eq!(acknowledged(&records), 3);
+    }
+
+    fn result() -> ScenarioResult {
+        serde_json::from_value(serde_json::json!({
+            "scenario": "constant", "offered_rps": 200.0, "achieved_rps": 200.0, "p50_ms": 1.0, "p95_ms": 1.0,
+            "p99_ms": 1.0, "max_ms": 1.0, "status_counts": {"200": 990, "409": 10}, "consistency_ok": true,
+            "duration_s": 5.0, "requests": 1000, "action_ok": true, "p999_ms": 1.0, "mean_ms": 1.0, "connections": 8, "wallets": 1,
+            "targets": [], "reroutes": 0, "consistency": null, "events": [], "rss_samples": [], "series": []
+        }))
+        .expect("result")
+    }
+
+    #[test]
+    fn cpu_fields_come_from_two_samples() {
+        let before = CpuSample {
+            generator: 10.0,
+            nodes: Some(100.0),
+            node_pids: vec![11, 12],
+            postgres: HashMap::from([(1, 5.0), (2, 1.0)]),
+        };
+        let after = CpuSample {
+            generator: 10.47,
+            nodes: Some(100.123),
+            node_pids: vec![11, 12],
+            postgres: HashMap::from([(1, 5.04), (2, 1.0), (3, 0.02)]),
+        };
+        let mut r = result();
+        set_cpu(&mut r, &before, &after, 1000);
+        assert_eq!(r.generator_cpu_s, 0.5);
+        assert_eq!((r.nodes_cpu_s, r.postgres_cpu_s), (Some(0.1), Some(0.1)));
+        assert_eq!(r.acknowledged_ops, 1000);
+        // From the unrounded seconds: 0.123 s and 0.06 s over 1000 operations.
+        assert_eq!(r.node_cpu_us_per_op, Some(123.0));
+        assert_eq!(r.postgres_cpu_us_per_op, Some(60.0));
+
+        // A restarted node (new pid) or no PostgreSQL in sight: not measured.
+        let restarted = CpuSample {
+            node_pids: vec![11, 13],
+            postgres: HashMap::new(),
+            ..after.clone()
+        };
+        set_cpu(&mut r, &before, &restarted, 1000);
+        assert_eq!((r.nodes_cpu_s, r.node_cpu_us_per_op), (None, None));
+        assert_eq!((r.postgres_cpu_s, r.postgres_cpu_us_per_op), (None, None));
+        set_cpu(&mut r, &CpuSample::default(), &CpuSample::default(), 1000);
+        assert_eq!(r.node_cpu_us_per_op, None);
+    }
 
     #[test]
     fn strict_mode_flags_server_errors_outside_failover() {
@@ -1124,6 +1284,11 @@ mod memory_scenario_tests {
             balance_at_duration: d,
             balance_at_connections: 2,
             balance_at_keep: false,
+            reads_connections: 4,
+            reads_wallets: 8,
+            reads_duration: d,
+            reads_ryw_connections: 3,
+            reads_ryw_duration: Duration::from_millis(500),
         }
     }
 
@@ -1174,6 +1339,8 @@ mod memory_scenario_tests {
             .filter_map(|k| by.status_counts.get(*k))
             .sum();
         assert_eq!(answered, 60, "{:?}", by.status_counts);
+        // The slow connections carry no operation: the others' answers are the operations.
+        assert_eq!(r.acknowledged_ops, 60);
         assert_eq!(r.consistency.get("skipped"), Some(&serde_json::json!(true)));
         let md = crate::report::markdown(std::slice::from_ref(&r));
         assert!(
@@ -1187,34 +1354,8 @@ mod memory_scenario_tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn transfers_and_holds_against_the_fake_api_report_their_figures() {
-        let state = Arc::new(crate::fake::State::default());
-        let mut targets = Vec::new();
-        for _ in 0..2 {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            tokio::spawn(crate::fake::serve_state(listener, state.clone()));
-            targets.push(Arc::new(
-                Target::parse(&format!("http://{addr}")).expect("target"),
-            ));
-        }
-        let mut ctx = Ctx {
-            load: LoadConfig {
-                targets: targets.clone(),
-                timeout: Duration::from_secs(5),
-                seed: 1,
-                idempotency_prefix: None,
-            },
-            admin: targets,
-            pool: None,
-            db: None,
-            tenant: "bench".to_owned(),
-            root: PathBuf::from("."),
-            settings: settings(),
-            multi_wallets: None,
-            saturate_one_rps: None,
-        };
+        let mut ctx = fake_cluster(2).await;
+        let root = ctx.root.clone();
         let t = run(&mut ctx, "transfers").await.expect("transfers");
         let rep = t.transfers.as_ref().expect("transfers report");
         assert_eq!(rep.wallets, 4);
@@ -1237,10 +1378,112 @@ mod memory_scenario_tests {
         assert_eq!(rep.create.status_counts.get("201"), Some(&rep.pairs));
         assert_eq!(rep.baseline_ops_per_s, Some(base.achieved_rps));
         assert!(rep.ratio.is_some_and(|r| r > 0.0));
+        // Every answer of the fake is valid: each scenario divides its CPU by all of them.
+        let tr = t.transfers.as_ref().expect("transfers report");
+        assert_eq!(t.acknowledged_ops, tr.answered_posted + tr.rejected_409);
+        assert_eq!(base.acknowledged_ops, base.requests);
+        assert_eq!(h.acknowledged_ops, 2 * rep.pairs);
+        for r in [&t, &base, &h] {
+            assert_cpu_per_op(r);
+        }
         let md = crate::report::markdown(&[t, base, h]);
         assert!(md.contains("transfers/s** (valid answers"), "{md}");
         assert!(md.contains("hold+capture pairs/s"), "{md}");
         assert!(md.contains("| capture |"), "{md}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// `nodes` fake nodes sharing one state, and a bench context pointed at them. The
+    /// fake nodes run in this process: its pid stands for node-0's (`own_pid_root`).
+    async fn fake_cluster(nodes: usize) -> Ctx {
+        let state = Arc::new(crate::fake::State::default());
+        let mut targets = Vec::new();
+        for _ in 0..nodes {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(crate::fake::serve_state(listener, state.clone()));
+            targets.push(Arc::new(
+                Target::parse(&format!("http://{addr}")).expect("target"),
+            ));
+        }
+        Ctx {
+            load: LoadConfig {
+                targets: targets.clone(),
+                timeout: Duration::from_secs(5),
+                seed: 1,
+                idempotency_prefix: None,
+            },
+            admin: targets,
+            pool: None,
+            db: None,
+            tenant: "bench".to_owned(),
+            root: own_pid_root(),
+            settings: settings(),
+            multi_wallets: None,
+            saturate_one_rps: None,
+        }
+    }
+
+    fn own_pid_root() -> PathBuf {
+        let root = std::env::temp_dir().join(format!("wallet-bench-root-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(root.join(".data/run")).expect("run dir");
+        std::fs::write(cluster::pid_file(&root, 0), std::process::id().to_string())
+            .expect("pid file");
+        root
+    }
+
+    /// The node CPU was measured and divided by the acknowledged operations.
+    fn assert_cpu_per_op(r: &ScenarioResult) {
+        assert!(r.acknowledged_ops > 0, "{}", r.scenario);
+        let nodes = r.nodes_cpu_s.expect("node CPU");
+        let per_op = r.node_cpu_us_per_op.expect("node CPU per operation");
+        // nodes_cpu_s is rounded to 0.1 s, the per-operation figure is not.
+        let bound = (nodes + 0.05) * 1e6 / r.acknowledged_ops as f64 + 0.05;
+        assert!(
+            per_op >= 0.0 && per_op <= bound,
+            "{}: {per_op} > {bound}",
+            r.scenario
+        );
+        assert_eq!(
+            r.postgres_cpu_s.is_some(),
+            r.postgres_cpu_us_per_op.is_some(),
+            "{}",
+            r.scenario
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_against_the_fake_api_check_every_answer_and_read_back_each_deposit() {
+        let mut ctx = fake_cluster(3).await;
+        let root = ctx.root.clone();
+        let r = run(&mut ctx, "reads").await.expect("reads");
+        let rep = r.reads.as_ref().expect("reads report");
+        assert!(r.consistency_ok, "{}", r.consistency);
+        assert_eq!(rep.wallets, 8);
+        assert!(rep.matched > 0);
+        assert_eq!(rep.matched, r.requests);
+        assert_eq!((rep.mismatched, rep.failed), (0, 0));
+        assert!(rep.reads_per_s > 0.0);
+        assert_eq!(rep.ryw_connections, 3);
+        assert!(rep.ryw_checks > 0);
+        assert_eq!(rep.ryw_checks, rep.ryw_deposits_acknowledged);
+        assert_eq!((rep.ryw_stale, rep.ryw_wrong, rep.ryw_failed), (0, 0, 0));
+        assert_eq!(rep.ryw_read.requests, rep.ryw_checks);
+        assert!(!rep.ryw_single_target);
+        assert_eq!(r.acknowledged_ops, r.requests);
+        assert_cpu_per_op(&r);
+        let md = crate::report::markdown(std::slice::from_ref(&r));
+        assert!(
+            md.contains(&format!(
+                "read-your-writes: {} checks, 0 stale",
+                rep.ryw_checks
+            )),
+            "{md}"
+        );
+        assert!(md.contains("reads/s**"), "{md}");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,12 +4,13 @@
 use serde_json::Value;
 
 /// Scopes each scenario needs: every scenario creates and seeds wallets through the API,
-/// except balance-at, which seeds with SQL and only reads.
+/// except balance-at, which seeds with SQL and only reads; reads does both.
 pub fn required(scenario: &str) -> &'static [&'static str] {
     match scenario {
         "transfers" => &["wallets:create", "wallets:deposit", "transfers:write"],
         "holds" => &["wallets:create", "wallets:deposit", "holds:write"],
         "balance-at" => &["wallets:read"],
+        "reads" => &["wallets:create", "wallets:deposit", "wallets:read"],
         _ => &["wallets:create", "wallets:deposit", "wallets:withdraw"],
     }
 }
@@ -121,12 +122,13 @@ mod tests {
         let have: Vec<String> = ["wallets:create", "wallets:deposit", "wallets:withdraw"]
             .map(str::to_owned)
             .to_vec();
-        let names: Vec<String> = ["constant", "transfers", "holds", "balance-at"]
+        let names: Vec<String> = ["constant", "transfers", "holds", "balance-at", "reads"]
             .map(str::to_owned)
             .to_vec();
         let m = missing(&have, &names);
         let scopes: Vec<&str> = m.iter().map(|(s, _)| s.as_str()).collect();
         assert_eq!(scopes, ["transfers:write", "holds:write", "wallets:read"]);
+        assert_eq!(m[2].1, ["balance-at", "reads"]);
         assert!(missing(&ALL.map(str::to_owned), &names).is_empty());
     }
 }

@@ -436,6 +436,13 @@ pub struct TransfersReport {
     pub setup_s: f64,
 }
 
+/// Transfers with a valid answer: 200 (POSTED or PENDING) and 409 (insufficient funds).
+pub fn acknowledged(sent: &[Sent]) -> u64 {
+    sent.iter()
+        .filter(|s| s.status == 200 || s.status == 409)
+        .count() as u64
+}
+
 pub fn summarize(
     sent: &[Sent],
     elapsed: Duration,
@@ -453,7 +460,7 @@ pub fn summarize(
     let count = |f: &dyn Fn(&Sent) -> bool| sent.iter().filter(|s| f(s)).count() as u64;
     let ok = count(&|s| s.status == 200);
     let rejected = count(&|s| s.status == 409);
-    let transfers_per_s = per_s(ok + rejected);
+    let transfers_per_s = per_s(acknowledged(sent));
     TransfersReport {
         wallets,
         seed_cents_each: SEED_CENTS,
@@ -560,7 +567,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<ScenarioResult> {
         s.transfers_connections,
         wallets.len(),
     );
-    scenarios::set_cpu(&mut r, &cpu_before, &cpu_after);
+    scenarios::set_cpu(&mut r, &cpu_before, &cpu_after, acknowledged(&sent));
     if let Some(c) = &check {
         r.consistency_ok = c.ok;
         r.consistency = serde_json::to_value(c).unwrap_or(serde_json::Value::Null);
@@ -774,6 +781,15 @@ mod tests {
             "{:?}",
             c.problems
         );
+    }
+
+    #[test]
+    fn acknowledged_transfers_are_200_and_409() {
+        let (mut sent, _, _) = happy();
+        assert_eq!(acknowledged(&sent), 2);
+        sent[0].status = 503;
+        sent[1].status = STATUS_ERROR;
+        assert_eq!(acknowledged(&sent), 0);
     }
 
     #[test]

@@ -33,10 +33,14 @@ pub enum Scope {
     TransfersWrite,
     /// Creates, captures and voids holds.
     HoldsWrite,
+    /// Reads the tenant's events: pages, the stream.
+    EventsRead,
+    /// Registers, lists and removes webhooks, and retries their deliveries.
+    WebhooksAdmin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 9] = [
         Self::WalletsRead,
         Self::WalletsCreate,
         Self::WalletsDeposit,
@@ -44,6 +48,8 @@ impl Scope {
         Self::WalletsAdmin,
         Self::TransfersWrite,
         Self::HoldsWrite,
+        Self::EventsRead,
+        Self::WebhooksAdmin,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +61,8 @@ impl Scope {
             Self::WalletsAdmin => "wallets:admin",
             Self::TransfersWrite => "transfers:write",
             Self::HoldsWrite => "holds:write",
+            Self::EventsRead => "events:read",
+            Self::WebhooksAdmin => "webhooks:admin",
         }
     }
 
@@ -62,14 +70,14 @@ impl Scope {
         Self::ALL.into_iter().find(|scope| scope.as_str() == value)
     }
 
-    fn bit(self) -> u8 {
-        1 << (self as u8)
+    fn bit(self) -> u16 {
+        1 << (self as u16)
     }
 }
 
 /// A set of scopes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Scopes(u8);
+pub struct Scopes(u16);
 
 impl Scopes {
     pub fn all() -> Self {

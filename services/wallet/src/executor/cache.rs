@@ -73,6 +73,15 @@ impl<V: Clone> FencedCache<V> {
         }
     }
 
+    /// The cached state, if it was cached under `fence`, without making it more recent:
+    /// reads must not keep wallets in the cache that no write uses.
+    pub fn peek(&self, fence: i64, wallet_id: &Uuid) -> Option<V> {
+        match self.stripe(wallet_id).peek(wallet_id) {
+            Some(entry) if entry.fence == fence => Some(entry.state.clone()),
+            _ => None,
+        }
+    }
+
     /// Records committed state; the least recently used wallet makes room.
     pub fn put(&self, fence: i64, wallet_id: Uuid, state: V) {
         self.stripe(&wallet_id)

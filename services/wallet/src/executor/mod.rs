@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CommandOutcome, OperationCommand};
-use crate::store::Store;
+use crate::store::{Store, WalletState};
 use crate::submit::{MayExist, NotApplied, Submit, Undelivered};
 use cache::{Caches, FencedCache};
 use committer::Committer;
@@ -47,6 +47,8 @@ pub struct ExecutorSettings {
     /// Shards of the installation: the bound of the committer's queue, which holds at
     /// most one batch per shard.
     pub shards: u32,
+    /// Whether batches write their outbox rows (`WALLET_EVENTS_ENABLED`).
+    pub events: bool,
 }
 
 pub(crate) struct Pending {
@@ -84,6 +86,8 @@ impl Stall {
 }
 
 struct ShardHandle {
+    /// The fence this tenure of the shard commits under.
+    fence: i64,
     queue: mpsc::Sender<Pending>,
     stop: CancellationToken,
     stall: Arc<Stall>,
@@ -147,6 +151,19 @@ impl ExecutorPool {
         self.metrics
             .cached_wallets
             .set(i64::try_from(self.caches.wallets.len()).unwrap_or(i64::MAX));
+    }
+
+    /// A wallet's state as this tenure of its shard committed it, if it is cached. The
+    /// cache is updated after each commit and before its answers go out, so what an
+    /// acknowledged write did is here; an evicted or never-loaded wallet is not.
+    pub fn committed_wallet(&self, shard: u32, wallet_id: &uuid::Uuid) -> Option<WalletState> {
+        let fence = self
+            .shards
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&shard)
+            .map(|handle| handle.fence)?;
+        self.caches.wallets.peek(fence, wallet_id)
     }
 
     /// The shards this node serves now.
@@ -243,6 +260,7 @@ impl wallet_cluster::ShardHost for ExecutorPool {
             self.committer.clone(),
             self.caches.clone(),
             self.settings.batch_max,
+            self.settings.events,
             self.metrics.clone(),
             self.fence_lost.clone(),
             stall.clone(),
@@ -254,6 +272,7 @@ impl wallet_cluster::ShardHost for ExecutorPool {
             .insert(
                 shard,
                 ShardHandle {
+                    fence,
                     queue,
                     stop,
                     stall,

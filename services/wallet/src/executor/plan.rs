@@ -13,7 +13,7 @@ use crate::domain::{
     Action, CommandOutcome, HoldRecord, HoldStatus, MAX_BALANCE, OperationCommand, OperationRecord,
     OperationStatus, OperationType, RejectionReason, TransferRecord, TransferStatus,
 };
-use crate::store::{LedgerWrites, WalletState, WalletUpdate};
+use crate::store::{LedgerWrites, PostedTransfer, WalletState, WalletUpdate};
 
 /// What one command turns into while a batch is planned.
 #[derive(Clone)]
@@ -220,8 +220,8 @@ impl Draft<'_> {
             }
             Action::TransferIn {
                 transfer_id,
+                from_wallet_id,
                 amount,
-                ..
             } => {
                 let amount = amount.value();
                 let (next, reason) = credit(state, amount);
@@ -237,9 +237,11 @@ impl Draft<'_> {
                     ..plain(OperationType::TransferIn, amount, None)
                 };
                 let record = self.record(command, next, row);
-                self.ledger
-                    .posted_transfers
-                    .push((*transfer_id, record.created_at));
+                self.ledger.posted_transfers.push(PostedTransfer {
+                    transfer_id: *transfer_id,
+                    from_wallet_id: *from_wallet_id,
+                    posted_at: record.created_at,
+                });
                 Planned::New(CommandOutcome::Recorded(record))
             }
             Action::Hold { amount, expires_at } => {
@@ -400,7 +402,14 @@ fn debit(state: WalletState, amount: Decimal) -> (WalletState, Option<RejectionR
 }
 
 /// Applies the batch in arrival order to a copy of the wallets' committed state.
-pub(super) fn plan(batch: &[Pending], prepared: &Prepared, shard: u32, now: DateTime<Utc>) -> Plan {
+/// With `events`, the batch also writes its outbox rows.
+pub(super) fn plan(
+    batch: &[Pending],
+    prepared: &Prepared,
+    shard: u32,
+    now: DateTime<Utc>,
+    events: bool,
+) -> Plan {
     let by_id: HashMap<Uuid, &OperationRecord> = prepared
         .existing
         .iter()
@@ -503,11 +512,22 @@ pub(super) fn plan(batch: &[Pending], prepared: &Prepared, shard: u32, now: Date
             })
         })
         .collect();
+    let mut ledger = draft.ledger;
+    if events {
+        let tenant_of = |wallet_id: &Uuid| {
+            draft
+                .next_state
+                .get(wallet_id)
+                .or_else(|| prepared.states.get(wallet_id))
+                .map(|state| &state.tenant)
+        };
+        ledger.events = crate::events::of_batch(&draft.records, &ledger, tenant_of);
+    }
     Plan {
         planned,
         records: draft.records,
         updates,
-        ledger: draft.ledger,
+        ledger,
         next_state: draft.next_state,
     }
 }

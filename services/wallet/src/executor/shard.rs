@@ -26,6 +26,8 @@ pub(super) struct ShardExecutor {
     committer: Committer,
     caches: Arc<Caches>,
     batch_max: usize,
+    /// Whether batches write their outbox rows.
+    events: bool,
     metrics: ExecutorMetrics,
     fence_lost: mpsc::Sender<u32>,
     stall: Arc<Stall>,
@@ -57,6 +59,7 @@ impl ShardExecutor {
         committer: Committer,
         caches: Arc<Caches>,
         batch_max: usize,
+        events: bool,
         metrics: ExecutorMetrics,
         fence_lost: mpsc::Sender<u32>,
         stall: Arc<Stall>,
@@ -68,6 +71,7 @@ impl ShardExecutor {
             committer,
             caches,
             batch_max,
+            events,
             metrics,
             fence_lost,
             stall,
@@ -153,7 +157,7 @@ impl ShardExecutor {
             };
             // PostgreSQL keeps microseconds: answer with what a replay will read back.
             let now = Utc::now().trunc_subsecs(6);
-            let plan = plan(&batch, &prepared, self.shard, now);
+            let plan = plan(&batch, &prepared, self.shard, now, self.events);
             if plan.records.is_empty() {
                 self.answer(batch, plan, None);
                 return Flow::Continue;

@@ -51,6 +51,24 @@ pub enum ApiError {
     NoBalanceYet(Uuid),
     #[error("idempotency key reused with a different request")]
     IdempotencyKeyReused,
+    /// An outbox cursor older than the retention: events after it may be gone.
+    #[error("the cursor points before the oldest retained event")]
+    CursorExpired,
+    #[error("webhook {0} not found")]
+    WebhookNotFound(Uuid),
+    #[error("delivery {0} not found")]
+    DeliveryNotFound(Uuid),
+    /// Only a FAILED delivery can be retried.
+    #[error("delivery {delivery_id} is {status}, not FAILED")]
+    DeliveryNotFailed {
+        delivery_id: Uuid,
+        status: &'static str,
+    },
+    /// A webhook URL of a network the service must not reach into.
+    #[error("{0}")]
+    WebhookUrlNotAllowed(String),
+    #[error("the tenant has {0} webhooks, the most it may have")]
+    TooManyWebhooks(i64),
     /// Certainly not applied, now or later: the client may retry.
     #[error("not applied: {0}")]
     NotApplied(NotApplied),
@@ -110,6 +128,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             Self::Validation(_)
+            | Self::WebhookUrlNotAllowed(_)
             | Self::IdempotencyKeyReused
             | Self::BalanceLimitExceeded(_)
             | Self::CaptureExceedsHold { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -121,10 +140,15 @@ impl ApiError {
             | Self::OperationNotFound { .. }
             | Self::TransferNotFound(_)
             | Self::HoldNotFound(_)
-            | Self::NoBalanceYet(_) => StatusCode::NOT_FOUND,
-            Self::InsufficientFunds(_) | Self::HoldNotActive(_) | Self::LimitInUse(_) => {
-                StatusCode::CONFLICT
-            }
+            | Self::NoBalanceYet(_)
+            | Self::WebhookNotFound(_)
+            | Self::DeliveryNotFound(_) => StatusCode::NOT_FOUND,
+            Self::InsufficientFunds(_)
+            | Self::HoldNotActive(_)
+            | Self::LimitInUse(_)
+            | Self::DeliveryNotFailed { .. }
+            | Self::TooManyWebhooks(_) => StatusCode::CONFLICT,
+            Self::CursorExpired => StatusCode::GONE,
             Self::NotApplied(_) | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -228,6 +252,43 @@ impl ApiError {
                     ),
                 ),
                 record,
+            ),
+            Self::WebhookNotFound(webhook_id) => {
+                Problem::new(status, "webhook-not-found", "Webhook not found", detail)
+                    .with("webhookId", webhook_id.to_string())
+            }
+            Self::DeliveryNotFound(delivery_id) => {
+                Problem::new(status, "delivery-not-found", "Delivery not found", detail)
+                    .with("deliveryId", delivery_id.to_string())
+            }
+            Self::DeliveryNotFailed {
+                delivery_id,
+                status: delivery_status,
+            } => Problem::new(
+                status,
+                "delivery-not-failed",
+                "Delivery not failed",
+                format!("{detail}; only a FAILED delivery can be retried"),
+            )
+            .with("deliveryId", delivery_id.to_string())
+            .with("deliveryStatus", *delivery_status),
+            Self::WebhookUrlNotAllowed(_) => Problem::new(
+                status,
+                "webhook-url-not-allowed",
+                "Webhook URL not allowed",
+                detail,
+            ),
+            Self::TooManyWebhooks(_) => Problem::new(
+                status,
+                "too-many-webhooks",
+                "Too many webhooks",
+                format!("{detail}; delete one first"),
+            ),
+            Self::CursorExpired => Problem::new(
+                status,
+                "cursor-expired",
+                "Cursor expired",
+                format!("{detail}; start again without `after` (events may have been missed)"),
             ),
             Self::IdempotencyKeyReused => Problem::new(
                 status,

@@ -287,6 +287,55 @@ pub fn overdraft_limit(bytes: &[u8]) -> Result<Decimal, ApiError> {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawWebhookRequest<'a> {
+    #[serde(borrow)]
+    url: &'a RawValue,
+    #[serde(borrow)]
+    event_types: &'a RawValue,
+}
+
+pub struct WebhookInput {
+    pub url: url::Url,
+    /// In the order given, without repeats; at least one.
+    pub event_types: Vec<crate::events::EventType>,
+}
+
+/// A webhook's URL (see `webhooks::target::parse`) and event types.
+pub fn webhook(bytes: &[u8]) -> Result<WebhookInput, ApiError> {
+    use crate::events::EventType;
+    let raw: RawWebhookRequest<'_> = json(bytes)?;
+    let url = serde_json::from_str::<String>(raw.url.get()).map_err(|_| {
+        ApiError::Validation(format!("url must be a string, got {}", raw.url.get()))
+    })?;
+    let url = crate::webhooks::target::parse(&url)?;
+    let known = || EventType::ALL.map(EventType::as_str).join(", ");
+    let names = serde_json::from_str::<Vec<String>>(raw.event_types.get()).map_err(|_| {
+        ApiError::Validation(format!(
+            "eventTypes must be a list of event types ({}), got {}",
+            known(),
+            raw.event_types.get()
+        ))
+    })?;
+    let mut event_types = Vec::with_capacity(names.len());
+    for name in &names {
+        let kind = EventType::parse(name).ok_or_else(|| {
+            ApiError::Validation(format!("unknown event type {name:?}; known: {}", known()))
+        })?;
+        if !event_types.contains(&kind) {
+            event_types.push(kind);
+        }
+    }
+    if event_types.is_empty() {
+        return Err(ApiError::Validation(format!(
+            "eventTypes must name at least one event type ({})",
+            known()
+        )));
+    }
+    Ok(WebhookInput { url, event_types })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,6 +407,34 @@ mod tests {
         assert_eq!(status("[]"), 422);
         assert_eq!(status(&format!(r#"["{WALLET}","DEPOSIT","1"]"#)), 422);
         assert_eq!(status("[1,"), 400);
+    }
+
+    #[test]
+    fn webhook_bodies_are_read_exactly() {
+        let status = |body: &str| match webhook(body.as_bytes()) {
+            Ok(_) => 200,
+            Err(error) => error.status().as_u16(),
+        };
+        let ok = r#"{"url":"https://hooks.example.com/w","eventTypes":["operation.applied","operation.applied"]}"#;
+        assert_eq!(status(ok), 200);
+        let input = webhook(ok.as_bytes())
+            .map_err(|e| e.to_string())
+            .expect("valid");
+        assert_eq!(input.event_types.len(), 1, "repeats are dropped");
+        assert_eq!(status(r#"{"url":"https://x.example","#), 400);
+        for bad in [
+            r#"{"url":"https://x.example","eventTypes":["operation.applied"],"secret":"mine"}"#,
+            r#"{"url":"https://x.example","eventTypes":[]}"#,
+            r#"{"url":"https://x.example","eventTypes":["operation.deleted"]}"#,
+            r#"{"url":"https://x.example","eventTypes":"operation.applied"}"#,
+            r#"{"url":"https://x.example"}"#,
+            r#"{"url":17,"eventTypes":["operation.applied"]}"#,
+            r#"{"url":"ftp://x.example","eventTypes":["operation.applied"]}"#,
+            r#"{"url":"not a url","eventTypes":["operation.applied"]}"#,
+            r#"["https://x.example",["operation.applied"]]"#,
+        ] {
+            assert_eq!(status(bad), 422, "{bad}");
+        }
     }
 
     #[test]

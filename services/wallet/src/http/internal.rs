@@ -15,7 +15,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::internal_auth::{self, AuthError};
 use crate::routing::{
-    ForwardBatch, ForwardReply, ForwardResult, ForwardedCommand, MAX_FORWARD_BATCH,
+    ForwardBatch, ForwardReply, ForwardResult, ForwardedCommand, MAX_FORWARD_BATCH, ReadBatch,
+    ReadReply, ReadResult,
 };
 use crate::submit::Submit;
 
@@ -31,11 +32,12 @@ fn unauthorized(state: &AppState, error: AuthError, res: &mut Response) {
     .write_to(res);
 }
 
-#[handler]
-pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut Response) {
-    let Some(state) = app_state(depot, res) else {
-        return;
-    };
+/// The body of a signed internal request; `None` once the refusal is written.
+async fn signed_body(
+    req: &mut Request,
+    state: &AppState,
+    res: &mut Response,
+) -> Option<bytes::Bytes> {
     // The headers first: an unsigned or stale request is refused before its body is read.
     let claimed = {
         let headers = req.headers();
@@ -46,56 +48,59 @@ pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut R
     };
     let claimed = match claimed {
         Ok(claimed) => claimed,
-        Err(error) => return unauthorized(&state, error, res),
+        Err(error) => {
+            unauthorized(state, error, res);
+            return None;
+        }
     };
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let body = match req.payload_with_max_size(state.max_body_bytes * 512).await {
-        Ok(body) => body,
+        Ok(body) => body.clone(),
         Err(error) => {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "malformed-request",
-                "Malformed request",
-                error.to_string(),
-            )
-            .write_to(res);
-            return;
+            malformed(res, error.to_string());
+            return None;
         }
     };
     if let Err(error) =
         state
             .internal_auth
-            .verify(&claimed, &method, &path, body, internal_auth::now_ms())
+            .verify(&claimed, &method, &path, &body, internal_auth::now_ms())
     {
-        return unauthorized(&state, error, res);
+        unauthorized(state, error, res);
+        return None;
     }
-    let parsed = serde_json::from_slice::<ForwardBatch>(body).map_err(|error| error.to_string());
-    let batch = match parsed {
+    Some(body)
+}
+
+fn malformed(res: &mut Response, detail: String) {
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "malformed-request",
+        "Malformed request",
+        detail,
+    )
+    .write_to(res);
+}
+
+#[handler]
+pub async fn execute_operation(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let Some(state) = app_state(depot, res) else {
+        return;
+    };
+    let Some(body) = signed_body(req, &state, res).await else {
+        return;
+    };
+    let batch = match serde_json::from_slice::<ForwardBatch>(&body) {
         Ok(batch) if batch.operations.len() <= MAX_FORWARD_BATCH => batch,
         Ok(batch) => {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "malformed-request",
-                "Malformed request",
-                format!(
-                    "{} commands in one batch; at most {MAX_FORWARD_BATCH}",
-                    batch.operations.len()
-                ),
-            )
-            .write_to(res);
-            return;
+            let count = batch.operations.len();
+            return malformed(
+                res,
+                format!("{count} commands in one batch; at most {MAX_FORWARD_BATCH}"),
+            );
         }
-        Err(detail) => {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "malformed-request",
-                "Malformed request",
-                detail,
-            )
-            .write_to(res);
-            return;
-        }
+        Err(error) => return malformed(res, error.to_string()),
     };
     // All commands go to their executors at once, so they share the owner's next batches.
     // They go through the same interface the router uses for this node's own shards; if
@@ -127,4 +132,44 @@ async fn execute(state: &AppState, forwarded: ForwardedCommand) -> ForwardResult
         .instrument(span)
         .await
         .into()
+}
+
+/// Balance reads for the wallets this node owns, answered from its memory only: the
+/// reader has PostgreSQL for everything else.
+#[handler]
+pub async fn read_wallets(req: &mut Request, depot: &mut Depot, res: &mut Response) {
+    let Some(state) = app_state(depot, res) else {
+        return;
+    };
+    let Some(body) = signed_body(req, &state, res).await else {
+        return;
+    };
+    let batch = match serde_json::from_slice::<ReadBatch>(&body) {
+        Ok(batch) if batch.reads.len() <= MAX_FORWARD_BATCH => batch,
+        Ok(batch) => {
+            let count = batch.reads.len();
+            return malformed(
+                res,
+                format!("{count} reads in one batch; at most {MAX_FORWARD_BATCH}"),
+            );
+        }
+        Err(error) => return malformed(res, error.to_string()),
+    };
+    let results = batch
+        .reads
+        .into_iter()
+        .map(
+            |read| match state.router.committed_wallet(&read.wallet_id) {
+                Some(wallet) if wallet.tenant == read.tenant => ReadResult::Found(wallet),
+                Some(_) => ReadResult::NotFound,
+                None => ReadResult::NotFromMemory,
+            },
+        )
+        .collect();
+    write_json(
+        res,
+        StatusCode::OK,
+        "application/json",
+        &ReadReply { results },
+    );
 }

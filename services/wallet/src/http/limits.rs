@@ -12,6 +12,8 @@ use salvo::prelude::*;
 
 use super::problem::Problem;
 
+const EVENTS_PATH: &str = "/api/v1/events";
+
 pub struct HandlerTimeout {
     limit: Duration,
 }
@@ -31,6 +33,12 @@ impl Handler for HandlerTimeout {
         res: &mut Response,
         ctrl: &mut FlowCtrl,
     ) {
+        // A long poll bounds itself (30 s at most, then one read); a stream's handler
+        // returns as soon as its body starts.
+        if req.uri().path().starts_with(EVENTS_PATH) {
+            ctrl.call_next(req, depot, res).await;
+            return;
+        }
         let write = req.method() != Method::GET && req.method() != Method::HEAD;
         if tokio::time::timeout(self.limit, ctrl.call_next(req, depot, res))
             .await

@@ -3,6 +3,7 @@
 
 mod admin;
 mod error;
+mod events;
 mod guard;
 mod input;
 mod internal;
@@ -10,8 +11,9 @@ mod ledger;
 mod limits;
 mod observe;
 mod problem;
-mod views;
+pub(crate) mod views;
 mod wallets;
+mod webhooks;
 
 pub use error::ApiError;
 pub use guard::{Authentication, Rate, RateLimiters, RateLimits};
@@ -59,6 +61,10 @@ pub struct AppState {
     pub authentication: Arc<Authentication>,
     pub rate_limiters: Arc<RateLimiters>,
     pub registry: prometheus::Registry,
+    /// Wakes long polls and streams when events may have arrived.
+    pub event_tail: crate::events::EventTail,
+    /// What webhook creation checks and a manual retry grants.
+    pub webhooks: crate::config::WebhooksConfig,
 }
 
 /// The handlers' shared state; without it (a wiring bug) the answer is an opaque 500.
@@ -145,6 +151,45 @@ pub fn api_router() -> Router {
                 .post(ledger::post_transfer),
         )
         .push(read("/api/v1/transfers/{transfer_id}").get(ledger::get_transfer))
+        .push(
+            guarded("/api/v1/events", Scope::EventsRead, RateClass::Read).get(events::list_events),
+        )
+        .push(
+            guarded("/api/v1/events/stream", Scope::EventsRead, RateClass::Read)
+                .get(events::stream_events),
+        )
+        .push(
+            guarded("/api/v1/webhooks", Scope::WebhooksAdmin, RateClass::Write)
+                .post(webhooks::create_webhook),
+        )
+        .push(
+            guarded("/api/v1/webhooks", Scope::WebhooksAdmin, RateClass::Read)
+                .get(webhooks::list_webhooks),
+        )
+        .push(
+            guarded(
+                "/api/v1/webhooks/{webhook_id}",
+                Scope::WebhooksAdmin,
+                RateClass::Write,
+            )
+            .delete(webhooks::delete_webhook),
+        )
+        .push(
+            guarded(
+                "/api/v1/webhooks/{webhook_id}/deliveries",
+                Scope::WebhooksAdmin,
+                RateClass::Read,
+            )
+            .get(webhooks::list_deliveries),
+        )
+        .push(
+            guarded(
+                "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry",
+                Scope::WebhooksAdmin,
+                RateClass::Write,
+            )
+            .post(webhooks::retry_delivery),
+        )
         .push(read("/api/v1/wallets/{wallet_id}/operations").get(wallets::list_operations))
         .push(
             read("/api/v1/wallets/{wallet_id}/operations/{operation_id}")
@@ -188,7 +233,8 @@ pub fn public_service(state: AppState, metrics: HttpMetrics) -> Service {
 
 pub fn internal_service(state: AppState, metrics: HttpMetrics) -> Service {
     let router = Router::new()
-        .push(route(crate::routing::INTERNAL_OPERATIONS_PATH).post(internal::execute_operation));
+        .push(route(crate::routing::INTERNAL_OPERATIONS_PATH).post(internal::execute_operation))
+        .push(route(crate::routing::INTERNAL_READS_PATH).post(internal::read_wallets));
     service(router, state, metrics, "internal")
 }
 

@@ -118,6 +118,28 @@ pub struct OperationPage {
     pub next_cursor: Option<String>,
 }
 
+/// Money in a request: a decimal string such as "10.50", or a JSON number, which is read
+/// from its text (never through a float). The schema says both, so that a number is not
+/// "input the schema forbids that the API accepted" to a fuzzer.
+fn money_input() -> salvo::oapi::schema::OneOf {
+    use salvo::oapi::schema::OneOf;
+    use salvo::oapi::{BasicType, Object};
+    OneOf::new()
+        .description("At most two decimals: a string such as \"10.50\", or a JSON number")
+        .item(
+            Object::with_type(BasicType::String)
+                .pattern(r"^[0-9]{1,18}(\.[0-9]{1,2})?$")
+                .example("10.50"),
+        )
+        .item(Object::with_type(BasicType::Number).example(10.5))
+}
+
+/// [`money_input`], or null.
+fn optional_money_input() -> salvo::oapi::schema::OneOf {
+    use salvo::oapi::{BasicType, Object};
+    money_input().item(Object::with_type(BasicType::Null))
+}
+
 /// The body of `POST /api/v1/wallet`. Unknown fields are refused.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -130,7 +152,7 @@ pub struct OperationRequestDoc {
     pub wallet_id: Uuid,
     pub operation_type: OperationType,
     /// A positive amount with at most two decimals, as a string ("10.50") or a JSON number.
-    #[salvo(schema(value_type = String, example = "10.50", pattern = r"^[0-9]{1,18}(\.[0-9]{1,2})?$"))]
+    #[salvo(schema(schema_with = money_input))]
     pub amount: String,
 }
 
@@ -233,7 +255,7 @@ pub struct TransferRequestDoc {
     pub from_wallet_id: Uuid,
     /// Another wallet of the same tenant.
     pub to_wallet_id: Uuid,
-    #[salvo(schema(value_type = String, example = "10.50", pattern = r"^[0-9]{1,18}(\.[0-9]{1,2})?$"))]
+    #[salvo(schema(schema_with = money_input))]
     pub amount: String,
 }
 
@@ -243,7 +265,7 @@ pub struct TransferRequestDoc {
 #[salvo(schema(name = "HoldRequest"))]
 #[expect(dead_code, reason = "documents the body; input::hold reads it exactly")]
 pub struct HoldRequestDoc {
-    #[salvo(schema(value_type = String, example = "10.50", pattern = r"^[0-9]{1,18}(\.[0-9]{1,2})?$"))]
+    #[salvo(schema(schema_with = money_input))]
     pub amount: String,
     /// When the hold lapses and its amount is released; in the future. None: never.
     pub expires_at: Option<DateTime<Utc>>,
@@ -259,7 +281,7 @@ pub struct HoldRequestDoc {
 )]
 pub struct CaptureRequestDoc {
     /// At most the hold's amount; the rest is released. None: the whole hold.
-    #[salvo(schema(value_type = Option<String>, example = "10.50", pattern = r"^[0-9]{1,18}(\.[0-9]{1,2})?$"))]
+    #[salvo(schema(schema_with = optional_money_input))]
     pub amount: Option<String>,
 }
 
@@ -273,6 +295,6 @@ pub struct CaptureRequestDoc {
 )]
 pub struct WalletPatchDoc {
     /// Zero or more: how far below zero the balance may go.
-    #[salvo(schema(value_type = String, example = "100.00", pattern = r"^[0-9]{1,18}(\.[0-9]{1,2})?$"))]
+    #[salvo(schema(schema_with = money_input))]
     pub overdraft_limit: String,
 }

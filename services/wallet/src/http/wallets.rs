@@ -106,8 +106,11 @@ pub async fn create_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply
     }
 }
 
-/// Read a wallet's balance, held funds, overdraft limit and what is available (from
-/// PostgreSQL: every answered operation is committed there).
+/// Read a wallet's balance, held funds, overdraft limit and what is available.
+///
+/// Answered from the owner's memory (its committed state, updated before any write is
+/// acknowledged), here or one coalesced internal request away; from PostgreSQL when the
+/// owner cannot say. Either way every acknowledged operation is in the answer.
 #[endpoint(
     tags("wallets"),
     parameters(("wallet_id" = Uuid, Path, description = "Wallet id")),
@@ -124,7 +127,10 @@ pub async fn get_wallet(req: &mut Request, depot: &mut Depot) -> Result<Reply, A
     let state = state(depot)?;
     let tenant = &principal(depot)?.tenant;
     let wallet_id = input::path_uuid(req, "wallet_id", "walletId")?;
-    let wallet = state.store.wallet(tenant, wallet_id).await?;
+    let wallet = match state.router.read_wallet(tenant, wallet_id).await {
+        Some(wallet) => wallet,
+        None => state.store.wallet(tenant, wallet_id).await?,
+    };
     let wallet = wallet.ok_or(ApiError::WalletNotFound(wallet_id))?;
     Reply::new(StatusCode::OK, &WalletView::new(wallet_id, &wallet))
 }

@@ -5,6 +5,10 @@
 //! through any node costs one internal round trip per batch, not per operation. Each
 //! command keeps its own deadline and trace context. Every queue is bounded; a full one
 //! refuses the command at once. Every request is signed (`crate::internal_auth`).
+//!
+//! Balance reads go the same way on their own route and queue, never in a batch with
+//! commands: a node of an earlier build answers the unknown route 404, and the reader
+//! falls back to PostgreSQL, while a read inside a command batch would fail its commands.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,10 +23,16 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use wallet_cluster::{Member, SigningKeys};
 
+use crate::auth::Tenant;
 use crate::domain::{CommandOutcome, OperationCommand};
+use crate::store::WalletState;
 use crate::submit::{MayExist, NotApplied, Submit, Undelivered};
 
 pub const INTERNAL_OPERATIONS_PATH: &str = "/internal/v1/operations";
+pub const INTERNAL_READS_PATH: &str = "/internal/v1/reads";
+/// Longest wait for the owner's answer to a batch of reads; a reader that does not get
+/// one in time reads PostgreSQL instead.
+const READ_ATTEMPT: Duration = Duration::from_millis(500);
 /// Most commands in one internal request.
 pub const MAX_FORWARD_BATCH: usize = 256;
 /// Internal requests in flight to one peer at a time.
@@ -68,6 +78,38 @@ pub struct ForwardReply {
     pub results: Vec<ForwardResult>,
 }
 
+/// A balance read sent to the wallet's owner.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WalletRead {
+    pub tenant: Tenant,
+    pub wallet_id: uuid::Uuid,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReadBatch {
+    pub reads: Vec<WalletRead>,
+}
+
+/// The owner's answer to one read, from its memory only.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "result", content = "wallet")]
+pub enum ReadResult {
+    Found(WalletState),
+    /// No such wallet of this tenant (the owner has the wallet, of another tenant).
+    NotFound,
+    /// The owner cannot answer from memory (not cached, lease not fresh, not the
+    /// owner any more); PostgreSQL can.
+    NotFromMemory,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadReply {
+    pub results: Vec<ReadResult>,
+}
+
 /// How a whole internal request failed, and what that says about its commands.
 #[derive(Debug, thiserror::Error)]
 enum RequestError {
@@ -103,6 +145,11 @@ impl RequestError {
 struct Job {
     item: ForwardedCommand,
     reply: oneshot::Sender<Result<CommandOutcome, Undelivered>>,
+}
+
+struct ReadJob {
+    read: WalletRead,
+    reply: oneshot::Sender<ReadResult>,
 }
 
 /// Bounds of one forward.
@@ -174,17 +221,32 @@ impl Forwarder {
             .peers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(peer) = peers.get(member).filter(|peer| !peer.queue.is_closed()) {
+        if let Some(peer) = peers
+            .get(member)
+            .filter(|peer| !peer.queue.is_closed() && !peer.reads.is_closed())
+        {
             return peer.clone();
         }
         let (queue, jobs) = mpsc::channel(PEER_QUEUE_MAX);
-        let target = Target {
-            url: format!("http://{}{INTERNAL_OPERATIONS_PATH}", member.internal_addr),
+        let (reads, read_jobs) = mpsc::channel(PEER_QUEUE_MAX);
+        let target = Arc::new(Target {
+            base: format!("http://{}", member.internal_addr),
             node: member.id.clone(),
             keys: self.keys.clone(),
-        };
-        tokio::spawn(peer_loop(target, jobs, self.client.clone(), self.timeouts));
-        let peer = Arc::new(Peer { queue });
+        });
+        let (client, timeouts) = (self.client.clone(), self.timeouts);
+        tokio::spawn(batch_loop(jobs, {
+            let (client, target) = (client.clone(), target.clone());
+            move |batch| {
+                let (client, target) = (client.clone(), target.clone());
+                async move { send_batch(&client, &target, batch, timeouts).await }
+            }
+        }));
+        tokio::spawn(batch_loop(read_jobs, move |batch| {
+            let (client, target) = (client.clone(), target.clone());
+            async move { send_reads(&client, &target, batch).await }
+        }));
+        let peer = Arc::new(Peer { queue, reads });
         peers.insert(member.clone(), peer.clone());
         peer
     }
@@ -193,6 +255,27 @@ impl Forwarder {
 /// One other node, reached over its internal port.
 pub struct Peer {
     queue: mpsc::Sender<Job>,
+    reads: mpsc::Sender<ReadJob>,
+}
+
+impl Peer {
+    /// The owner's committed state of a wallet, from its memory; `NotFromMemory` for
+    /// anything short of an answer (a full queue, a peer that does not answer in time or
+    /// does not know the route), so the caller reads PostgreSQL.
+    pub async fn read(&self, tenant: &Tenant, wallet_id: uuid::Uuid) -> ReadResult {
+        let (reply, answer) = oneshot::channel();
+        let job = ReadJob {
+            read: WalletRead {
+                tenant: tenant.clone(),
+                wallet_id,
+            },
+            reply,
+        };
+        if self.reads.try_send(job).is_err() {
+            return ReadResult::NotFromMemory;
+        }
+        answer.await.unwrap_or(ReadResult::NotFromMemory)
+    }
 }
 
 #[async_trait::async_trait]
@@ -225,20 +308,22 @@ impl Submit for Peer {
 
 /// Where a peer's requests go, and what signs them.
 struct Target {
-    url: String,
+    /// `http://` and the peer's internal address.
+    base: String,
     /// The member id the requests are signed for.
     node: String,
     keys: SigningKeys,
 }
 
-async fn peer_loop(
-    target: Target,
-    mut jobs: mpsc::Receiver<Job>,
-    client: reqwest::Client,
-    timeouts: ForwardTimeouts,
-) {
+/// Sends whatever queued for one peer while its earlier requests were in flight as one
+/// request (`send`), with at most `MAX_IN_FLIGHT_PER_PEER` requests in flight.
+async fn batch_loop<J, F, Fut>(mut jobs: mpsc::Receiver<J>, send: F)
+where
+    J: Send + 'static,
+    F: Fn(Vec<J>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PEER));
-    let target = Arc::new(target);
     loop {
         // Wait for a free slot first, so jobs keep queueing (and batching) meanwhile.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -254,12 +339,39 @@ async fn peer_loop(
                 Err(_) => break,
             }
         }
-        let client = client.clone();
-        let target = target.clone();
+        let sending = send(batch);
         tokio::spawn(async move {
-            send_batch(&client, &target, batch, timeouts).await;
+            sending.await;
             drop(permit);
         });
+    }
+}
+
+async fn send_reads(client: &reqwest::Client, target: &Target, batch: Vec<ReadJob>) {
+    let (reads, replies): (Vec<WalletRead>, Vec<_>) =
+        batch.into_iter().map(|job| (job.read, job.reply)).unzip();
+    let result: Result<ReadReply, RequestError> = request(
+        client,
+        target,
+        INTERNAL_READS_PATH,
+        &ReadBatch { reads },
+        READ_ATTEMPT,
+    )
+    .await;
+    match result {
+        Ok(reply) if reply.results.len() == replies.len() => {
+            for (result, reply_to) in reply.results.into_iter().zip(replies) {
+                let _ = reply_to.send(result);
+            }
+        }
+        other => {
+            if let Err(error) = other {
+                tracing::debug!(node = %target.node, %error, "internal read failed; reading PostgreSQL");
+            }
+            for reply_to in replies {
+                let _ = reply_to.send(ReadResult::NotFromMemory);
+            }
+        }
     }
 }
 
@@ -287,7 +399,14 @@ async fn send_batch(
     let timeout = (latest.remaining() + timeouts.answer_grace).min(timeouts.attempt);
     let (items, replies): (Vec<ForwardedCommand>, Vec<_>) =
         live.into_iter().map(|job| (job.item, job.reply)).unzip();
-    let result = request(client, target, ForwardBatch { operations: items }, timeout).await;
+    let result: Result<ForwardReply, RequestError> = request(
+        client,
+        target,
+        INTERNAL_OPERATIONS_PATH,
+        &ForwardBatch { operations: items },
+        timeout,
+    )
+    .await;
     match result {
         Ok(reply) if reply.results.len() == replies.len() => {
             for (result, reply_to) in reply.results.into_iter().zip(replies) {
@@ -308,7 +427,7 @@ async fn send_batch(
             }
         }
         Err(error) => {
-            tracing::debug!(url = %target.url, %error, "internal request failed");
+            tracing::debug!(node = %target.node, %error, "internal request failed");
             let undelivered = error.undelivered();
             for reply_to in replies {
                 let _ = reply_to.send(Err(undelivered));
@@ -317,23 +436,24 @@ async fn send_batch(
     }
 }
 
-async fn request(
+async fn request<B: Serialize, R: serde::de::DeserializeOwned>(
     client: &reqwest::Client,
     target: &Target,
-    batch: ForwardBatch,
+    path: &'static str,
+    batch: &B,
     timeout: Duration,
-) -> Result<ForwardReply, RequestError> {
-    let body = serde_json::to_vec(&batch)?;
+) -> Result<R, RequestError> {
+    let body = serde_json::to_vec(batch)?;
     let signed = crate::internal_auth::sign(
         &target.keys,
         "POST",
-        INTERNAL_OPERATIONS_PATH,
+        path,
         &target.node,
         &body,
         crate::internal_auth::now_ms(),
     );
     let mut request = client
-        .post(&target.url)
+        .post(format!("{}{path}", target.base))
         .header(CONTENT_TYPE, "application/json")
         .timeout(timeout);
     for (name, value) in signed.pairs() {
@@ -341,12 +461,12 @@ async fn request(
     }
     let response = request.body(body).send().await.map_err(classify)?;
     match response.status() {
-        StatusCode::OK => response.json::<ForwardReply>().await.map_err(classify),
+        StatusCode::OK => response.json::<R>().await.map_err(classify),
         StatusCode::UNAUTHORIZED => {
             // Nothing ran. A peer with other secrets, or clocks apart by more than the
             // replay window; the peer's log says which.
             tracing::error!(
-                url = %target.url,
+                url = %format!("{}{path}", target.base),
                 node = %target.node,
                 "peer refused the request's signature: check WALLET_INTERNAL_SECRET(_PREVIOUS) and the clocks"
             );

@@ -6,6 +6,8 @@ pub struct RoutingMetrics {
     pub forward_duration: Histogram,
     pub deadline_exceeded: IntCounter,
     pub unresolved: IntCounter,
+    /// Wallet reads by where they were answered from.
+    pub wallet_reads: IntCounterVec,
 }
 
 impl RoutingMetrics {
@@ -35,6 +37,17 @@ impl RoutingMetrics {
             "Requests whose outcome no owner could look up in time: the connection was closed without an answer",
         )?;
         registry.register(Box::new(unresolved.clone()))?;
+        let wallet_reads = IntCounterVec::new(
+            Opts::new(
+                "wallet_wallet_reads_total",
+                "Wallet reads by source: this node's memory as the owner, the owner's memory one internal request away, or PostgreSQL",
+            ),
+            &["source"],
+        )?;
+        for source in ["memory", "owner", "database"] {
+            wallet_reads.with_label_values(&[source]);
+        }
+        registry.register(Box::new(wallet_reads.clone()))?;
         // Every outcome from the start, so dashboards and alerts see zeros, not gaps.
         for outcome in ["ok", "not_owner", "not_applied", "may_exist"] {
             forwards.with_label_values(&[outcome]);
@@ -47,6 +60,7 @@ impl RoutingMetrics {
             forward_duration,
             deadline_exceeded,
             unresolved,
+            wallet_reads,
         })
     }
 }

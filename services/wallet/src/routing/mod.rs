@@ -14,7 +14,8 @@ mod metrics;
 
 pub use forward::{
     ForwardBatch, ForwardReply, ForwardResult, ForwardTimeouts, ForwardedCommand, Forwarder,
-    INTERNAL_OPERATIONS_PATH, MAX_FORWARD_BATCH, Peer,
+    INTERNAL_OPERATIONS_PATH, INTERNAL_READS_PATH, MAX_FORWARD_BATCH, Peer, ReadBatch, ReadReply,
+    ReadResult, WalletRead,
 };
 pub use metrics::RoutingMetrics;
 
@@ -24,8 +25,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use wallet_cluster::Cluster;
 
+use crate::auth::Tenant;
 use crate::domain::{CommandOutcome, OperationCommand};
 use crate::executor::ExecutorPool;
+use crate::store::WalletState;
 use crate::submit::{NotApplied, Submit, Undelivered};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,56 @@ impl OperationRouter {
 
     pub fn shard_of(&self, wallet_id: &uuid::Uuid) -> u32 {
         self.cluster.shard_of(wallet_id)
+    }
+
+    /// A wallet's committed state from this node's memory, when this node may answer
+    /// for it: it serves the wallet's shard, its lease is fresh (no other node can have
+    /// taken the shard and written since), and the wallet is cached.
+    pub fn committed_wallet(&self, wallet_id: &uuid::Uuid) -> Option<WalletState> {
+        let shard = self.shard_of(wallet_id);
+        self.cluster
+            .serves_reads(shard)
+            .then(|| self.local.committed_wallet(shard, wallet_id))
+            .flatten()
+    }
+
+    /// A wallet of `tenant` as its owner committed it, from this node's memory or, one
+    /// coalesced internal request away, from the owner's. `Some(None)`: no such wallet of
+    /// the tenant. `None` sends the caller to PostgreSQL, which is always right.
+    pub async fn read_wallet(
+        &self,
+        tenant: &Tenant,
+        wallet_id: uuid::Uuid,
+    ) -> Option<Option<WalletState>> {
+        let found = self.read_from_memory(tenant, wallet_id).await;
+        let source = match found {
+            Some((source, _)) => source,
+            None => "database",
+        };
+        self.metrics.wallet_reads.with_label_values(&[source]).inc();
+        found.map(|(_, wallet)| wallet)
+    }
+
+    async fn read_from_memory(
+        &self,
+        tenant: &Tenant,
+        wallet_id: uuid::Uuid,
+    ) -> Option<(&'static str, Option<WalletState>)> {
+        // This node first: it may still serve a shard the view already gives to another.
+        if let Some(wallet) = self.committed_wallet(&wallet_id) {
+            return Some(("memory", (wallet.tenant == *tenant).then_some(wallet)));
+        }
+        let owner = self.cluster.owner_of(self.shard_of(&wallet_id))?;
+        if owner.id == self.cluster.node_id() {
+            return None;
+        }
+        match self.forwarder.peer(&owner).read(tenant, wallet_id).await {
+            ReadResult::Found(wallet) => {
+                Some(("owner", (wallet.tenant == *tenant).then_some(wallet)))
+            }
+            ReadResult::NotFound => Some(("owner", None)),
+            ReadResult::NotFromMemory => None,
+        }
     }
 
     /// Peers with a forwarding task now.

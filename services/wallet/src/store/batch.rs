@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 use crate::domain::{HoldRecord, OperationRecord, TransferRecord};
+use crate::events::NewEvent;
 
 /// The new state of one wallet touched by a batch.
 #[derive(Clone, Debug)]
@@ -34,12 +35,22 @@ pub struct ShardFence {
 pub struct LedgerWrites {
     /// Transfers whose debit this batch records: PENDING, or REJECTED.
     pub new_transfers: Vec<TransferRecord>,
-    /// PENDING transfers whose credit this batch records, with the moment.
-    pub posted_transfers: Vec<(Uuid, DateTime<Utc>)>,
+    /// PENDING transfers whose credit this batch records.
+    pub posted_transfers: Vec<PostedTransfer>,
     /// Holds created (ACTIVE) or refused (REJECTED) by this batch.
     pub new_holds: Vec<HoldRecord>,
     /// ACTIVE holds this batch captures, voids or expires, as they end up.
     pub settled_holds: Vec<HoldRecord>,
+    /// The outbox rows of everything above and of the batch's operations.
+    pub events: Vec<NewEvent>,
+}
+
+/// The credit of a PENDING transfer, recorded by this batch.
+#[derive(Clone, Debug)]
+pub struct PostedTransfer {
+    pub transfer_id: Uuid,
+    pub from_wallet_id: Uuid,
+    pub posted_at: DateTime<Utc>,
 }
 
 impl LedgerWrites {
@@ -51,6 +62,7 @@ impl LedgerWrites {
         self.new_holds.extend(other.new_holds.iter().cloned());
         self.settled_holds
             .extend(other.settled_holds.iter().cloned());
+        self.events.extend(other.events.iter().cloned());
     }
 }
 
@@ -220,7 +232,9 @@ async fn write_batch(
     // applied already) fails the batch as stale, and the retry looks it up.
     write_ledger(tx, batch.ledger).await?;
     insert_operations(tx, batch.operations).await?;
-    update_wallets(tx, batch.wallets).await
+    update_wallets(tx, batch.wallets).await?;
+    super::events::insert_events(tx, &batch.ledger.events).await?;
+    Ok(())
 }
 
 /// The one fence check: FOR SHARE, so a concurrent claim of a shard waits for this
@@ -348,8 +362,8 @@ async fn write_ledger(
              FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(id, posted_at) \
              WHERE t.id = u.id AND t.status = 'PENDING'",
         )
-        .bind(posted.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-        .bind(posted.iter().map(|(_, at)| *at).collect::<Vec<_>>())
+        .bind(posted.iter().map(|p| p.transfer_id).collect::<Vec<_>>())
+        .bind(posted.iter().map(|p| p.posted_at).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -54,7 +54,7 @@ pub struct BalanceAt {
     pub as_of: DateTime<Utc>,
 }
 
-fn tenant_of(row: &PgRow) -> Result<Tenant, StoreError> {
+pub(super) fn tenant_of(row: &PgRow) -> Result<Tenant, StoreError> {
     let name: String = row.try_get("tenant_id")?;
     Tenant::parse(&name).ok_or_else(|| StoreError::Corrupt(format!("tenant {name:?}")))
 }

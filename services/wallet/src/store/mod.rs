@@ -4,11 +4,21 @@
 
 mod batch;
 mod directory;
+mod events;
 
 mod ledger;
+mod webhooks;
 
-pub use batch::{BatchWrite, CommitError, LedgerWrites, Resolution, ShardFence, WalletUpdate};
+pub use batch::{
+    BatchWrite, CommitError, LedgerWrites, PostedTransfer, Resolution, ShardFence, WalletUpdate,
+};
+pub use events::{
+    ClaimOutcome, ConsumerClaim, ConsumerLag, EventPage, Horizon, PruneOutcome, ReadEventsError,
+};
 pub use ledger::{BalanceAt, PastBalance, PointInTime};
+pub use webhooks::{
+    AttemptRecord, CreatedWebhook, DeliveryCursor, FanOut, RetryDelivery, TooManyWebhooks,
+};
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -24,7 +34,7 @@ use crate::auth::Tenant;
 use crate::domain::{OperationRecord, OperationStatus, OperationType, RejectionReason};
 
 /// The schema version this build needs: the newest file in `migrations/`.
-pub const REQUIRED_SCHEMA_VERSION: i64 = 5;
+pub const REQUIRED_SCHEMA_VERSION: i64 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -95,7 +105,8 @@ pub struct Timeouts {
     pub read: Duration,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WalletState {
     pub balance: Decimal,
     /// Funds reserved by ACTIVE holds.
@@ -141,6 +152,8 @@ pub struct Store {
     control: PgPool,
     timeouts: Timeouts,
     directory: std::sync::Arc<directory::Directory>,
+    /// Whether wallet creation writes its outbox row (`WALLET_EVENTS_ENABLED`).
+    events: bool,
 }
 
 /// The three pools of a node.
@@ -163,7 +176,18 @@ impl Store {
             control: pools.control,
             timeouts,
             directory: std::sync::Arc::new(directory::Directory::new()),
+            events: true,
         }
+    }
+
+    /// With `false`, nothing writes to the outbox (`WALLET_EVENTS_ENABLED=false`).
+    pub fn with_events(mut self, events: bool) -> Self {
+        self.events = events;
+        self
+    }
+
+    pub fn events_enabled(&self) -> bool {
+        self.events
     }
 
     /// Whether `wallet_id` is a wallet of `tenant`, remembered once found.
@@ -313,13 +337,32 @@ impl Store {
                 }
             }
             // Conflicts only with an earlier attempt of this request: the id is new.
-            sqlx::query(
-                "INSERT INTO wallets (id, tenant_id, balance, version) VALUES ($1, $2, 0, 0) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(wallet_id)
-            .bind(tenant.as_str())
-            .execute(&mut *tx)
-            .await?;
+            if self.events {
+                // Its wallet.created event only with the row itself, never twice.
+                let event = crate::events::wallet_created(tenant, wallet_id, Utc::now());
+                sqlx::query(
+                    "WITH created AS (INSERT INTO wallets (id, tenant_id, balance, version) VALUES ($1, $2, 0, 0) \
+                     ON CONFLICT (id) DO NOTHING RETURNING id, tenant_id) \
+                     INSERT INTO events (ordinal, event_id, tenant_id, wallet_id, sequence, event_type, occurred_at, data) \
+                     SELECT 0, $3, tenant_id, id, 0, $4, $5, $6::json FROM created",
+                )
+                .bind(wallet_id)
+                .bind(tenant.as_str())
+                .bind(event.event_id)
+                .bind(event.event_type.as_str())
+                .bind(event.occurred_at)
+                .bind(&event.data)
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                sqlx::query(
+                    "INSERT INTO wallets (id, tenant_id, balance, version) VALUES ($1, $2, 0, 0) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(wallet_id)
+                .bind(tenant.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
             Ok(Ok(tx))
         })
         .await
