@@ -94,6 +94,7 @@ async fn the_node_works_fully_as_the_app_role() -> anyhow::Result<()> {
             reads: app.clone(),
             commits: app.clone(),
             control: app.clone(),
+            deliveries: app.clone(),
         },
         Timeouts {
             commit: Duration::from_secs(5),

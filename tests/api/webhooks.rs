@@ -736,3 +736,136 @@ async fn bad_webhook_requests_get_a_clear_4xx_and_change_nothing() -> anyhow::Re
     );
     Ok(())
 }
+
+/// The recorder writes the outcomes of many attempts in one statement: each kind lands as
+/// it would alone, and an attempt whose claim lapsed (a later claim counted one more
+/// attempt) is not recorded over the newer one.
+#[tokio::test]
+async fn outcomes_recorded_together_land_each_as_alone_and_a_lapsed_claim_writes_nothing()
+-> anyhow::Result<()> {
+    use wallet::store::{AttemptRecord, Pools, RecordedAttempt, Store, Timeouts};
+
+    let db = TestDatabase::create().await?;
+    let app = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&db.app_url)
+        .await?;
+    let store = Store::new(
+        Pools {
+            reads: app.clone(),
+            commits: app.clone(),
+            control: app.clone(),
+            deliveries: app.clone(),
+        },
+        Timeouts {
+            commit: Duration::from_secs(5),
+            read: Duration::from_secs(5),
+        },
+    );
+    let webhook = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO webhooks (id, tenant_id, url, event_types, secret, after_tx, after_ordinal, created_at) \
+         VALUES ($1, 'dev', 'http://127.0.0.1:9/', ARRAY['operation.applied'], 'whsec_test', 0, 0, now())",
+    )
+    .bind(webhook)
+    .execute(&db.pool)
+    .await?;
+    let deliveries: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, body, status, attempts, \
+           next_attempt_at, retry_until, created_at) \
+         SELECT d, $2, gen_random_uuid(), 'operation.applied', '{}', 'PENDING', 0, now(), \
+           now() + interval '1 hour', now() FROM UNNEST($1::uuid[]) AS d",
+    )
+    .bind(&deliveries)
+    .bind(webhook)
+    .execute(&db.pool)
+    .await?;
+
+    let lease = Duration::from_secs(30);
+    let claims = store.claim_deliveries(4, lease).await?;
+    assert_eq!(claims.len(), 4, "every due delivery is claimed");
+    let attempt_of = |id: Uuid| {
+        claims
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| c.attempt)
+            .unwrap_or_default()
+    };
+    // The fourth's claim lapses: another claim takes it over (attempt 2).
+    sqlx::query("UPDATE webhook_deliveries SET attempts = attempts + 1 WHERE id = $1")
+        .bind(deliveries[3])
+        .execute(&db.pool)
+        .await?;
+    let records = [
+        AttemptRecord::Delivered { status_code: 204 },
+        AttemptRecord::Retry {
+            after: Duration::from_secs(600),
+            status_code: Some(503),
+            error: "503 Service Unavailable".to_owned(),
+        },
+        AttemptRecord::Failed {
+            status_code: None,
+            error: "connection refused".to_owned(),
+        },
+        AttemptRecord::Delivered { status_code: 200 },
+    ];
+    let attempts: Vec<RecordedAttempt> = deliveries
+        .iter()
+        .zip(records)
+        .map(|(id, record)| RecordedAttempt {
+            delivery_id: *id,
+            attempt: attempt_of(*id),
+            record,
+        })
+        .collect();
+    let mut recorded = store.record_attempts(&attempts).await?;
+    recorded.sort();
+    assert_eq!(
+        recorded,
+        deliveries[..3].to_vec(),
+        "all but the lapsed claim"
+    );
+
+    type Row = (String, Option<i32>, Option<String>, bool, f64);
+    let row = |id: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, Row>(
+                "SELECT status, last_status_code, last_error, delivered_at IS NOT NULL, \
+                   EXTRACT(EPOCH FROM next_attempt_at - now())::float8 \
+                 FROM webhook_deliveries WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+        }
+    };
+    let (status, code, error, delivered, _) = row(deliveries[0]).await?;
+    assert_eq!(
+        (status.as_str(), code, error, delivered),
+        ("DELIVERED", Some(204), None, true)
+    );
+    let (status, code, error, delivered, due_in) = row(deliveries[1]).await?;
+    assert_eq!(
+        (status.as_str(), code, error.as_deref(), delivered),
+        ("PENDING", Some(503), Some("503 Service Unavailable"), false)
+    );
+    assert!(
+        (590.0..=600.0).contains(&due_in),
+        "the retry is due after its backoff: {due_in} s"
+    );
+    let (status, code, error, delivered, _) = row(deliveries[2]).await?;
+    assert_eq!(
+        (status.as_str(), code, error.as_deref(), delivered),
+        ("FAILED", None, Some("connection refused"), false)
+    );
+    // Untouched: still PENDING under the newer claim's lease, no outcome of the old one.
+    let (status, code, error, delivered, due_in) = row(deliveries[3]).await?;
+    assert_eq!(
+        (status.as_str(), code, error, delivered),
+        ("PENDING", None, None, false)
+    );
+    assert!(due_in > 20.0, "still under the claim's lease: {due_in} s");
+    Ok(())
+}

@@ -72,6 +72,8 @@ pub struct Config {
     pub database_commit_connections: u32,
     /// Connections of fence claims, the health check and the schema check.
     pub database_control_connections: u32,
+    /// Connections of the webhook workers' bookkeeping (fan-out, claims, outcomes).
+    pub database_delivery_connections: u32,
     /// Client-side bound of one batch transaction; also the server's statement timeout.
     pub commit_timeout: std::time::Duration,
     /// Client-side bound of one read.
@@ -349,6 +351,7 @@ impl Config {
             database_max_connections: parse(&get, "DATABASE_MAX_CONNECTIONS", 16)?,
             database_commit_connections: parse(&get, "DATABASE_COMMIT_CONNECTIONS", 8)?,
             database_control_connections: parse(&get, "DATABASE_CONTROL_CONNECTIONS", 4)?,
+            database_delivery_connections: parse(&get, "DATABASE_DELIVERY_CONNECTIONS", 4)?,
             commit_timeout,
             read_timeout: millis(&get, "WALLET_READ_TIMEOUT_MS", 5_000)?,
             commit_stall,

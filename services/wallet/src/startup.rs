@@ -76,7 +76,7 @@ pub struct Application {
     stop: CancellationToken,
 }
 
-/// The node's three pools (see `Pools`), lazy: a node starts, and reports not ready,
+/// The node's pools (see `Pools`), lazy: a node starts, and reports not ready,
 /// while the database is still coming up.
 fn database_pools(config: &Config) -> Result<Pools, StartupError> {
     // No transaction of the node idles between its statements, so a session idle in a
@@ -106,10 +106,19 @@ fn database_pools(config: &Config) -> Result<Pools, StartupError> {
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy_with(connect.clone())
     };
+    // The webhook workers' statements commit asynchronously: a crash of PostgreSQL can
+    // lose their last fraction of a second, which only means a delivery is sent again
+    // (with the same ids), as after a node's crash. They then never wait for a WAL flush,
+    // and never make the executors' commits queue behind their flushes.
+    let deliveries = PgPoolOptions::new()
+        .max_connections(config.database_delivery_connections.max(1))
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy_with(connect.clone().options([("synchronous_commit", "off")]));
     Ok(Pools {
         reads: pool(config.database_max_connections),
         commits: pool(config.database_commit_connections),
         control: pool(config.database_control_connections),
+        deliveries,
     })
 }
 

@@ -17,7 +17,8 @@ pub use events::{
 };
 pub use ledger::{BalanceAt, PastBalance, PointInTime};
 pub use webhooks::{
-    AttemptRecord, CreatedWebhook, DeliveryCursor, FanOut, RetryDelivery, TooManyWebhooks,
+    AttemptRecord, CreatedWebhook, DeliveryCursor, FanOut, RecordedAttempt, RetryDelivery,
+    TooManyWebhooks,
 };
 
 use std::collections::HashMap;
@@ -141,22 +142,23 @@ macro_rules! operation_columns {
     };
 }
 
-/// The node's database access, over two pools so that reads can never starve commits:
-/// `commits` serves the executors' batch transactions (and their look-ups), `pool` the
-/// API's reads and wallet creation. Fence claims and readiness have a third pool of
-/// their own, in the cluster layer.
+/// The node's database access, over separate pools so that reads can never starve
+/// commits: `commits` serves the executors' batch transactions (and their look-ups),
+/// `pool` the API's reads and wallet creation, `deliveries` the webhook workers. Fence
+/// claims and readiness have a pool of their own, in the cluster layer.
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
     commits: PgPool,
     control: PgPool,
+    deliveries: PgPool,
     timeouts: Timeouts,
     directory: std::sync::Arc<directory::Directory>,
     /// Whether wallet creation writes its outbox row (`WALLET_EVENTS_ENABLED`).
     events: bool,
 }
 
-/// The three pools of a node.
+/// The pools of a node.
 #[derive(Clone)]
 pub struct Pools {
     /// The API's reads and wallet creation.
@@ -166,6 +168,10 @@ pub struct Pools {
     /// Fence claims, the health check and the schema check: few connections, never
     /// waiting behind the others.
     pub control: PgPool,
+    /// The webhook workers' fan-out, claims and outcomes, committed asynchronously: at
+    /// least once survives losing them, and the API's and executors' commits do not wait
+    /// behind their WAL flushes.
+    pub deliveries: PgPool,
 }
 
 impl Store {
@@ -174,6 +180,7 @@ impl Store {
             pool: pools.reads,
             commits: pools.commits,
             control: pools.control,
+            deliveries: pools.deliveries,
             timeouts,
             directory: std::sync::Arc::new(directory::Directory::new()),
             events: true,

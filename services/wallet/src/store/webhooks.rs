@@ -75,6 +75,15 @@ pub enum AttemptRecord {
     },
 }
 
+/// A claimed attempt's outcome, to be recorded.
+#[derive(Clone, Debug)]
+pub struct RecordedAttempt {
+    pub delivery_id: Uuid,
+    /// The claim's attempt number: the outcome counts only if no later claim took over.
+    pub attempt: i32,
+    pub record: AttemptRecord,
+}
+
 /// What one fan-out round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FanOut {
@@ -408,7 +417,7 @@ impl Store {
         retry_for: Duration,
     ) -> Result<FanOut, StoreError> {
         self.bounded(async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.deliveries.begin().await?;
             // Every transaction below the horizon has ended: their events are all
             // visible to the statements that follow (each takes a newer snapshot).
             let horizon: i64 = sqlx::query_scalar(HORIZON).fetch_one(&mut *tx).await?;
@@ -503,7 +512,7 @@ impl Store {
             )
             .bind(limit as i64)
             .bind(millis(lease))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.deliveries)
             .await?;
             rows.iter()
                 .map(|row| {
@@ -528,48 +537,68 @@ impl Store {
         .await
     }
 
-    /// Records how a claimed attempt ended, if the claim is still the delivery's latest
-    /// (`false`: it lapsed and another attempt took over, whose outcome counts).
-    pub async fn record_attempt(
+    /// Records how claimed attempts ended, in one statement, each only if its claim is
+    /// still the delivery's latest. Returns the deliveries recorded; the others' claims
+    /// lapsed and another attempt took over, whose outcome counts.
+    pub async fn record_attempts(
         &self,
-        delivery_id: Uuid,
-        attempt: i32,
-        record: &AttemptRecord,
-    ) -> Result<bool, StoreError> {
-        self.bounded(async {
-            let query = match record {
-                AttemptRecord::Delivered { status_code } => sqlx::query(
-                    "UPDATE webhook_deliveries SET status = 'DELIVERED', delivered_at = now(), \
-                     last_status_code = $3, last_error = NULL \
-                     WHERE id = $1 AND attempts = $2 AND status = 'PENDING'",
-                )
-                .bind(delivery_id)
-                .bind(attempt)
-                .bind(i32::from(*status_code)),
+        attempts: &[RecordedAttempt],
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let mut ids = Vec::with_capacity(attempts.len());
+        let mut numbers = Vec::with_capacity(attempts.len());
+        let mut statuses = Vec::with_capacity(attempts.len());
+        let mut retry_after_ms = Vec::with_capacity(attempts.len());
+        let mut codes = Vec::with_capacity(attempts.len());
+        let mut errors = Vec::with_capacity(attempts.len());
+        for attempt in attempts {
+            ids.push(attempt.delivery_id);
+            numbers.push(attempt.attempt);
+            let (status, after, code, error) = match &attempt.record {
+                AttemptRecord::Delivered { status_code } => {
+                    (DeliveryStatus::Delivered, None, Some(*status_code), None)
+                }
                 AttemptRecord::Retry {
                     after,
                     status_code,
                     error,
-                } => sqlx::query(
-                    "UPDATE webhook_deliveries SET next_attempt_at = now() + $5 * interval '1 millisecond', \
-                     last_status_code = $3, last_error = $4 \
-                     WHERE id = $1 AND attempts = $2 AND status = 'PENDING'",
-                )
-                .bind(delivery_id)
-                .bind(attempt)
-                .bind(status_code.map(i32::from))
-                .bind(error)
-                .bind(millis(*after)),
-                AttemptRecord::Failed { status_code, error } => sqlx::query(
-                    "UPDATE webhook_deliveries SET status = 'FAILED', last_status_code = $3, last_error = $4 \
-                     WHERE id = $1 AND attempts = $2 AND status = 'PENDING'",
-                )
-                .bind(delivery_id)
-                .bind(attempt)
-                .bind(status_code.map(i32::from))
-                .bind(error),
+                } => (
+                    DeliveryStatus::Pending,
+                    Some(millis(*after)),
+                    *status_code,
+                    Some(error.as_str()),
+                ),
+                AttemptRecord::Failed { status_code, error } => (
+                    DeliveryStatus::Failed,
+                    None,
+                    *status_code,
+                    Some(error.as_str()),
+                ),
             };
-            Ok(query.execute(&self.pool).await?.rows_affected() == 1)
+            statuses.push(status.as_str());
+            retry_after_ms.push(after);
+            codes.push(code.map(i32::from));
+            errors.push(error);
+        }
+        self.bounded(async {
+            Ok(sqlx::query_scalar(
+                "UPDATE webhook_deliveries d SET status = u.status, \
+                   delivered_at = CASE WHEN u.status = 'DELIVERED' THEN now() ELSE d.delivered_at END, \
+                   next_attempt_at = CASE WHEN u.status = 'PENDING' \
+                     THEN now() + u.after_ms * interval '1 millisecond' ELSE d.next_attempt_at END, \
+                   last_status_code = u.code, last_error = u.error \
+                 FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int8[], $5::int4[], $6::text[]) \
+                   AS u(id, attempt, status, after_ms, code, error) \
+                 WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'PENDING' \
+                 RETURNING d.id",
+            )
+            .bind(&ids)
+            .bind(&numbers)
+            .bind(&statuses)
+            .bind(&retry_after_ms)
+            .bind(&codes)
+            .bind(&errors)
+            .fetch_all(&self.deliveries)
+            .await?)
         })
         .await
     }
@@ -584,7 +613,7 @@ impl Store {
                    (SELECT count(*) FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
                     WHERE d.status = 'FAILED' AND w.deleted_at IS NULL) AS failed",
             )
-            .fetch_one(&self.pool)
+            .fetch_one(&self.deliveries)
             .await?;
             Ok((row.try_get("pending")?, row.try_get("failed")?))
         })

@@ -2,18 +2,19 @@
 //! number of attempts in flight, and the gauges' refresh. Every node runs all three; row
 //! locks in PostgreSQL keep them from doing the same work twice (see `mod.rs`).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::{ClaimedDelivery, Sender, WebhookMetrics, backoff, jitter};
 use crate::config::WebhooksConfig;
 use crate::events::EventTail;
-use crate::store::{AttemptRecord, Store};
+use crate::store::{AttemptRecord, RecordedAttempt, Store};
 
 /// Webhooks one fan-out transaction claims...
 const FAN_OUT_WEBHOOKS: usize = 16;
@@ -27,12 +28,13 @@ const DUE_RECHECK: Duration = Duration::from_millis(500);
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 /// After a database error, a loop waits this long before it tries again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
-/// Tries at recording an attempt's outcome; all failing leaves the claim to lapse.
+/// Tries at recording attempts' outcomes; all failing leaves the claims to lapse.
 const RECORD_TRIES: u32 = 3;
 
 /// The running loops; [`Workers::stopped`] waits for the attempts in flight.
 pub struct Workers {
     delivery: JoinHandle<()>,
+    recorder: JoinHandle<()>,
 }
 
 impl Workers {
@@ -41,6 +43,9 @@ impl Workers {
     pub async fn stopped(self) {
         if let Err(error) = self.delivery.await {
             tracing::error!(error = %error, "the webhook delivery loop panicked");
+        }
+        if let Err(error) = self.recorder.await {
+            tracing::error!(error = %error, "the webhook outcome recorder panicked");
         }
     }
 }
@@ -63,17 +68,22 @@ pub fn start(
         stop.clone(),
     ));
     tokio::spawn(gauge_loop(store.clone(), metrics.clone(), stop.clone()));
+    // Each attempt holds a place until its outcome is recorded, so the channel never
+    // holds more than the places.
+    let (outcomes, finished) = mpsc::channel(settings.max_in_flight.max(1));
+    let recorder = tokio::spawn(record_loop(store.clone(), finished, wake.clone()));
     let delivery = tokio::spawn(delivery_loop(
         Delivering {
             store,
             sender,
             settings,
             metrics,
+            outcomes,
         },
         wake,
         stop,
     ));
-    Workers { delivery }
+    Workers { delivery, recorder }
 }
 
 async fn fan_out_loop(
@@ -144,6 +154,57 @@ struct Delivering {
     sender: Sender,
     settings: WebhooksConfig,
     metrics: WebhookMetrics,
+    /// Ended attempts, with their places, to the recorder.
+    outcomes: mpsc::Sender<Finished>,
+}
+
+/// An ended attempt waiting to be recorded, holding its place until then.
+struct Finished {
+    attempt: RecordedAttempt,
+    _place: OwnedSemaphorePermit,
+}
+
+/// Records ended attempts in batches: all that ended while the previous batch was being
+/// written go in one statement, so at a steady rate the outcomes cost a statement per
+/// round, not one per delivery. Ends when every sender is gone (the delivery loop and
+/// its attempts) and the last batch is recorded.
+async fn record_loop(store: Store, mut finished: mpsc::Receiver<Finished>, wake: Arc<Notify>) {
+    let mut batch = Vec::new();
+    loop {
+        if finished.recv_many(&mut batch, 256).await == 0 {
+            return;
+        }
+        let attempts: Vec<RecordedAttempt> = batch.iter().map(|f| f.attempt.clone()).collect();
+        record(&store, &attempts).await;
+        // The places are free again: claim more.
+        batch.clear();
+        wake.notify_one();
+    }
+}
+
+async fn record(store: &Store, attempts: &[RecordedAttempt]) {
+    for tried in 0..RECORD_TRIES {
+        match store.record_attempts(attempts).await {
+            Ok(recorded) => {
+                let recorded: HashSet<_> = recorded.into_iter().collect();
+                for attempt in attempts {
+                    if !recorded.contains(&attempt.delivery_id) {
+                        tracing::info!(delivery_id = %attempt.delivery_id, "a webhook attempt's claim had lapsed: another attempt's outcome counts");
+                    }
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(attempts = attempts.len(), error = %error, "recording webhook attempts failed");
+                tokio::time::sleep(ERROR_PAUSE * 2u32.pow(tried)).await;
+            }
+        }
+    }
+    // The claims lapse and the deliveries are sent again: at least once, never lost.
+    tracing::error!(
+        attempts = attempts.len(),
+        "webhook attempts' outcomes could not be recorded; they will be sent again"
+    );
 }
 
 async fn delivery_loop(delivering: Delivering, wake: Arc<Notify>, stop: CancellationToken) {
@@ -163,14 +224,19 @@ async fn delivery_loop(delivering: Delivering, wake: Arc<Notify>, stop: Cancella
             match delivering.store.claim_deliveries(free.len(), lease).await {
                 Ok(claims) => {
                     maybe_more = claims.len() == free.len();
-                    for (claim, permit) in claims.into_iter().zip(free) {
+                    for (claim, place) in claims.into_iter().zip(free) {
                         let delivering = delivering.clone();
-                        let wake = wake.clone();
                         in_flight.spawn(async move {
-                            delivering.attempt(claim).await;
-                            drop(permit);
-                            // A place is free: claim again.
-                            wake.notify_one();
+                            let attempt = delivering.attempt(claim).await;
+                            // Only fails once the recorder is gone, which it is not
+                            // while this loop runs; the claim would then lapse.
+                            let _ = delivering
+                                .outcomes
+                                .send(Finished {
+                                    attempt,
+                                    _place: place,
+                                })
+                                .await;
                         });
                     }
                 }
@@ -194,12 +260,14 @@ async fn delivery_loop(delivering: Delivering, wake: Arc<Notify>, stop: Cancella
         }
     }
     // Stopping: nothing new is claimed; what is in flight ends within the timeout and is
-    // recorded, so a clean stop leaves no claim to lapse.
+    // recorded (the recorder ends after the last of them), so a clean stop leaves no
+    // claim to lapse.
     while in_flight.join_next().await.is_some() {}
 }
 
 impl Delivering {
-    async fn attempt(&self, claim: ClaimedDelivery) {
+    /// Sends the delivery once and says how it ended.
+    async fn attempt(&self, claim: ClaimedDelivery) -> RecordedAttempt {
         let attempt = self.sender.send(&claim).await;
         self.metrics
             .delivery_seconds
@@ -243,24 +311,10 @@ impl Delivering {
         if let AttemptRecord::Failed { error, .. } = &record {
             tracing::warn!(delivery_id = %claim.id, event_id = %claim.event_id, attempts = claim.attempt, error = %error, "a webhook delivery is out of retries: FAILED");
         }
-        for tried in 0..RECORD_TRIES {
-            match self
-                .store
-                .record_attempt(claim.id, claim.attempt, &record)
-                .await
-            {
-                Ok(true) => return,
-                Ok(false) => {
-                    tracing::info!(delivery_id = %claim.id, "a webhook attempt's claim had lapsed: another attempt's outcome counts");
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(delivery_id = %claim.id, error = %error, "recording a webhook attempt failed");
-                    tokio::time::sleep(ERROR_PAUSE * 2u32.pow(tried)).await;
-                }
-            }
+        RecordedAttempt {
+            delivery_id: claim.id,
+            attempt: claim.attempt,
+            record,
         }
-        // The claim lapses and the delivery is sent again: at least once, never lost.
-        tracing::error!(delivery_id = %claim.id, "a webhook attempt's outcome could not be recorded; it will be sent again");
     }
 }
