@@ -228,8 +228,8 @@ async fn delivery_loop(delivering: Delivering, wake: Arc<Notify>, stop: Cancella
                         let delivering = delivering.clone();
                         in_flight.spawn(async move {
                             let attempt = delivering.attempt(claim).await;
-                            // Only fails once the recorder is gone, which it is not
-                            // while this loop runs; the claim would then lapse.
+                            // Fails only if the recorder panicked (it outlives every
+                            // sender otherwise); the claim then lapses.
                             let _ = delivering
                                 .outcomes
                                 .send(Finished {
