@@ -204,6 +204,13 @@ async fn a_live_webhook_holds_pruning_back_at_its_tenants_next_event() -> anyhow
     .bind(auth::TENANT)
     .execute(&db.pool)
     .await?;
+    // Kept from the node's fan-out (which skips locked webhooks), so that its position
+    // stays where it is while pruning runs: pruning reads it without a lock.
+    let mut fan_out_held = db.pool.begin().await?;
+    sqlx::query("SELECT id FROM webhooks WHERE id = $1 FOR UPDATE")
+        .bind(webhook)
+        .execute(&mut *fan_out_held)
+        .await?;
     age(&db, None).await?;
 
     // The other tenant's events before the hooked tenant's first one go; from there on
@@ -217,6 +224,8 @@ async fn a_live_webhook_holds_pruning_back_at_its_tenants_next_event() -> anyhow
         "pruning did not stop at the webhook's next event: {:?}",
         positions(&db, None).await?
     );
+
+    fan_out_held.commit().await?;
 
     // Past its tenant's events, the webhook holds nothing back, though it is far behind
     // in the outbox: the other tenant's later events are none of its business.
