@@ -2,13 +2,11 @@
 //! balances but cannot rewrite history, and the audit trail refuses changes from anyone,
 //! the owner included, outside a maintenance transaction.
 
-use std::time::Duration;
-
 use reqwest::StatusCode;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use uuid::Uuid;
-use wallet::store::{Pools, Resolution, Store, Timeouts};
+use wallet::store::Resolution;
 use wallet_tests::db::APP_LOGIN;
 use wallet_tests::{PrivatePostgres, TestDatabase};
 
@@ -88,19 +86,7 @@ async fn the_node_works_fully_as_the_app_role() -> anyhow::Result<()> {
     assert_eq!(users, vec![APP_LOGIN.to_owned()]);
 
     // The look-up of an ambiguous commit locks fences FOR UPDATE: that works too.
-    let app = app_pool(&db).await?;
-    let store = Store::new(
-        Pools {
-            reads: app.clone(),
-            commits: app.clone(),
-            control: app.clone(),
-            deliveries: app.clone(),
-        },
-        Timeouts {
-            commit: Duration::from_secs(5),
-            read: Duration::from_secs(5),
-        },
-    );
+    let store = db.app_store().await?;
     let operation: Uuid = deposit.body["operationId"]
         .as_str()
         .unwrap_or_default()

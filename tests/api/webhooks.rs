@@ -743,25 +743,10 @@ async fn bad_webhook_requests_get_a_clear_4xx_and_change_nothing() -> anyhow::Re
 #[tokio::test]
 async fn outcomes_recorded_together_land_each_as_alone_and_a_lapsed_claim_writes_nothing()
 -> anyhow::Result<()> {
-    use wallet::store::{AttemptRecord, Pools, RecordedAttempt, Store, Timeouts};
+    use wallet::store::{AttemptRecord, RecordedAttempt};
 
     let db = TestDatabase::create().await?;
-    let app = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&db.app_url)
-        .await?;
-    let store = Store::new(
-        Pools {
-            reads: app.clone(),
-            commits: app.clone(),
-            control: app.clone(),
-            deliveries: app.clone(),
-        },
-        Timeouts {
-            commit: Duration::from_secs(5),
-            read: Duration::from_secs(5),
-        },
-    );
+    let store = db.app_store().await?;
     let webhook = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO webhooks (id, tenant_id, url, event_types, secret, after_tx, after_ordinal, created_at) \

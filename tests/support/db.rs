@@ -20,6 +20,28 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
+    /// A node's `Store` over two connections of the app role, every pool one and the same:
+    /// for tests that call the store directly, without a node's workers beside them.
+    pub async fn app_store(&self) -> anyhow::Result<wallet::store::Store> {
+        use wallet::store::{Pools, Store, Timeouts};
+        let app = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.app_url)
+            .await?;
+        Ok(Store::new(
+            Pools {
+                reads: app.clone(),
+                commits: app.clone(),
+                control: app.clone(),
+                deliveries: app,
+            },
+            Timeouts {
+                commit: std::time::Duration::from_secs(5),
+                read: std::time::Duration::from_secs(5),
+            },
+        ))
+    }
+
     pub async fn create() -> anyhow::Result<Self> {
         let db = Self::create_empty().await?;
         db.migrate().await?;
