@@ -20,3 +20,19 @@ pub mod webhooks;
 
 pub use config::Config;
 pub use startup::Application;
+
+/// An error and its sources in one line, for logs and problem details; a source whose
+/// message the text already holds is not repeated (many errors repeat their source).
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(error) = next {
+        let part = error.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = error.source();
+    }
+    text
+}

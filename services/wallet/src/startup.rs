@@ -24,6 +24,7 @@ use wallet_cluster::{
 
 use crate::auth::{Authenticator, Principal};
 use crate::config::{AuthMode, Config, ListenerLimits, MembershipSource};
+use crate::error_chain;
 use crate::events::{EventTail, EventsMetrics, NatsSink, PruneSettings};
 use crate::executor::{ExecutorMetrics, ExecutorPool, ExecutorSettings};
 use crate::health;
@@ -210,20 +211,6 @@ fn is_redis_tls_failure(error: &redis::RedisError) -> bool {
         ]
         .iter()
         .any(|sign| text.contains(sign))
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(error) = next {
-        let part = error.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        next = error.source();
-    }
-    text
 }
 
 async fn membership(

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::metrics::{EventsMetrics, Published};
 use super::{EventTail, StoredEvent};
 use crate::config::NatsConfig;
+use crate::error_chain;
 use crate::store::{ClaimOutcome, Store, StoreError};
 
 /// The consumer's row in `event_consumers`.
@@ -270,21 +271,6 @@ impl NatsSink {
             error.into()
         })
     }
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(error) = next {
-        // Many errors repeat their source in their own message.
-        let part = error.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        next = error.source();
-    }
-    text
 }
 
 #[cfg(test)]
