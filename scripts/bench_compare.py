@@ -19,12 +19,28 @@ from pathlib import Path
 
 # Scenarios measured by their latency at a fixed offered rate rather than by throughput.
 LATENCY_SCENARIOS = {"constant"}
+# wallet-bench's probe of the nodes' trivial endpoint beside an open-loop scenario: one more
+# row per such scenario, "<scenario> baseline", the machine's own p99 in the same minutes.
+BASELINE_SUFFIX = " baseline"
+
+
+def is_latency(scenario):
+    return scenario in LATENCY_SCENARIOS or scenario.endswith(BASELINE_SUFFIX)
 
 
 def metric(result):
-    if result["scenario"] in LATENCY_SCENARIOS:
+    if is_latency(result["scenario"]):
         return result["p99_ms"]
     return result["achieved_rps"]
+
+
+def baseline_row(result):
+    """The baseline probe of `result` as a result of its own (None without one)."""
+    b = result.get("baseline")
+    if not b:
+        return None
+    return {"scenario": result["scenario"] + BASELINE_SUFFIX, "consistency_ok": True,
+            "nodes_cpu_s": None, "status_counts": {"error": b["failed"]}, "p99_ms": b["p99_ms"]}
 
 
 def cpu_us_per_op(result):
@@ -56,7 +72,9 @@ def load(out, pairs):
             for result in json.loads(path.read_text()):
                 if not result.get("consistency_ok", False):
                     problems.append(f"{label} pair {pair} {result['scenario']}: consistency check failed")
-                runs.setdefault(result["scenario"], {"base": [], "head": []})[label].append(result)
+                for r in (result, baseline_row(result)):
+                    if r is not None:
+                        runs.setdefault(r["scenario"], {"base": [], "head": []})[label].append(r)
     return runs, problems
 
 
@@ -74,7 +92,7 @@ def summarise(runs):
         cpu_h = [c for c in map(cpu_us_per_op, head) if c is not None]
         rows.append({
             "scenario": scenario,
-            "unit": "p99 ms" if scenario in LATENCY_SCENARIOS else "ops/s",
+            "unit": "p99 ms" if is_latency(scenario) else "ops/s",
             "base_runs": b,
             "head_runs": h,
             "base_mean": base_mean,
@@ -154,8 +172,10 @@ def self_test():
         for (label, pair), v in values.items():
             d = Path(out) / f"{label}-{pair}"
             d.mkdir()
+            constant = result("constant", v / 10, 0.02)
+            constant["baseline"] = {"p99_ms": v / 100, "failed": 0}
             d.joinpath("results.json").write_text(json.dumps(
-                [result("saturate-one", v, 0.05), result("constant", v / 10, 0.02)]))
+                [result("saturate-one", v, 0.05), constant]))
         runs, problems = load(out, 2)
         assert problems == [], problems
         rows = {r["scenario"]: r for r in summarise(runs)}
@@ -167,6 +187,9 @@ def self_test():
         assert abs(sat["base_cpu_us_per_op"] - 50) < 1e-9, sat
         assert sat["failed"] == {"base": 2, "head": 2}, sat
         assert rows["constant"]["unit"] == "p99 ms", rows["constant"]
+        base_line = rows["constant baseline"]
+        assert base_line["unit"] == "p99 ms" and base_line["base_runs"] == [1, 2], base_line
+        assert base_line["head_runs"] == [1.1, 1.8] and base_line["failed"]["base"] == 0, base_line
         assert "| saturate-one | ops/s | 100, 200 |" in table(list(rows.values()), "a", "b")
 
         # A failed consistency check and a missing run are failures, never a quiet summary.

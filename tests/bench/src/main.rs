@@ -5,6 +5,7 @@
 //! serves an in-memory imitation of the API to measure the generator alone.
 
 mod balance_at;
+mod baseline;
 mod check;
 mod client;
 mod cluster;
@@ -216,6 +217,10 @@ struct RunArgs {
     /// that never ends), body (headers, then a body that never ends).
     #[arg(long, env = "WALLET_BENCH_SLOW_KINDS", value_delimiter = ',', value_parser = parse_slow_kind, default_value = "idle,header,body")]
     slow_kinds: Vec<slow::Kind>,
+    /// Requests per second (over all nodes) to GET /healthz of the admin ports during the
+    /// open-loop scenarios: the machine's own latency beside theirs; 0 turns it off.
+    #[arg(long, env = "WALLET_BENCH_BASELINE_RPS", default_value_t = 100.0)]
+    baseline_rps: f64,
     /// Other clients' constant load beside many-wallets and slow-connections.
     #[arg(long, env = "WALLET_BENCH_BYSTANDER_RPS", default_value_t = 50.0)]
     bystander_rps: f64,
@@ -442,6 +447,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             slow_target: args.slow_target,
             slow_trickle: args.slow_trickle,
             slow_kinds: args.slow_kinds.clone(),
+            baseline_rps: args.baseline_rps,
             bystander_rps: args.bystander_rps,
             bystander_wallets: args.bystander_wallets,
             bystander_connections: args.bystander_connections,

@@ -137,6 +137,9 @@ pub struct ScenarioResult {
     pub reads: Option<ReadsReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_lag: Option<crate::event_lag::EventLagReport>,
+    /// The nodes' trivial endpoint during an open-loop scenario (the machine's baseline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<crate::baseline::BaselineReport>,
 }
 
 /// `SecondPoint` plus the offered rate of that second (open loop).
@@ -305,6 +308,20 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
                 "Event lag target: p99 <= {:.0} ms for both, every event received: {}.\n",
                 lag.target_p99_ms,
                 met(lag.target_met)
+            );
+        }
+        if let Some(b) = &r.baseline {
+            let _ = writeln!(
+                s,
+                "Baseline, {} at {:.0} requests/s during the load: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} requests, {} failed); the scenario's p99 was {:.2} ms.\n",
+                b.endpoint,
+                b.offered_rps,
+                b.p50_ms,
+                b.p99_ms,
+                b.max_ms,
+                b.requests,
+                b.failed,
+                r.p99_ms,
             );
         }
         if let Some(m) = &r.memory {
@@ -1059,6 +1076,7 @@ mod tests {
             balance_at: None,
             reads: None,
             event_lag: None,
+            baseline: None,
         }
     }
 
@@ -1123,6 +1141,23 @@ mod tests {
             "nodes n/a, PostgreSQL n/a; per acknowledged operation: nodes n/a, PostgreSQL n/a."
         ),);
         assert!(md.contains("t=15.0s kill -9 node-1"));
+        assert!(!md.contains("Baseline"), "{md}");
+        let mut with_baseline = result("constant", true);
+        with_baseline.baseline = Some(crate::baseline::BaselineReport {
+            endpoint: "GET /healthz (admin port)".to_owned(),
+            targets: vec!["http://127.0.0.1:9090".to_owned()],
+            offered_rps: 100.0,
+            requests: 6000,
+            failed: 0,
+            p50_ms: 0.4,
+            p99_ms: 2.5,
+            max_ms: 9.0,
+        });
+        let md = markdown(&[with_baseline]);
+        assert!(
+            md.contains("Baseline, GET /healthz (admin port) at 100 requests/s during the load: p50 0.40 ms, p99 2.50 ms, max 9.00 ms (6000 requests, 0 failed); the scenario's p99 was 5.25 ms."),
+            "{md}"
+        );
     }
 
     #[test]

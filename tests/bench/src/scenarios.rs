@@ -90,6 +90,8 @@ pub struct Settings {
     pub slow_target: usize,
     pub slow_trickle: Duration,
     pub slow_kinds: Vec<slow::Kind>,
+    /// Requests per second to the nodes' trivial endpoint beside open-loop scenarios.
+    pub baseline_rps: f64,
     pub bystander_rps: f64,
     pub bystander_wallets: usize,
     pub bystander_connections: usize,
@@ -359,6 +361,17 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
     let rss: Arc<Mutex<Vec<RssSample>>> = Arc::default();
     let cpu_before = cpu_now(ctx);
     let start = Instant::now();
+    // Open-loop scenarios measure latency: the nodes' trivial endpoint runs beside them.
+    let baseline_probe = match (&shape, s.baseline_rps > 0.0) {
+        (Shape::Open { schedule, .. }, true) => crate::baseline::start(
+            &ctx.admin,
+            s.baseline_rps,
+            schedule.total_duration(),
+            start,
+            ctx.load.timeout,
+        ),
+        _ => None,
+    };
     let killer = (name == "failover").then(|| {
         tokio::spawn(kill_and_restart(
             ctx.admin.clone(),
@@ -399,6 +412,10 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         ),
     };
     let cpu_after = cpu_now(ctx);
+    let baseline = match baseline_probe {
+        Some(probe) => Some(probe.finish().await),
+        None => None,
+    };
     // A failover run in which nothing was killed proves nothing: it must fail.
     let mut action_ok = true;
     if let Some(k) = killer {
@@ -487,6 +504,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> anyhow::Result<ScenarioResult> {
         balance_at: None,
         reads: None,
         event_lag,
+        baseline,
     };
     set_cpu(&mut r, &cpu_before, &cpu_after, acknowledged(&out.records));
     Ok(r)
@@ -697,6 +715,7 @@ pub(crate) fn base_result(
         balance_at: None,
         reads: None,
         event_lag: None,
+        baseline: None,
     }
 }
 
@@ -1267,6 +1286,7 @@ mod memory_scenario_tests {
             slow_target: 0,
             slow_trickle: Duration::from_millis(200),
             slow_kinds: vec![slow::Kind::Idle, slow::Kind::Header, slow::Kind::Body],
+            baseline_rps: 0.0,
             bystander_rps: 40.0,
             bystander_wallets: 2,
             bystander_connections: 2,
