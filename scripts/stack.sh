@@ -46,8 +46,10 @@ pg_up() {
   if ! as_pg_user "$bin/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
     log "starting PostgreSQL on 127.0.0.1:$PG_PORT (TLS offered)"
     # Durable but tuned for a development machine: many connections for parallel tests.
+    # WALLET_PG_OPTIONS adds server options, e.g. "-c shared_preload_libraries=pg_stat_statements"
+    # to see where PostgreSQL's time goes under a bench (it applies when this starts the server).
     as_pg_user "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_RUN/postgres.log" -w -t 60 start \
-      -o "-p $PG_PORT -h 127.0.0.1 -k $PG_RUN -c max_connections=400 -c shared_buffers=256MB -c fsync=on -c synchronous_commit=on -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key" >/dev/null
+      -o "-p $PG_PORT -h 127.0.0.1 -k $PG_RUN -c max_connections=400 -c shared_buffers=256MB -c fsync=on -c synchronous_commit=on -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key ${WALLET_PG_OPTIONS:-}" >/dev/null
   fi
   for _ in $(seq 1 50); do
     PGPASSWORD=wallet psql -h 127.0.0.1 -p "$PG_PORT" -U wallet -d postgres -Atqc 'select 1' >/dev/null 2>&1 && break

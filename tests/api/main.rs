@@ -13,6 +13,7 @@ mod privileges;
 mod pruning;
 mod readiness;
 mod reads;
+mod sessions;
 mod shutdown;
 mod telemetry;
 mod tls;

@@ -55,6 +55,12 @@ impl NodeOptions {
             .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |ns| IpAddr::V4(ns.addr))
     }
 
+    /// The configuration of in-process node `node_id`, on ports chosen by the OS.
+    pub fn config(&self, node_id: &str) -> anyhow::Result<Config> {
+        let env = self.env(node_id, [0, 0, 0])?;
+        Ok(Config::from_lookup(|name| env.get(name).cloned())?)
+    }
+
     fn env(&self, node_id: &str, ports: [u16; 3]) -> anyhow::Result<HashMap<String, String>> {
         let host = self.host(node_id);
         let (database_url, redis_url) = if self.netns.contains_key(node_id) {
@@ -125,8 +131,7 @@ impl InProcessNode {
 
     /// Starts the node without waiting for it to become ready.
     pub async fn start_unready(node_id: &str, options: &NodeOptions) -> anyhow::Result<Self> {
-        let env = options.env(node_id, [0, 0, 0])?;
-        let config = Config::from_lookup(|name| env.get(name).cloned())?;
+        let config = options.config(node_id)?;
         let application = Application::build(config).await?;
         let api = ApiClient::new(&format!("http://{}", application.public_addr()));
         let admin_url = format!("http://{}", application.admin_addr());
