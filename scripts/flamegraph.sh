@@ -44,5 +44,5 @@ wait "$bench"
 
 perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf >"$WORK/$SCENARIO.folded"
 inferno-flamegraph --title "wallet node, $SCENARIO ($(git rev-parse --short HEAD))" \
-  --width 1600 <"$WORK/$SCENARIO.folded" >"$OUT"
+  --width 1600 --minwidth 1 <"$WORK/$SCENARIO.folded" >"$OUT"
 log "flame graph: $OUT (folded stacks: $WORK/$SCENARIO.folded; bench: $WORK/bench/report.md)"
