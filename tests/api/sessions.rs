@@ -25,7 +25,10 @@ async fn every_pool_is_bounded_and_plans_without_jit() -> anyhow::Result<()> {
         assert_eq!(show(pool, "SHOW statement_timeout").await?, "2s", "{name}");
         assert_eq!(show(pool, "SHOW lock_timeout").await?, "2s", "{name}");
     }
-    assert_eq!(show(&pools.deliveries, "SHOW synchronous_commit").await?, "off");
+    assert_eq!(
+        show(&pools.deliveries, "SHOW synchronous_commit").await?,
+        "off"
+    );
     assert_eq!(show(&pools.commits, "SHOW synchronous_commit").await?, "on");
     Ok(())
 }
