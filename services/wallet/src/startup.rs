@@ -79,7 +79,6 @@ pub struct Application {
 
 /// The node's pools (see `Pools`), lazy: a node starts, and reports not ready,
 /// while the database is still coming up.
-/// The node's PostgreSQL pools and their session settings (connected lazily).
 pub fn database_pools(config: &Config) -> Result<Pools, StartupError> {
     // No transaction of the node idles between its statements, so a session idle in a
     // transaction for a commit timeout belongs to a paused or cut-off node: PostgreSQL
@@ -101,7 +100,7 @@ pub fn database_pools(config: &Config) -> Result<Pools, StartupError> {
             ("tcp_user_timeout", "10000"),
             // Every statement here is a short OLTP one. Generic plans of a few (the webhook
             // fan-out's EXISTS over the outbox) are estimated above jit_above_cost, and
-            // compiling them took ~1.5 ms of PostgreSQL's CPU per call to save nothing.
+            // compiling them took ~1.7 ms of PostgreSQL's CPU per call to save nothing.
             ("jit", "off"),
         ]);
     let pool = |size: u32| {
