@@ -166,7 +166,7 @@ impl Sender {
                 .client
                 .request(request)
                 .await
-                .map_err(|error| describe(&error))?;
+                .map_err(|error| crate::error_chain(&error))?;
             let status = response.status();
             // Only the first bytes: the status decides; a huge or endless body is not read.
             let mut body = response.into_body();
@@ -190,22 +190,6 @@ impl Sender {
             Err(_) => Err(format!("no answer within {} ms", self.timeout.as_millis())),
         }
     }
-}
-
-/// The error and its causes on one line ("client error (Connect): tcp connect error:
-/// Connection refused (os error 111)").
-fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        let part = cause.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        next = cause.source();
-    }
-    text
 }
 
 fn truncate(mut text: String, limit: usize) -> String {
