@@ -6,7 +6,7 @@
 //! says the machine, not the write path, is slow).
 
 use crate::client::{Conn, Target};
-use hdrhistogram::Histogram;
+use crate::stats::{self, ms};
 use http::{Method, Uri};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -98,11 +98,7 @@ impl BaselineProbe {
 }
 
 fn summarize(samples: &[(u64, bool)], targets: Vec<String>, rps: f64) -> BaselineReport {
-    let ms = |us: u64| us as f64 / 1000.0;
-    let mut h = match Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3) {
-        Ok(h) => h,
-        Err(e) => panic!("histogram bounds: {e}"),
-    };
+    let mut h = stats::histogram();
     for (latency, _) in samples {
         h.saturating_record((*latency).max(1));
     }

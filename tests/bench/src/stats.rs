@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// 1 µs to one hour at 3 significant digits.
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     match Histogram::new_with_bounds(1, 3_600_000_000, 3) {
         Ok(h) => h,
         // The bounds are constants that hdrhistogram accepts.
@@ -15,7 +15,7 @@ fn histogram() -> Histogram<u64> {
     }
 }
 
-fn ms(us: u64) -> f64 {
+pub(crate) fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
