@@ -2,7 +2,11 @@
 //! one a consumer still needs (a row of `event_consumers`, a live webhook's position); a
 //! cursor before what was pruned gets 410 `cursor-expired` from the pull API.
 //!
-//! The retention is an hour and the tests age their events by hand, so which events are
+//! Webhook deliveries that are done (DELIVERED or FAILED) go once their last activity is
+//! older than their own retention, and every delivery of a webhook deleted that long ago;
+//! a PENDING delivery of a live webhook never does.
+//!
+//! The retentions are an hour and the tests age their rows by hand, so which rows are
 //! old never depends on how fast anything runs.
 
 use std::time::Duration;
@@ -21,6 +25,8 @@ fn options(db: &TestDatabase) -> NodeOptions {
             ("WALLET_EVENTS_RETENTION_MS", "3600000"),
             ("WALLET_EVENTS_PRUNE_INTERVAL_MS", "100"),
             ("WALLET_EVENTS_POLL_MS", "50"),
+            ("WALLET_WEBHOOK_RETENTION_MS", "3600000"),
+            ("WALLET_WEBHOOK_PRUNE_INTERVAL_MS", "100"),
         ]
         .map(|(name, value)| (name.to_owned(), value.to_owned())),
     );
@@ -243,6 +249,199 @@ async fn a_live_webhook_holds_pruning_back_at_its_tenants_next_event() -> anyhow
         .await,
         "events left: {:?}",
         positions(&db, None).await?
+    );
+    node.stop().await
+}
+
+/// Old deliveries beyond one pruning batch, besides the listed ones.
+const BULK_DELIVERIES: i64 = 12_000;
+
+/// A delivery's webhook, status, minutes since its creation, last attempt and delivery,
+/// and whether pruning keeps it.
+type DeliveryCase = (Uuid, &'static str, i32, Option<i32>, Option<i32>, bool);
+
+/// Every delivery id, in order.
+async fn delivery_ids(db: &TestDatabase) -> anyhow::Result<Vec<Uuid>> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM webhook_deliveries ORDER BY id")
+            .fetch_all(&db.pool)
+            .await?,
+    )
+}
+
+#[tokio::test]
+async fn done_deliveries_past_their_retention_are_pruned_and_pending_ones_of_live_webhooks_stay()
+-> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    let node = InProcessNode::start("node-a", &options(&db)).await?;
+    let live = Uuid::new_v4();
+    let deleted = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO webhooks (id, tenant_id, url, event_types, secret, after_tx, after_ordinal, created_at, deleted_at) \
+         VALUES ($1, $3, 'https://hooks.invalid/live', ARRAY['operation.applied'], 'secret', 0, -1, now() - interval '1 day', NULL), \
+                ($2, $3, 'https://hooks.invalid/gone', ARRAY['operation.applied'], 'secret', 0, -1, now() - interval '1 day', \
+                 now() - interval '2 hours')",
+    )
+    .bind(live)
+    .bind(deleted)
+    .bind(auth::TENANT)
+    .execute(&db.pool)
+    .await?;
+    // Ages in minutes; a PENDING delivery is due in a day, so no attempt changes it while
+    // the test runs.
+    let cases: [DeliveryCase; 9] = [
+        (live, "DELIVERED", 180, Some(120), Some(120), false),
+        (live, "FAILED", 180, Some(120), None, false),
+        (live, "PENDING", 180, Some(120), None, true),
+        (live, "PENDING", 180, None, None, true),
+        (live, "DELIVERED", 1, Some(1), Some(1), true),
+        // Retried by hand ten minutes ago and failed again: its last activity is recent.
+        (live, "FAILED", 180, Some(10), None, true),
+        // Delivered late, after retries: kept an hour from the delivery.
+        (live, "DELIVERED", 180, Some(30), Some(30), true),
+        // A webhook deleted two hours ago: nothing of it is sent any more.
+        (deleted, "PENDING", 180, Some(170), None, false),
+        (deleted, "DELIVERED", 1, Some(1), Some(1), true),
+    ];
+    let mut kept = Vec::new();
+    for (webhook, status, created, attempted, delivered, keep) in cases {
+        let id = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, body, status, attempts, \
+               next_attempt_at, retry_until, last_attempt_at, created_at, delivered_at) \
+             VALUES ($1, $2, $3, 'operation.applied', '{}', $4, 1, now() + interval '1 day', \
+               now() + interval '1 day', now() - $5 * interval '1 minute', now() - $6 * interval '1 minute', \
+               now() - $7 * interval '1 minute')",
+        )
+        .bind(id)
+        .bind(webhook)
+        .bind(Uuid::new_v4())
+        .bind(status)
+        .bind(attempted)
+        .bind(created)
+        .bind(delivered)
+        .execute(&db.pool)
+        .await?;
+        if keep {
+            kept.push(id);
+        }
+    }
+    kept.sort();
+    // More old DELIVERED rows than one pruning transaction deletes.
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, body, status, attempts, \
+           next_attempt_at, retry_until, last_attempt_at, created_at, delivered_at) \
+         SELECT gen_random_uuid(), $1, gen_random_uuid(), 'operation.applied', '{}', 'DELIVERED', 1, \
+           now() - interval '2 hours', now(), now() - interval '2 hours', now() - interval '3 hours', \
+           now() - interval '2 hours' FROM generate_series(1, $2)",
+    )
+    .bind(live)
+    .bind(BULK_DELIVERIES)
+    .execute(&db.pool)
+    .await?;
+
+    assert!(
+        eventually(WAIT, || async {
+            delivery_ids(&db).await.ok() == Some(kept.clone())
+        })
+        .await,
+        "left {} deliveries, wanted {kept:?}",
+        delivery_ids(&db).await?.len()
+    );
+    assert_eq!(
+        node.metric("wallet_webhook_deliveries_pruned_total")
+            .await?,
+        (BULK_DELIVERIES + 3) as f64
+    );
+    // The live webhook's list shows what is left.
+    let api = ApiClient::with_token(
+        &node.api.base_url,
+        Some(&auth::token(auth::TENANT, &["webhooks:admin"])),
+    );
+    let listed = api
+        .get(&format!("/api/v1/webhooks/{live}/deliveries?limit=100"))
+        .await?;
+    assert_eq!(listed.status, StatusCode::OK, "{listed:?}");
+    assert_eq!(
+        listed.body["items"].as_array().map(Vec::len),
+        Some(kept.len() - 1),
+        "{listed:?}"
+    );
+    node.stop().await
+}
+
+/// Whether the deliveries' pruning statement is waiting for a row lock.
+async fn pruning_waits(db: &TestDatabase) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock' AND query LIKE 'WITH doomed%')",
+    )
+    .fetch_one(&db.pool)
+    .await?)
+}
+
+#[tokio::test]
+async fn a_delivery_retried_while_pruning_waits_for_it_stays() -> anyhow::Result<()> {
+    let db = TestDatabase::create().await?;
+    let webhook = Uuid::new_v4();
+    let delivery = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO webhooks (id, tenant_id, url, event_types, secret, after_tx, after_ordinal, created_at) \
+         VALUES ($1, $2, 'https://hooks.invalid/live', ARRAY['operation.applied'], 'secret', 0, -1, now())",
+    )
+    .bind(webhook)
+    .bind(auth::TENANT)
+    .execute(&db.pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, body, status, attempts, \
+           next_attempt_at, retry_until, last_attempt_at, created_at) \
+         VALUES ($1, $2, gen_random_uuid(), 'operation.applied', '{}', 'FAILED', 3, now(), \
+           now() - interval '2 hours', now() - interval '2 hours', now() - interval '3 hours')",
+    )
+    .bind(delivery)
+    .bind(webhook)
+    .execute(&db.pool)
+    .await?;
+    // A manual retry, as the API makes it, holding the row before the node starts: the
+    // node's first pruning round reads the delivery as FAILED and old, and waits.
+    let mut retry = db.pool.begin().await?;
+    sqlx::query(
+        "UPDATE webhook_deliveries SET status = 'PENDING', next_attempt_at = now() + interval '1 day', \
+         retry_until = now() + interval '1 day' WHERE id = $1",
+    )
+    .bind(delivery)
+    .execute(&mut *retry)
+    .await?;
+    let node = InProcessNode::start("node-a", &options(&db)).await?;
+    assert!(
+        eventually(WAIT, || async {
+            pruning_waits(&db).await.ok() == Some(true)
+        })
+        .await,
+        "the pruning statement never waited for the retry"
+    );
+    retry.commit().await?;
+
+    // Now PENDING for a live webhook: kept, in that round and in the next few (the
+    // interval is 100 ms).
+    assert!(
+        eventually(WAIT, || async {
+            pruning_waits(&db).await.ok() == Some(false)
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE id = $1")
+            .bind(delivery)
+            .fetch_optional(&db.pool)
+            .await?;
+    assert_eq!(status.as_deref(), Some("PENDING"));
+    assert_eq!(
+        node.metric("wallet_webhook_deliveries_pruned_total")
+            .await?,
+        0.0
     );
     node.stop().await
 }

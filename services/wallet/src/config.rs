@@ -180,6 +180,11 @@ pub struct WebhooksConfig {
     pub timeout: Duration,
     /// Deliveries in flight at once on this node.
     pub max_in_flight: usize,
+    /// A delivery is deleted once its last activity (delivery, last attempt or creation)
+    /// is older than this, unless it is PENDING for a live webhook.
+    pub retention: Duration,
+    /// How often a node tries to prune deliveries (one node at a time does it).
+    pub prune_interval: Duration,
 }
 
 impl WebhooksConfig {
@@ -294,11 +299,15 @@ impl Config {
             retry_for: millis(&get, "WALLET_WEBHOOK_RETRY_FOR_MS", 24 * 3_600_000)?,
             timeout: millis(&get, "WALLET_WEBHOOK_TIMEOUT_MS", 10_000)?,
             max_in_flight: parse(&get, "WALLET_WEBHOOK_MAX_IN_FLIGHT", 16)?,
+            retention: millis(&get, "WALLET_WEBHOOK_RETENTION_MS", 7 * 24 * 3_600_000)?,
+            prune_interval: millis(&get, "WALLET_WEBHOOK_PRUNE_INTERVAL_MS", 60_000)?,
         };
         for (name, value) in [
             ("WALLET_WEBHOOK_BACKOFF_BASE_MS", webhooks.backoff_base),
             ("WALLET_WEBHOOK_RETRY_FOR_MS", webhooks.retry_for),
             ("WALLET_WEBHOOK_TIMEOUT_MS", webhooks.timeout),
+            ("WALLET_WEBHOOK_RETENTION_MS", webhooks.retention),
+            ("WALLET_WEBHOOK_PRUNE_INTERVAL_MS", webhooks.prune_interval),
         ] {
             if value.is_zero() {
                 return Err(invalid(name, "0", "must be above 0"));
@@ -824,8 +833,12 @@ mod tests {
         assert_eq!(webhooks.retry_for, Duration::from_secs(24 * 3600));
         assert_eq!(webhooks.timeout, Duration::from_secs(10));
         assert!(webhooks.claim_lease() > webhooks.timeout);
+        assert_eq!(webhooks.retention, Duration::from_secs(7 * 24 * 3_600));
+        assert_eq!(webhooks.prune_interval, Duration::from_secs(60));
         for bad in [
             ("WALLET_WEBHOOK_TIMEOUT_MS", "0"),
+            ("WALLET_WEBHOOK_RETENTION_MS", "0"),
+            ("WALLET_WEBHOOK_PRUNE_INTERVAL_MS", "0"),
             ("WALLET_WEBHOOK_BACKOFF_MAX_MS", "10"),
             ("WALLET_WEBHOOK_MAX_IN_FLIGHT", "0"),
             ("WALLET_WEBHOOK_MAX_IN_FLIGHT", "100000"),

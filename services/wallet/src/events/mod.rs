@@ -12,6 +12,7 @@ mod tail;
 
 pub use metrics::{EventsMetrics, Published};
 pub use nats::NatsSink;
+pub(crate) use prune::prune_every;
 pub use prune::{LAG_INTERVAL, PruneSettings, lag_until_stopped, prune_until_stopped};
 pub use tail::EventTail;
 

@@ -1,12 +1,15 @@
 //! Housekeeping of the outbox on every node: pruning delivered events after their
 //! retention (one node at a time, by an advisory lock), and the consumers' lag gauge.
+//! The webhook deliveries' pruning runs the same rounds ([`prune_every`]).
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::EventsMetrics;
-use crate::store::{PruneOutcome, Store};
+use prometheus::IntCounter;
+
+use crate::store::{PruneOutcome, Store, StoreError};
 
 /// How often every node reads the consumers' lag: one cheap statement.
 pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
@@ -29,7 +32,29 @@ pub async fn prune_until_stopped(
     metrics: EventsMetrics,
     stop: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(settings.interval);
+    prune_every(
+        settings.interval,
+        "outbox events",
+        &metrics.pruned,
+        &stop,
+        || store.prune_events(settings.retention, settings.batch),
+    )
+    .await;
+}
+
+/// Every `interval` until `stop` fires, runs `prune` batch after batch while it says
+/// there is more, counting the rows it deleted into `pruned`.
+pub(crate) async fn prune_every<F, Fut>(
+    interval: Duration,
+    what: &'static str,
+    pruned: &IntCounter,
+    stop: &CancellationToken,
+    mut prune: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<PruneOutcome, StoreError>>,
+{
+    let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -37,11 +62,11 @@ pub async fn prune_until_stopped(
             _ = ticks.tick() => {}
         }
         for _ in 0..MAX_BATCHES_PER_ROUND {
-            match store.prune_events(settings.retention, settings.batch).await {
-                Ok(PruneOutcome::Deleted { events, more }) => {
-                    metrics.pruned.inc_by(events);
-                    if events > 0 {
-                        tracing::debug!(events, "pruned outbox events");
+            match prune().await {
+                Ok(PruneOutcome::Deleted { rows, more }) => {
+                    pruned.inc_by(rows);
+                    if rows > 0 {
+                        tracing::debug!(rows, "pruned {what}");
                     }
                     if !more || stop.is_cancelled() {
                         break;
@@ -49,7 +74,7 @@ pub async fn prune_until_stopped(
                 }
                 Ok(PruneOutcome::Busy) => break,
                 Err(error) => {
-                    tracing::warn!(error = %error, "pruning the outbox failed; next round in {:?}", settings.interval);
+                    tracing::warn!(error = %error, "pruning {what} failed; next round in {interval:?}");
                     break;
                 }
             }

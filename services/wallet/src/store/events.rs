@@ -321,8 +321,8 @@ impl ConsumerClaim {
 pub enum PruneOutcome {
     /// Another node is pruning.
     Busy,
-    /// Deleted this many events; `more` when a full batch was old enough (look again).
-    Deleted { events: u64, more: bool },
+    /// Deleted this many rows; `more` when a full batch was old enough (look again).
+    Deleted { rows: u64, more: bool },
 }
 
 /// How far behind a consumer is.
@@ -481,7 +481,7 @@ impl Store {
             let Some(last) = last else {
                 tx.rollback().await?;
                 return Ok(PruneOutcome::Deleted {
-                    events: 0,
+                    rows: 0,
                     more: false,
                 });
             };
@@ -507,7 +507,7 @@ impl Store {
             .await?;
             tx.commit().await?;
             Ok(PruneOutcome::Deleted {
-                events: deleted,
+                rows: deleted,
                 more: rows.len() == batch && deleted == batch as u64,
             })
         })

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::events::event_from_row;
 use super::ledger::tenant_of;
-use super::{Store, StoreError, StoredResponse};
+use super::{PruneOutcome, Store, StoreError, StoredResponse};
 use crate::auth::Tenant;
 use crate::events::{EventCursor, EventType};
 use crate::webhooks::{ClaimedDelivery, Delivery, DeliveryStatus, MAX_PER_TENANT, Webhook};
@@ -599,6 +599,59 @@ impl Store {
             .bind(&errors)
             .fetch_all(&self.deliveries)
             .await?)
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` deliveries whose last activity (delivery, last attempt or
+    /// creation) is older than `retention`, except PENDING ones of live webhooks. One
+    /// node at a time; the others get `Busy`.
+    pub async fn prune_deliveries(
+        &self,
+        retention: Duration,
+        batch: usize,
+    ) -> Result<PruneOutcome, StoreError> {
+        self.bounded(async {
+            let mut tx = self.deliveries.begin().await?;
+            let locked: bool = sqlx::query_scalar(
+                "SELECT pg_try_advisory_xact_lock(hashtextextended('wallet:webhooks:prune', 0))",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            if !locked {
+                tx.rollback().await?;
+                return Ok(PruneOutcome::Busy);
+            }
+            // Activity is never before creation, so the old ones are among those created
+            // before the cutoff. In no order: any batch of them will do, and an order
+            // would have PostgreSQL sort all of a webhook's old deliveries for each batch.
+            // The DELETE checks the delivery again: a manual retry may have made it
+            // PENDING since the CTE read it.
+            let deleted = sqlx::query(
+                "WITH doomed AS ( \
+                   SELECT d.id, w.deleted_at IS NOT NULL AS gone FROM webhooks w CROSS JOIN LATERAL ( \
+                     SELECT d.id FROM webhook_deliveries d \
+                     WHERE d.webhook_id = w.id AND d.created_at < now() - $1 * interval '1 millisecond' \
+                       AND (d.status <> 'PENDING' OR w.deleted_at IS NOT NULL) \
+                       AND COALESCE(d.delivered_at, d.last_attempt_at, d.created_at) \
+                           < now() - $1 * interval '1 millisecond' \
+                     LIMIT $2) d \
+                   LIMIT $2) \
+                 DELETE FROM webhook_deliveries d USING doomed WHERE d.id = doomed.id \
+                   AND (d.status <> 'PENDING' OR doomed.gone) \
+                   AND COALESCE(d.delivered_at, d.last_attempt_at, d.created_at) \
+                       < now() - $1 * interval '1 millisecond'",
+            )
+            .bind(millis(retention))
+            .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            Ok(PruneOutcome::Deleted {
+                rows: deleted,
+                more: deleted >= batch as u64,
+            })
         })
         .await
     }

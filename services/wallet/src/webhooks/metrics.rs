@@ -1,4 +1,4 @@
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// The `outcome` label of `wallet_webhook_deliveries_total`: what an attempt led to.
 pub const OUTCOMES: [&str; 3] = ["delivered", "retry", "failed"];
@@ -16,6 +16,8 @@ pub struct WebhookMetrics {
     pub delivery_seconds: Histogram,
     /// From the event's time to its delivery (2xx), retries included.
     pub lag_seconds: Histogram,
+    /// Deliveries this node deleted after their retention.
+    pub pruned: IntCounter,
 }
 
 impl WebhookMetrics {
@@ -57,7 +59,12 @@ impl WebhookMetrics {
                 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0,
             ]),
         )?;
+        let pruned = IntCounter::new(
+            "wallet_webhook_deliveries_pruned_total",
+            "Webhook deliveries this node deleted after their retention (never a PENDING one of a live webhook)",
+        )?;
         registry.register(Box::new(deliveries.clone()))?;
+        registry.register(Box::new(pruned.clone()))?;
         registry.register(Box::new(pending.clone()))?;
         registry.register(Box::new(failed.clone()))?;
         registry.register(Box::new(delivery_seconds.clone()))?;
@@ -68,6 +75,7 @@ impl WebhookMetrics {
             failed,
             delivery_seconds,
             lag_seconds,
+            pruned,
         })
     }
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ClaimedDelivery, Sender, WebhookMetrics, backoff, jitter};
 use crate::config::WebhooksConfig;
-use crate::events::EventTail;
+use crate::events::{EventTail, prune_every};
 use crate::store::{AttemptRecord, RecordedAttempt, Store};
 
 /// Webhooks one fan-out transaction claims...
@@ -28,6 +28,8 @@ const DUE_RECHECK: Duration = Duration::from_millis(500);
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 /// After a database error, a loop waits this long before it tries again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Deliveries one pruning transaction deletes at most.
+const PRUNE_BATCH: usize = 5_000;
 /// Tries at recording attempts' outcomes; all failing leaves the claims to lapse.
 const RECORD_TRIES: u32 = 3;
 
@@ -68,6 +70,16 @@ pub fn start(
         stop.clone(),
     ));
     tokio::spawn(gauge_loop(store.clone(), metrics.clone(), stop.clone()));
+    tokio::spawn({
+        let (store, pruned, stop) = (store.clone(), metrics.pruned.clone(), stop.clone());
+        let (interval, retention) = (settings.prune_interval, settings.retention);
+        async move {
+            prune_every(interval, "webhook deliveries", &pruned, &stop, || {
+                store.prune_deliveries(retention, PRUNE_BATCH)
+            })
+            .await;
+        }
+    });
     // Each attempt holds a place until its outcome is recorded, so the channel never
     // holds more than the places.
     let (outcomes, finished) = mpsc::channel(settings.max_in_flight.max(1));
