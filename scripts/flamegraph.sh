@@ -5,6 +5,8 @@
 #   flamegraph.sh SCENARIO [OUT.svg]      e.g. flamegraph.sh multi-uniform docs/flamegraphs/multi-uniform.svg
 # Environment (defaults): FLAME_DURATION=40s (the scenario), FLAME_RECORD=15 (seconds recorded,
 # starting 10 s in), FLAME_FREQUENCY=199 (samples per second), FLAME_ARGS (more wallet-bench flags).
+# The node runs without the per-tenant rate limits (WALLET_RATE_LIMIT_READ/_WRITE=0 unless
+# set): the bench is one tenant, and one node's 20,000/s default would cap what it profiles.
 # Needs perf (Debian: linux-perf) and inferno (`cargo install inferno`, installed if missing).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
@@ -17,6 +19,7 @@ FREQUENCY="${FLAME_FREQUENCY:-199}"
 read -r -a EXTRA <<<"${FLAME_ARGS:-}"
 WORK="$DATA_DIR/flamegraph"
 export WALLET_LOCAL_NATS="${WALLET_LOCAL_NATS:-0}"
+export WALLET_RATE_LIMIT_READ="${WALLET_RATE_LIMIT_READ:-0}" WALLET_RATE_LIMIT_WRITE="${WALLET_RATE_LIMIT_WRITE:-0}"
 
 command -v perf >/dev/null || fail "perf not found (apt-get install linux-perf)"
 if ! command -v inferno-flamegraph >/dev/null; then

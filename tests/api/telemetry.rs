@@ -145,7 +145,14 @@ async fn spans_arrive_at_the_otlp_receiver_with_the_callers_trace_id() -> anyhow
             let public = with_trace
                 .iter()
                 .any(|body| contains(body, b"/api/v1/wallet"));
-            internal && public && with_trace.iter().any(|body| contains(body, b"wallet-test"))
+            // The request span carries the answer's status as an attribute.
+            let status = with_trace
+                .iter()
+                .any(|body| contains(body, b"http.response.status_code"));
+            internal
+                && public
+                && status
+                && with_trace.iter().any(|body| contains(body, b"wallet-test"))
         }
     })
     .await;

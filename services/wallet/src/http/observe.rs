@@ -117,7 +117,6 @@ impl Handler for Observe {
             method = %method,
             path = %req.uri().path(),
             port = self.port,
-            status = tracing::field::Empty,
         );
         let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
         let _ = span.set_parent(parent);
@@ -129,7 +128,10 @@ impl Handler for Observe {
             .await;
 
         let status = res.status_code.unwrap_or(StatusCode::OK);
-        span.record("status", status.as_u16());
+        // To the trace only. Recording a field on the span would have the JSON log layer
+        // parse and re-serialize the span's fields on every request (5% of a node's CPU
+        // under reads); the finishing event below carries the status for the log.
+        span.set_attribute("http.response.status_code", i64::from(status.as_u16()));
         let route = depot
             .get::<&'static str>(ROUTE_KEY)
             .copied()
