@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use tokio_util::sync::CancellationToken;
 
 use super::EventsMetrics;
-use prometheus::IntCounter;
-
 use crate::store::{PruneOutcome, Store, StoreError};
 
 /// How often every node reads the consumers' lag: one cheap statement.
