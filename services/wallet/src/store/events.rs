@@ -3,7 +3,7 @@
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
-use super::{Store, StoreError, ledger::tenant_of};
+use super::{Store, StoreError, ledger::tenant_of, try_xact_lock};
 use crate::events::{EventCursor, EventFilter, EventType, NewEvent, StoredEvent};
 
 /// The oldest transaction still running, as the outbox's `tx_id` counts: every event of
@@ -258,14 +258,10 @@ impl Store {
     }
 }
 
-/// Taken by a pruning transaction (`pg_try_advisory_xact_lock`: one node at a time, the
-/// others skip the round) and by a consumer's registration (waiting for it): a consumer
-/// registered at the horizon is then never behind what a prune running beside it deletes.
-macro_rules! prune_lock {
-    () => {
-        "hashtextextended('wallet:events:prune', 0)"
-    };
-}
+/// Taken by a pruning transaction (without waiting: one node at a time, the others skip
+/// the round) and by a consumer's registration (waiting for it): a consumer registered at
+/// the horizon is then never behind what a prune running beside it deletes.
+const PRUNE_LOCK: &str = "wallet:events:prune";
 
 /// What a consumer's claim found.
 pub enum ClaimOutcome {
@@ -339,7 +335,8 @@ impl Store {
     pub async fn register_consumer(&self, name: &'static str) -> Result<(), StoreError> {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
-            sqlx::query(concat!("SELECT pg_advisory_xact_lock(", prune_lock!(), ")"))
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(PRUNE_LOCK)
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(concat!(
@@ -374,24 +371,17 @@ impl Store {
             )))
             .execute(&mut *tx)
             .await?;
-            let locked: bool = sqlx::query_scalar(
-                "SELECT pg_try_advisory_xact_lock(hashtextextended('wallet:events:consumer:' || $1, 0))",
-            )
-            .bind(name)
-            .fetch_one(&mut *tx)
-            .await?;
-            if !locked {
+            if !try_xact_lock(&mut tx, &format!("wallet:events:consumer:{name}")).await? {
                 tx.rollback().await?;
                 return Ok(ClaimOutcome::Held);
             }
             // A fresh snapshot after the lock: the previous holder's COMMIT is visible
             // before its lock is released.
-            let row = sqlx::query(
-                "SELECT after_tx, after_ordinal FROM event_consumers WHERE name = $1",
-            )
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let row =
+                sqlx::query("SELECT after_tx, after_ordinal FROM event_consumers WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             let Some(row) = row else {
                 tx.rollback().await?;
                 return Ok(ClaimOutcome::Missing);
@@ -422,14 +412,7 @@ impl Store {
     ) -> Result<PruneOutcome, StoreError> {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
-            let locked: bool = sqlx::query_scalar(concat!(
-                "SELECT pg_try_advisory_xact_lock(",
-                prune_lock!(),
-                ")"
-            ))
-            .fetch_one(&mut *tx)
-            .await?;
-            if !locked {
+            if !try_xact_lock(&mut tx, PRUNE_LOCK).await? {
                 tx.rollback().await?;
                 return Ok(PruneOutcome::Busy);
             }

@@ -515,6 +515,18 @@ impl Store {
     }
 }
 
+/// Takes the transaction's advisory lock named `key` unless another session holds it:
+/// `false` then, without waiting.
+pub(super) async fn try_xact_lock(
+    conn: &mut sqlx::PgConnection,
+    key: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(key)
+        .fetch_one(conn)
+        .await
+}
+
 /// Money as stored, with its two decimals: PostgreSQL sends a NUMERIC zero without
 /// digits, which would otherwise read back as "0" instead of "0.00".
 pub(crate) fn money(row: &PgRow, column: &str) -> Result<Decimal, StoreError> {

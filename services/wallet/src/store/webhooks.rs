@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::events::event_from_row;
 use super::ledger::tenant_of;
-use super::{PruneOutcome, Store, StoreError, StoredResponse};
+use super::{PruneOutcome, Store, StoreError, StoredResponse, try_xact_lock};
 use crate::auth::Tenant;
 use crate::events::{EventCursor, EventType};
 use crate::webhooks::{ClaimedDelivery, Delivery, DeliveryStatus, MAX_PER_TENANT, Webhook};
@@ -613,12 +613,7 @@ impl Store {
     ) -> Result<PruneOutcome, StoreError> {
         self.bounded(async {
             let mut tx = self.deliveries.begin().await?;
-            let locked: bool = sqlx::query_scalar(
-                "SELECT pg_try_advisory_xact_lock(hashtextextended('wallet:webhooks:prune', 0))",
-            )
-            .fetch_one(&mut *tx)
-            .await?;
-            if !locked {
+            if !try_xact_lock(&mut tx, "wallet:webhooks:prune").await? {
                 tx.rollback().await?;
                 return Ok(PruneOutcome::Busy);
             }
