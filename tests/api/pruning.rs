@@ -84,6 +84,23 @@ async fn age(db: &TestDatabase, wallet: Option<Uuid>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A webhook of the tests' tenant that has fanned nothing out, written directly: live, or
+/// deleted that many hours ago.
+async fn insert_webhook(db: &TestDatabase, deleted_hours_ago: Option<i32>) -> anyhow::Result<Uuid> {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO webhooks (id, tenant_id, url, event_types, secret, after_tx, after_ordinal, created_at, deleted_at) \
+         VALUES ($1, $2, 'https://hooks.invalid/wallet', ARRAY['operation.applied'], 'secret', 0, -1, \
+           now() - interval '1 day', now() - $3 * interval '1 hour')",
+    )
+    .bind(id)
+    .bind(auth::TENANT)
+    .bind(deleted_hours_ago)
+    .execute(&db.pool)
+    .await?;
+    Ok(id)
+}
+
 async fn set_consumer(db: &TestDatabase, name: &str, at: EventCursor) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO event_consumers (name, after_tx, after_ordinal, updated_at) VALUES ($1, $2, $3, now()) \
@@ -201,15 +218,7 @@ async fn a_live_webhook_holds_pruning_back_at_its_tenants_next_event() -> anyhow
     assert_eq!(positions(&db, Some(before)).await?.len(), 2);
 
     // A webhook of the hooked tenant that has fanned nothing out yet.
-    let webhook = Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO webhooks (id, tenant_id, url, event_types, secret, after_tx, after_ordinal, created_at) \
-         VALUES ($1, $2, 'https://hooks.invalid/wallet', ARRAY['operation.applied'], 'secret', 0, -1, now())",
-    )
-    .bind(webhook)
-    .bind(auth::TENANT)
-    .execute(&db.pool)
-    .await?;
+    let webhook = insert_webhook(&db, None).await?;
     // Kept from the node's fan-out (which skips locked webhooks), so that its position
     // stays where it is while pruning runs: pruning reads it without a lock.
     let mut fan_out_held = db.pool.begin().await?;
@@ -274,19 +283,8 @@ async fn done_deliveries_past_their_retention_are_pruned_and_pending_ones_of_liv
 -> anyhow::Result<()> {
     let db = TestDatabase::create().await?;
     let node = InProcessNode::start("node-a", &options(&db)).await?;
-    let live = Uuid::new_v4();
-    let deleted = Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO webhooks (id, tenant_id, url, event_types, secret, after_tx, after_ordinal, created_at, deleted_at) \
-         VALUES ($1, $3, 'https://hooks.invalid/live', ARRAY['operation.applied'], 'secret', 0, -1, now() - interval '1 day', NULL), \
-                ($2, $3, 'https://hooks.invalid/gone', ARRAY['operation.applied'], 'secret', 0, -1, now() - interval '1 day', \
-                 now() - interval '2 hours')",
-    )
-    .bind(live)
-    .bind(deleted)
-    .bind(auth::TENANT)
-    .execute(&db.pool)
-    .await?;
+    let live = insert_webhook(&db, None).await?;
+    let deleted = insert_webhook(&db, Some(2)).await?;
     // Ages in minutes; a PENDING delivery is due in a day, so no attempt changes it while
     // the test runs.
     let cases: [DeliveryCase; 9] = [
@@ -383,16 +381,8 @@ async fn pruning_waits(db: &TestDatabase) -> anyhow::Result<bool> {
 #[tokio::test]
 async fn a_delivery_retried_while_pruning_waits_for_it_stays() -> anyhow::Result<()> {
     let db = TestDatabase::create().await?;
-    let webhook = Uuid::new_v4();
+    let webhook = insert_webhook(&db, None).await?;
     let delivery = Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO webhooks (id, tenant_id, url, event_types, secret, after_tx, after_ordinal, created_at) \
-         VALUES ($1, $2, 'https://hooks.invalid/live', ARRAY['operation.applied'], 'secret', 0, -1, now())",
-    )
-    .bind(webhook)
-    .bind(auth::TENANT)
-    .execute(&db.pool)
-    .await?;
     sqlx::query(
         "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, body, status, attempts, \
            next_attempt_at, retry_until, last_attempt_at, created_at) \
